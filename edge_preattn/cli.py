@@ -1,0 +1,65 @@
+"""The `edge-preattn` command: it only dispatches to the module of each verb.
+
+Every verb module defines `HELP` (one line), `EXAMPLES` (shown under its --help), `add_args(parser)`
+and `main(args) -> int`. Heavy imports (llama_cpp, torch) stay inside those functions so that
+`edge-preattn --help` is instant.
+"""
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# verb -> module, in data-flow order
+VERBS = {
+    "build": "edge_preattn.build",
+    "inspect": "edge_preattn.layout",
+    "synth": "edge_preattn.synth",
+    "run": "edge_preattn.run",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-preattn",
+        description="Run MoE GGUF models larger than VRAM in llama.cpp, with experts predicted "
+        "from the pre-attention activation and prefetched into a GPU slot cache.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-preattn {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
+    for verb, module_name in VERBS.items():
+        module = importlib.import_module(module_name)
+        verb_parser = sub.add_parser(
+            verb,
+            help=module.HELP,
+            description=module.HELP,
+            epilog="examples:\n" + module.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        verb_parser.add_argument("--verbose", action="store_true", help="log details (llama.cpp's too)")
+        module.add_args(verb_parser)
+        verb_parser.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args._module.main(args) or 0)
+    except UserError as error:
+        print(f"edge-preattn: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-preattn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
