@@ -18,11 +18,13 @@ VERBS = {
     "build": "edge_preattn.build",
     "inspect": "edge_preattn.layout",
     "synth": "edge_preattn.synth",
+    "collect": "edge_preattn.collect",
     "run": "edge_preattn.run",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with `only` one verb's (so one verb's imports cannot break another's)."""
     parser = argparse.ArgumentParser(
         prog="edge-preattn",
         description="Run MoE GGUF models larger than VRAM in llama.cpp, with experts predicted "
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edge-preattn {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", required=True)
     for verb, module_name in VERBS.items():
+        if only is not None and verb != only:
+            continue
         module = importlib.import_module(module_name)
         verb_parser = sub.add_parser(
             verb,
@@ -46,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

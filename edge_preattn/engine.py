@@ -1,0 +1,276 @@
+"""One llama.cpp model and context, driven through llama-cpp-python's raw bindings.
+
+We use the raw API rather than `llama_cpp.Llama` because every stage after this one needs what the
+high-level class hides: tensor buffer overrides (`-ot exps=CPU`), the context's eval callback,
+the logits of each step, and per-token timing.
+"""
+
+import codecs
+import ctypes
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from .errors import UserError
+from .native import NativeApi
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("llama.cpp")
+
+# Patterns of llama.cpp's `--cpu-moe` / `--n-cpu-moe`: the routed-expert tensors of a block.
+EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_exps"
+
+
+def expert_overrides(n_cpu_moe_layers: int | None) -> tuple[tuple[str, str], ...]:
+    """`--cpu-moe` (None: every layer) or `--n-cpu-moe N` (the first N blocks) as -ot overrides."""
+    if n_cpu_moe_layers is None:
+        return ((EXPERT_TENSOR_PATTERN, "CPU"),)
+    return tuple((rf"^blk\.{il}{EXPERT_TENSOR_PATTERN}", "CPU") for il in range(n_cpu_moe_layers))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    n_ctx: int = 0  # 0: min(4096, the context the model was trained for)
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = -1  # all layers on the GPU when the build has one
+    overrides: tuple[tuple[str, str], ...] = ()  # (tensor-name regex, device name such as CPU or CUDA0)
+    use_extra_bufts: bool = True  # repacked CPU weights; set False for byte-exact comparisons with uploads
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: list[float] = field(default_factory=list)  # one per generated token after the first
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total else 0.0
+
+
+def _route_llama_log(llama_cpp: ModuleType) -> None:
+    """llama.cpp logs through one process-wide callback: send it to `logging`, quiet by default."""
+    # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        message = text.decode(errors="replace").rstrip()
+        if message:
+            llama_log.log(levels.get(level, logging.DEBUG), message)
+
+    _route_llama_log.callback = forward  # the C side keeps only a pointer
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+
+
+class Engine:
+    """Owns a llama_model and a llama_context; close() frees both."""
+
+    def __init__(self, llama_cpp: ModuleType, config: EngineConfig, context_params_hook=None) -> None:
+        self.llama_cpp = llama_cpp
+        self.api = NativeApi(llama_cpp)
+        self.config = config
+        self.model = None
+        self.ctx = None
+        _route_llama_log(llama_cpp)
+        path = Path(config.model_path)
+        if not path.is_file():
+            raise UserError(f"model file {path} not found")
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = config.n_gpu_layers if self.api.gpus() else 0
+        model_params.use_extra_bufts = config.use_extra_bufts
+        self._overrides = self._override_array(config.overrides)
+        if self._overrides is not None:
+            model_params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise UserError(f"llama.cpp could not load {path}; run with --verbose to see its log")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        if config.n_ctx > n_ctx_train > 0:
+            self.close()
+            raise UserError(
+                f"context -c {config.n_ctx} exceeds the {n_ctx_train} tokens {path.name} was "
+                f"trained for; use -c {n_ctx_train} or less"
+            )
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = config.n_ctx or min(4096, n_ctx_train or 4096)
+        ctx_params.n_batch = config.n_batch
+        ctx_params.n_ubatch = min(config.n_batch, 512)
+        if config.n_threads:
+            ctx_params.n_threads = ctx_params.n_threads_batch = config.n_threads
+        if context_params_hook is not None:
+            context_params_hook(ctx_params)
+        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            self.close()
+            raise UserError(
+                f"llama.cpp could not create a context of {config.n_ctx} tokens; try a smaller -c"
+            )
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_past = 0
+
+    def _override_array(self, overrides: tuple[tuple[str, str], ...]):
+        if not overrides:
+            return None
+
+        class Override(ctypes.Structure):
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+        array = (Override * (len(overrides) + 1))()
+        self._override_patterns = [pattern.encode() for pattern, _ in overrides]
+        for slot, (pattern, (_, device)) in enumerate(zip(self._override_patterns, overrides, strict=True)):
+            array[slot].pattern = pattern
+            array[slot].buft = self.api.buffer_type(device)
+        return array  # the last entry stays {NULL, NULL}: the terminator
+
+    def close(self) -> None:
+        if self.ctx:
+            self.llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            self.llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 16
+        buffer = (self.llama_cpp.llama_token * capacity)()
+        n = self.llama_cpp.llama_tokenize(self.vocab, data, len(data), buffer, capacity, add_special, True)
+        if n < 0:
+            raise AssertionError(f"tokenizer needed {-n} slots for {len(data)} bytes")
+        return list(buffer[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = self.llama_cpp.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+        return buffer.raw[:n]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode(errors="replace")
+
+    def reset(self) -> None:
+        """Forget the KV cache: the next decode starts at position 0."""
+        self.llama_cpp.llama_memory_clear(self.llama_cpp.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def decode(self, tokens: list[int], all_logits: bool = False) -> None:
+        """Evaluate tokens at the next positions (sequence 0), in n_batch pieces.
+
+        `all_logits` asks for every token's output, so the last layer's FFN also runs on every
+        token (llama.cpp otherwise drops the rows it will not output before that FFN).
+        """
+        llama_cpp = self.llama_cpp
+        for start in range(0, len(tokens), self.config.n_batch):
+            chunk = tokens[start : start + self.config.n_batch]
+            if all_logits:
+                batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+                try:
+                    for i, token in enumerate(chunk):
+                        batch.token[i] = token
+                        batch.pos[i] = self.n_past + i
+                        batch.n_seq_id[i] = 1
+                        batch.seq_id[i][0] = 0
+                        batch.logits[i] = 1
+                    batch.n_tokens = len(chunk)
+                    status = llama_cpp.llama_decode(self.ctx, batch)
+                finally:
+                    llama_cpp.llama_batch_free(batch)
+            else:
+                array = (llama_cpp.llama_token * len(chunk))(*chunk)
+                status = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status} at position {self.n_past}")
+            self.n_past += len(chunk)
+
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last evaluated token: [n_vocab] float32 (a copy)."""
+        pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+
+    def make_sampler(self, sampling: Sampling):
+        """A llama.cpp sampler chain (free it with llama_sampler_free): greedy, or top-p → temp → dist."""
+        llama_cpp = self.llama_cpp
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if sampling.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
+        return chain
+
+    def generate(
+        self, prompt: str | list[int], n_predict: int, sampling: Sampling = Sampling(), on_logits=None
+    ) -> Iterator[tuple[int, Generation]]:
+        """Prefill the prompt from position 0, then yield each new token with the running record.
+
+        `on_logits(logits)` sees the logits each token was sampled from (for exactness tests).
+        """
+        if n_predict <= 0:
+            raise UserError(f"-n must be at least 1 (got {n_predict})")
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_tokens or (isinstance(prompt, str) and not prompt.strip()):
+            raise UserError("the prompt is empty: give some text with -p")
+        n_ctx = self.llama_cpp.llama_n_ctx(self.ctx)
+        if len(prompt_tokens) + n_predict > n_ctx:
+            raise UserError(
+                f"prompt ({len(prompt_tokens)} tokens) + -n {n_predict} exceeds the context "
+                f"-c {n_ctx}; raise -c or lower -n"
+            )
+        self.reset()
+        record = Generation(prompt_tokens=prompt_tokens)
+        sampler = self.make_sampler(sampling)
+        try:
+            started = time.perf_counter()
+            self.decode(prompt_tokens)
+            record.prefill_seconds = time.perf_counter() - started
+            for step in range(n_predict):
+                if on_logits is not None:
+                    on_logits(self.last_logits())
+                token = self.llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
+                record.tokens.append(token)
+                yield token, record
+                if self.llama_cpp.llama_vocab_is_eog(self.vocab, token) or step == n_predict - 1:
+                    break
+                started = time.perf_counter()
+                self.decode([token])
+                record.decode_seconds.append(time.perf_counter() - started)
+        finally:
+            self.llama_cpp.llama_sampler_free(sampler)
+
+
+def stream_text(engine: Engine, tokens: Iterator[tuple[int, Generation]]) -> Iterator[tuple[str, Generation]]:
+    """Decode token bytes to text incrementally (a UTF-8 character may span tokens)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token, record in tokens:
+        yield decoder.decode(engine.token_bytes(token)), record

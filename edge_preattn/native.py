@@ -1,0 +1,157 @@
+"""Find the built llama.cpp, load it into llama-cpp-python, and bind the patch's own C functions.
+
+llama-cpp-python loads whatever libllama LLAMA_CPP_LIB_PATH names, once per process: so a process
+runs either the patched or the stock library, and benchmarks compare the two in subprocesses.
+Our raw bindings reuse llama-cpp-python's library handle; each carries its C prototype above it.
+"""
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from . import build
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PATCH_VERSION = 2  # what patches/ builds; llama_edge_patch_version() answers it
+
+# ggml_backend_dev_type
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+GGML_BACKEND_DEVICE_TYPE_GPU = 1
+
+
+def find_library(preset: str | None = None, stock: bool = False) -> Path:
+    """The directory holding libllama.so for this preset (EDGE_PREATTN_LIB overrides everything)."""
+    explicit = os.environ.get("EDGE_PREATTN_LIB")
+    if explicit:
+        lib_dir = Path(explicit)
+        if not (lib_dir / "libllama.so").is_file():
+            raise UserError(
+                f"EDGE_PREATTN_LIB={lib_dir} holds no libllama.so: point it at a build's lib folder"
+            )
+        return lib_dir
+    if preset is None:
+        preset = os.environ.get("EDGE_PREATTN_PRESET") or build.detect_preset()[0]
+    lib_dir = build.build_dir(preset, stock) / "lib"
+    if not (lib_dir / "libllama.so").is_file():
+        flag = " --stock" if stock else ""
+        raise UserError(
+            f"no {'stock' if stock else 'patched'} llama.cpp build for preset {preset}: "
+            f"run `edge-preattn build --preset {preset}{flag}` first"
+        )
+    return lib_dir
+
+
+def load_llama(lib_dir: Path | None = None) -> ModuleType:
+    """Import llama_cpp bound to our library; refuses to mix two libraries in one process."""
+    lib_dir = Path(lib_dir or find_library()).resolve()
+    current = os.environ.get("LLAMA_CPP_LIB_PATH")
+    import sys
+
+    if "llama_cpp" in sys.modules and current and Path(current).resolve() != lib_dir:
+        raise UserError(
+            f"this process already loaded llama.cpp from {current}; "
+            f"cannot also load {lib_dir} (run it in another process)"
+        )
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+    try:
+        import llama_cpp
+    except (OSError, RuntimeError) as error:
+        raise UserError(
+            f"cannot load llama.cpp from {lib_dir} ({error}); rebuild it with `edge-preattn build`"
+        ) from error
+    return llama_cpp
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    description: str
+    kind: int  # GGML_BACKEND_DEVICE_TYPE_*
+    handle: int
+
+
+class NativeApi:
+    """Raw bindings of the patch's functions and of the few ggml calls llama-cpp-python lacks."""
+
+    def __init__(self, llama_cpp: ModuleType) -> None:
+        self.lib = llama_cpp.llama_cpp._lib
+        lib_dir = Path(os.environ["LLAMA_CPP_LIB_PATH"])
+        self.ggml = ctypes.CDLL(str(lib_dir / "libggml.so"))
+        self.ggml_base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+        self.patched = hasattr(self.lib, "llama_edge_patch_version")
+        if self.patched:
+            # int32_t llama_edge_patch_version(void);
+            self.lib.llama_edge_patch_version.restype = ctypes.c_int32
+            self.lib.llama_edge_patch_version.argtypes = []
+            # const char * llama_edge_build_info(void);
+            self.lib.llama_edge_build_info.restype = ctypes.c_char_p
+            self.lib.llama_edge_build_info.argtypes = []
+        # size_t ggml_backend_dev_count(void);
+        self.ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        # ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+        self.ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        self.ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        # const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+        self.ggml_base.ggml_backend_dev_name.restype = ctypes.c_char_p
+        self.ggml_base.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
+        # const char * ggml_backend_dev_description(ggml_backend_dev_t device);
+        self.ggml_base.ggml_backend_dev_description.restype = ctypes.c_char_p
+        self.ggml_base.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
+        # enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
+        self.ggml_base.ggml_backend_dev_type.restype = ctypes.c_int
+        self.ggml_base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        # ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
+        self.ggml_base.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+        self.ggml_base.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+        # void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
+        self.ggml_base.ggml_backend_dev_memory.restype = None
+        self.ggml_base.ggml_backend_dev_memory.argtypes = [
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.POINTER(ctypes.c_size_t),
+        ]
+
+    def patch_version(self) -> int:
+        """0 for a stock library."""
+        return int(self.lib.llama_edge_patch_version()) if self.patched else 0
+
+    def build_info(self) -> str:
+        return self.lib.llama_edge_build_info().decode() if self.patched else "stock llama.cpp"
+
+    def devices(self) -> list[Device]:
+        found = []
+        for index in range(self.ggml.ggml_backend_dev_count()):
+            handle = self.ggml.ggml_backend_dev_get(index)
+            found.append(
+                Device(
+                    index=index,
+                    name=self.ggml_base.ggml_backend_dev_name(handle).decode(),
+                    description=self.ggml_base.ggml_backend_dev_description(handle).decode(),
+                    kind=self.ggml_base.ggml_backend_dev_type(handle),
+                    handle=handle,
+                )
+            )
+        return found
+
+    def gpus(self) -> list[Device]:
+        return [device for device in self.devices() if device.kind == GGML_BACKEND_DEVICE_TYPE_GPU]
+
+    def buffer_type(self, device_name: str) -> int:
+        """The ggml buffer type a `-ot PATTERN=NAME` override names (CPU, CUDA0, ...)."""
+        for device in self.devices():
+            if device.name.lower() == device_name.lower():
+                return self.ggml_base.ggml_backend_dev_buffer_type(device.handle)
+        names = ", ".join(device.name for device in self.devices())
+        raise UserError(f"no device named {device_name!r} for a tensor override; this build has: {names}")
+
+    def device_memory(self, device: Device) -> tuple[int, int]:
+        """(free bytes, total bytes) as the backend reports them."""
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self.ggml_base.ggml_backend_dev_memory(device.handle, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value

@@ -1,0 +1,44 @@
+"""Shared fixtures: the patched CPU library (built once, cached outside the repo) and ../shared files."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edge_preattn import build, native
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CANDIDATES = (REPO.parent / "shared", Path("/work/shared"))
+
+
+def shared_file(relative: str) -> Path | None:
+    """A fixture from ../shared, or None: tests skip, never fail, when it is absent."""
+    for root in SHARED_CANDIDATES:
+        if (root / relative).is_file():
+            return root / relative
+    return None
+
+
+@pytest.fixture(scope="session")
+def lib_dir() -> Path:
+    """The patched library of the test preset (cpu unless EDGE_PREATTN_TEST_PRESET says otherwise)."""
+    if os.environ.get("EDGE_PREATTN_LIB"):
+        return native.find_library()
+    preset = os.environ.get("EDGE_PREATTN_TEST_PRESET", "cpu")
+    lib = Path(build.build_library(preset).lib_dir)
+    os.environ["EDGE_PREATTN_LIB"] = str(lib)  # every load in this process, library code's too
+    return lib
+
+
+@pytest.fixture(scope="session")
+def llama_lib(lib_dir: Path):
+    """llama_cpp, bound to the patched library (one library per process)."""
+    return native.load_llama(lib_dir)
+
+
+@pytest.fixture(scope="session")
+def moe_ref_a() -> Path:
+    path = shared_file("models/moe-ref-a.gguf")
+    if path is None:
+        pytest.skip("../shared/models/moe-ref-a.gguf is absent")
+    return path
