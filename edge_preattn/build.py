@@ -85,17 +85,23 @@ def patch_files() -> list[Path]:
     return sorted((project_root() / "patches").glob("*.patch"))
 
 
-def patch_hash() -> str:
-    """Hash of the patch series: any edit to any patch is a new build key."""
+def _recipe_files(stock: bool) -> list[Path]:
+    """What decides a build besides the preset name: the build files, and the patches unless stock."""
+    root = project_root()
+    files = [root / "CMakeLists.txt", root / "CMakePresets.json", *sorted((root / "cmake").glob("*"))]
+    return files if stock else [*files, *patch_files()]
+
+
+def patch_hash(stock: bool = False) -> str:
+    """Hash of the patch series and build files: any edit to either is a new build key."""
     digest = hashlib.sha256()
-    for path in patch_files():
+    for path in _recipe_files(stock):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 
 def build_key(preset: str, stock: bool) -> str:
-    variant = STOCK if stock else f"patch-{patch_hash()}"
-    return f"{preset}-lcp{LLAMA_CPP_PYTHON_VERSION}-{variant}"
+    return f"{preset}-lcp{LLAMA_CPP_PYTHON_VERSION}-{STOCK if stock else 'patched'}-{patch_hash(stock)}"
 
 
 def build_dir(preset: str, stock: bool) -> Path:
@@ -299,7 +305,7 @@ def build_library(
         shutil.copy(work / "build.log", install / "build.log")
         info = BuildInfo(
             preset=preset,
-            variant=STOCK if stock else patch_hash(),
+            variant=f"{STOCK if stock else 'patched'}-{patch_hash(stock)}",
             llama_cpp_python=LLAMA_CPP_PYTHON_VERSION,
             lib_dir=str(dest / "lib"),
             seconds=round(time.monotonic() - started, 1),
@@ -352,7 +358,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.list:
         for info in cached_builds():
-            print(f"{info.preset:14} {info.variant:14} {info.seconds:8.1f}s  {info.lib_dir}")
+            print(f"{info.preset:14} {info.variant:22} {info.seconds:8.1f}s  {info.lib_dir}")
         return 0
     preset = args.preset
     if preset is None:
@@ -364,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     was_cached = (build_dir(preset, args.stock) / "build.json").is_file() and not args.force
     info = build_library(preset, stock=args.stock, jobs=args.jobs, force=args.force)
-    kind = "stock" if args.stock else f"patched ({info.variant})"
+    kind = info.variant
     status = "cached" if was_cached else f"built in {info.seconds:.0f}s"
     print(f"✓ {preset} {kind} llama.cpp: {status}: {info.lib_dir}")
     return 0

@@ -8,7 +8,9 @@ import pytest
 from edge_preattn import build, native
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_CANDIDATES = (REPO.parent / "shared", Path("/work/shared"))
+SHARED_CANDIDATES = tuple(
+    Path(p) for p in (os.environ.get("EDGE_PREATTN_SHARED"), REPO.parent / "shared", "/work/shared") if p
+)
 
 
 def shared_file(relative: str) -> Path | None:

@@ -41,10 +41,11 @@ def test_patch_hash_follows_patch_content(tmp_path, monkeypatch):
     patch = tmp_path / "0001-x.patch"
     patch.write_text("one")
     monkeypatch.setattr(build, "patch_files", lambda: [patch])
-    first = build.patch_hash()
+    first, stock = build.patch_hash(), build.patch_hash(stock=True)
     patch.write_text("two")
     assert build.patch_hash() != first
-    assert build.build_key("cpu", stock=True).endswith("-stock")
+    assert build.patch_hash(stock=True) == stock  # stock builds ignore the patches
+    assert "-stock-" in build.build_key("cpu", stock=True)
 
 
 def test_presets_match_the_supported_gpus():
