@@ -9,6 +9,7 @@ the same key finds it and returns at once.
 import argparse
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import logging
@@ -282,9 +283,17 @@ def build_library(
     info_file = dest / "build.json"
     if info_file.is_file() and not force:
         return BuildInfo(**json.loads(info_file.read_text()))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build per key at a time; a waiter then finds it cached
+        if info_file.is_file() and not force:
+            return BuildInfo(**json.loads(info_file.read_text()))
+        return _build_locked(preset, stock, dest, jobs)
+
+
+def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> BuildInfo:
     root = project_root()
     started = time.monotonic()
-    dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
     try:
         source = work / "llama.cpp"

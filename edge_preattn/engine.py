@@ -70,8 +70,10 @@ class Generation:
 
 def _route_llama_log(llama_cpp: ModuleType) -> None:
     """llama.cpp logs through one process-wide callback: send it to `logging`, quiet by default."""
-    # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
-    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+    # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
+    # Its warnings are advice for llama.cpp's own CLI (e.g. about mmap with CPU overrides, which is
+    # what the cache wants): shown with --verbose, like its info lines; errors always.
+    levels = {1: logging.DEBUG, 2: logging.INFO, 3: logging.INFO, 4: logging.ERROR}
 
     @llama_cpp.llama_log_callback
     def forward(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:

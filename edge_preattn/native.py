@@ -17,7 +17,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-PATCH_VERSION = 2  # what patches/ builds; llama_edge_patch_version() answers it
+PATCH_VERSION = 3  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_CPU = 0

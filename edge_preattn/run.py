@@ -5,17 +5,21 @@ can reproduce any stock offload configuration here and compare it with the exper
 """
 
 import argparse
+import contextlib
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import build, native
+from .cache import EVICTION_POLICIES
+from .controller import MODES, PREDICTION_MODES, CacheRuntime, record_routing
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
 from .files import write_json_atomic
+from .layout import MoeLayout, plan_slots, read_layout
+from .units import format_bytes, parse_bytes, parse_rate
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +27,11 @@ HELP = "generate text from a MoE GGUF (default: the packaged model), streaming, 
 EXAMPLES = """\
   edge-preattn run                                   # packaged default model
   edge-preattn run -m model.gguf -p "def quicksort(xs):" -n 128
-  edge-preattn run -m model.gguf --cpu-moe           # all routed experts in host RAM (like -ot exps=CPU)
+  edge-preattn run -m model.gguf --cpu-moe           # stock: all routed experts in host RAM (-ot exps=CPU)
   edge-preattn run -m model.gguf --n-cpu-moe 20 -ngl 99 --stats-json stats.json
+  edge-preattn run -m model.gguf --mode lru --slots 32            # expert cache, load on demand
+  edge-preattn run -m model.gguf --mode top1 --predictors preds/ --vram-budget 6GiB --bandwidth 12GB/s
+  edge-preattn run -m model.gguf --mode overprov --extra 4 --predictors preds/ --slots 48 --verbose
 """
 
 DEFAULT_PROMPT = "def fibonacci(n):"
@@ -40,28 +47,6 @@ def default_model() -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         synth.write_synthetic(DEFAULT_MODEL_PRESET, path, progress=False)
     return path
-
-
-@dataclass(frozen=True)
-class RunStats:
-    prompt_tokens: int
-    generated_tokens: int
-    prefill_tok_s: float
-    decode_tok_s: float
-    ms_per_token_p50: float
-    ms_per_token_p95: float
-
-    @staticmethod
-    def of(record: Generation) -> "RunStats":
-        ms = np.array(record.decode_seconds) * 1e3 if record.decode_seconds else np.zeros(1)
-        return RunStats(
-            prompt_tokens=len(record.prompt_tokens),
-            generated_tokens=len(record.tokens),
-            prefill_tok_s=round(record.prefill_tok_s, 2),
-            decode_tok_s=round(record.decode_tok_s, 2),
-            ms_per_token_p50=round(float(np.percentile(ms, 50)), 3),
-            ms_per_token_p95=round(float(np.percentile(ms, 95)), 3),
-        )
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -101,6 +86,51 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=build.PRESETS, help="which build to load (default: detected)")
     parser.add_argument("--stock", action="store_true", help="load the unpatched build (for comparisons)")
     parser.add_argument("--stats-json", metavar="FILE", help="write the run's statistics as JSON")
+    cache = parser.add_argument_group("expert cache (modes other than off)")
+    cache.add_argument(
+        "--mode",
+        choices=MODES,
+        default="off",
+        help="off: stock placement; lru: cache, load on demand; top1/exact/overprov: prefetch "
+        "predicted experts; oracle: prefetch the true experts of a recorded run (upper bound)",
+    )
+    cache.add_argument(
+        "--predictors", metavar="DIR", help="predictors made by `edge-preattn train` for this model"
+    )
+    sizing = cache.add_mutually_exclusive_group()
+    sizing.add_argument("--slots", type=int, help="expert slots per MoE layer (at least the router's k)")
+    sizing.add_argument(
+        "--vram-budget", type=parse_bytes, metavar="SIZE", help="e.g. 6GiB: slots from the plan"
+    )
+    cache.add_argument(
+        "--bandwidth", type=parse_rate, metavar="RATE", help="cap on prefetch uploads, e.g. 12GB/s"
+    )
+    cache.add_argument(
+        "--extra", type=int, default=2, help="overprov: experts beyond k to prefetch (default 2)"
+    )
+    cache.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru")
+    cache.add_argument(
+        "--bypass-tokens",
+        type=int,
+        default=32,
+        help="ubatches larger than this (prefill) use stock placement (default 32)",
+    )
+
+
+def cache_slots(args: argparse.Namespace, layout: MoeLayout) -> int:
+    k = layout.n_expert_used
+    if args.slots is not None:
+        if not k <= args.slots <= layout.n_expert:
+            raise UserError(
+                f"--slots {args.slots} must be between the router's k = {k} and the "
+                f"{layout.n_expert} experts of a layer"
+            )
+        return args.slots
+    if args.vram_budget is not None:
+        return plan_slots(
+            layout, args.vram_budget, args.ctx_size or min(4096, layout.n_ctx_train)
+        ).slots_per_layer
+    return max(k, layout.n_expert // 4)  # about a quarter of each layer's experts
 
 
 def main(args: argparse.Namespace) -> int:
@@ -108,12 +138,23 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"-n must be at least 1 (got {args.n_predict})")
     if not args.prompt.strip():
         raise UserError("the prompt is empty: give some text with -p")
+    if args.bandwidth is not None and args.bandwidth <= 0:
+        raise UserError("--bandwidth must be positive")
     model = Path(args.model) if args.model else default_model()
+    layout = read_layout(model)
     overrides = tuple(parse_override(text) for text in args.override_tensor)
-    if args.cpu_moe:
+    if args.cpu_moe or args.mode != "off":
         overrides += expert_overrides(None)
     elif args.n_cpu_moe is not None:
         overrides += expert_overrides(args.n_cpu_moe)
+    predictors = None
+    if args.mode in PREDICTION_MODES:
+        if not args.predictors:
+            raise UserError(f"--mode {args.mode} needs --predictors DIR (made by `edge-preattn train`)")
+        from .onnx_io import load_predictor_set
+
+        predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.fingerprint)
+    n_slots = cache_slots(args, layout) if args.mode != "off" else 0
     llama_cpp = native.load_llama(native.find_library(args.preset, stock=args.stock))
     config = EngineConfig(
         model_path=str(model),
@@ -121,9 +162,35 @@ def main(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         n_gpu_layers=args.n_gpu_layers,
         overrides=overrides,
+        use_extra_bufts=args.mode == "off",
     )
-    with Engine(llama_cpp, config) as engine:
-        sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    with Engine(llama_cpp, config) as engine, contextlib.ExitStack() as stack:
+        runtime = None
+        if args.mode != "off":
+            oracle = (
+                record_routing(engine, args.prompt, args.n_predict, sampling)
+                if args.mode == "oracle"
+                else None
+            )
+            layers = tuple(layer.index for layer in layout.moe_layers)
+            runtime = stack.enter_context(
+                CacheRuntime(
+                    engine,
+                    layers,
+                    n_slots=n_slots,
+                    max_batch_tokens=args.bypass_tokens,
+                    mode=args.mode,
+                    k=layout.n_expert_used,
+                    n_expert=layout.n_expert,
+                    bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
+                    predictors=predictors,
+                    extra=args.extra,
+                    bandwidth_bytes_per_s=args.bandwidth,
+                    eviction=args.eviction,
+                    oracle=oracle,
+                )
+            )
         record = None
         sys.stdout.write(args.prompt)
         for text, current in stream_text(engine, engine.generate(args.prompt, args.n_predict, sampling)):
@@ -131,14 +198,85 @@ def main(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             record = current
         sys.stdout.write("\n")
-        stats = RunStats.of(record)
-        print(f"[{model.name}] {engine.api.build_info()}", file=sys.stderr)
-        print(
-            f"prefill {stats.prompt_tokens} tok at {stats.prefill_tok_s:.1f} tok/s | decode "
-            f"{stats.generated_tokens} tok at {stats.decode_tok_s:.1f} tok/s "
-            f"(p50 {stats.ms_per_token_p50:.2f} ms, p95 {stats.ms_per_token_p95:.2f} ms)",
-            file=sys.stderr,
-        )
+        stats = run_stats(record, engine, runtime)
+    print(
+        f"[{model.name}] {engine.api.build_info()} · mode {args.mode}"
+        + (f", {n_slots} slots per layer" if runtime else ""),
+        file=sys.stderr,
+    )
+    print(format_stats(stats), file=sys.stderr)
+    if args.verbose and runtime:
+        print(format_layers(runtime.controller.stats), file=sys.stderr)
     if args.stats_json:
-        write_json_atomic(Path(args.stats_json), {"model": str(model), **stats.__dict__})
+        write_json_atomic(
+            Path(args.stats_json), {"model": str(model), "mode": args.mode, "slots": n_slots, **stats}
+        )
     return 0
+
+
+def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) -> dict:
+    """The numbers a user compares between modes, per generated token where that is the unit."""
+    ms = np.array(record.decode_seconds) * 1e3 if record.decode_seconds else np.zeros(1)
+    stats = {
+        "prompt_tokens": len(record.prompt_tokens),
+        "generated_tokens": len(record.tokens),
+        "prefill_tok_s": round(record.prefill_tok_s, 2),
+        "decode_tok_s": round(record.decode_tok_s, 2),
+        "ms_per_token_p50": round(float(np.percentile(ms, 50)), 3),
+        "ms_per_token_p95": round(float(np.percentile(ms, 95)), 3),
+        "vram_used_bytes": sum(
+            total - free for free, total in map(engine.api.device_memory, engine.api.gpus())
+        ),
+    }
+    if runtime is not None:
+        total = runtime.controller.stats.totals()
+        bank = runtime.bank.stats()
+        tokens = max(1, runtime.controller.stats.cached_tokens)
+        stats.update(
+            {
+                "cached_tokens": runtime.controller.stats.cached_tokens,
+                "hits_per_token": round(total.hits / tokens, 3),
+                "late_per_token": round(total.late / tokens, 3),
+                "misses_per_token": round(total.misses / tokens, 3),
+                "hit_rate": round(total.hits / max(1, total.hits + total.late + total.misses), 4),
+                "prefetch_issued": total.prefetch_issued,
+                "prefetch_wasted": total.prefetch_wasted,
+                "prefetch_dropped": total.prefetch_dropped,
+                "bytes_uploaded_per_token": round(bank["upload_bytes"] / tokens),
+                "stall_ms_per_token": round(total.stall_s * 1e3 / tokens, 3),
+                "predictor_ms_per_call": round(total.predictor_s * 1e3 / max(1, total.predictor_calls), 4),
+                "forced_uploads": bank["forced_uploads"],
+                "bank_bytes": bank["bank_bytes"],
+            }
+        )
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    lines = [
+        f"prefill {stats['prompt_tokens']} tok at {stats['prefill_tok_s']:.1f} tok/s | decode "
+        f"{stats['generated_tokens']} tok at {stats['decode_tok_s']:.1f} tok/s "
+        f"(p50 {stats['ms_per_token_p50']:.2f} ms, p95 {stats['ms_per_token_p95']:.2f} ms)"
+    ]
+    if "hit_rate" in stats:
+        lines.append(
+            f"per token: {stats['hits_per_token']:.2f} hits, {stats['late_per_token']:.2f} late, "
+            f"{stats['misses_per_token']:.2f} misses (hit rate {stats['hit_rate']:.1%}); "
+            f"{format_bytes(stats['bytes_uploaded_per_token'])} uploaded, "
+            f"stall {stats['stall_ms_per_token']:.2f} ms\n"
+            f"prefetches issued {stats['prefetch_issued']}, wasted {stats['prefetch_wasted']}, "
+            f"over budget {stats['prefetch_dropped']} | "
+            f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
+            f"slot banks {format_bytes(stats['bank_bytes'])}"
+        )
+    return "\n".join(lines)
+
+
+def format_layers(stats) -> str:
+    rows = ["layer  tokens   hits   late  misses  issued  wasted  stall_ms  predictor_ms"]
+    for il, c in sorted(stats.layers.items()):
+        rows.append(
+            f"{il:5d} {c.tokens:7d} {c.hits:6d} {c.late:6d} {c.misses:7d} {c.prefetch_issued:7d} "
+            f"{c.prefetch_wasted:7d} {c.stall_s * 1e3:9.2f} {c.predictor_s * 1e3:13.2f}"
+        )
+    return "\n".join(rows)

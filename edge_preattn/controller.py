@@ -1,0 +1,255 @@
+"""The runtime: hooks → predictor → cache policy → uploads, with per-token statistics.
+
+On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
+releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
+uploaded. On the routing hook each selected expert is a hit (resident), late (its prefetch was
+still running: we wait) or a miss (uploaded now, synchronously — the paper's behaviour). The C side
+re-checks residency before the expert matmuls, so no decision here can change the output.
+"""
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .cache import LayerSlots, UploadBudget
+from .hooks import Hooks, Routing
+from .slots import SlotBank
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "lru", "top1", "exact", "overprov", "oracle")
+PREDICTION_MODES = ("top1", "exact", "overprov")
+
+
+@dataclass
+class LayerCounters:
+    tokens: int = 0  # tokens whose experts this layer read from the bank
+    hits: int = 0
+    late: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_wasted: int = 0
+    prefetch_dropped: int = 0  # over the bandwidth budget
+    stall_s: float = 0.0
+    predictor_s: float = 0.0
+    predictor_calls: int = 0
+
+
+@dataclass
+class RuntimeStats:
+    layers: dict[int, LayerCounters] = field(default_factory=dict)
+    cached_ubatches: int = 0  # decode steps that went through the cache
+    cached_tokens: int = 0
+
+    def totals(self) -> LayerCounters:
+        total = LayerCounters()
+        for counters in self.layers.values():
+            for name in total.__dataclass_fields__:
+                setattr(total, name, getattr(total, name) + getattr(counters, name))
+        return total
+
+
+class Controller:
+    """Decides uploads for one engine's slot bank; `on_pre_attn`/`on_routing` are the hook handlers."""
+
+    def __init__(
+        self,
+        bank: SlotBank,
+        *,
+        k: int,
+        n_expert: int,
+        bytes_per_expert: int,
+        mode: str = "lru",
+        predictors=None,
+        extra: int = 0,
+        bandwidth_bytes_per_s: float | None = None,
+        eviction: str = "lru",
+        oracle: dict[tuple[int, int], np.ndarray] | None = None,
+    ) -> None:
+        if mode not in MODES or mode == "off":
+            raise ValueError(f"controller mode must be one of {MODES[1:]}")
+        if mode in PREDICTION_MODES and predictors is None:
+            raise ValueError(f"mode {mode} needs predictors")
+        if mode == "oracle" and oracle is None:
+            raise ValueError("mode oracle needs a recorded routing")
+        self.bank, self.k, self.n_expert, self.bytes_per_expert, self.mode = (
+            bank,
+            k,
+            n_expert,
+            bytes_per_expert,
+            mode,
+        )
+        self.predictors, self.oracle = predictors, oracle
+        self.n_candidates = {"top1": 1, "exact": k, "overprov": k + extra, "oracle": k}.get(mode, 0)
+        self.budget = UploadBudget(bandwidth_bytes_per_s)
+        self.slots = {il: LayerSlots(bank.n_slots, eviction) for il in bank.layers}
+        self.locks = {il: threading.Lock() for il in bank.layers}
+        self.stats = RuntimeStats(layers={il: LayerCounters() for il in bank.layers})
+        self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.prefetched: dict[int, set[int]] = {il: set() for il in bank.layers}
+        self.disabled: set[int] = set()  # layers whose predictor failed
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.ubatch = -1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+    def _cached(self, il: int, n_tokens: int) -> bool:
+        """The C side's rule for a ubatch reading the bank (else it took the stock path)."""
+        return (
+            il in self.slots
+            and n_tokens <= self.bank.max_batch_tokens
+            and n_tokens * self.k <= self.bank.n_slots
+        )
+
+    # -- pre-attention: start the prefetch and return -------------------------------------------------
+
+    def on_pre_attn(self, il: int, x: np.ndarray) -> None:
+        if il == 0:
+            self.ubatch += 1
+        if self.mode == "lru" or il in self.disabled or il not in self.slots:
+            return
+        if self.mode == "oracle":
+            truth = self.oracle.get((self.ubatch, il))
+            if truth is not None and self._cached(il, len(truth)):
+                experts = list(dict.fromkeys(truth.ravel().tolist()))
+                self.pending[il] = self.executor.submit(self._prefetch, il, experts)
+            return
+        # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
+        # (the last one, in plain generation), so a prefill may still reach the bank there.
+        if self._cached(il, len(x)):
+            rows = x
+        elif il == self.last_layer and self._cached(il, 1):
+            rows = x[-1:]
+        else:
+            return
+        self.pending[il] = self.executor.submit(
+            self._predict_and_prefetch, il, np.array(rows, dtype=np.float32)
+        )
+
+    def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
+        counters = self.stats.layers[il]
+        started = time.perf_counter()
+        scores = self.predictors.scores(il, x)  # [n_tokens, n_expert]
+        counters.predictor_s += time.perf_counter() - started
+        counters.predictor_calls += 1
+        if scores.shape != (len(x), self.n_expert) or not np.isfinite(scores).all():
+            raise ValueError(
+                f"predictor returned scores of shape {scores.shape} (or not finite); "
+                f"expected {(len(x), self.n_expert)}"
+            )
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.n_candidates]  # [n_tokens, n]
+        candidates = list(dict.fromkeys(order.T.ravel().tolist()))  # best of every token first
+        self._prefetch(il, candidates)
+
+    def _prefetch(self, il: int, candidates: list[int]) -> None:
+        slots, counters = self.slots[il], self.stats.layers[il]
+        protect = set(candidates)
+        with self.locks[il]:
+            for expert in candidates:
+                if slots.resident(expert):
+                    continue
+                victim = slots.victim(protect)
+                if victim is None:
+                    break
+                if not self.budget.try_take(self.bytes_per_expert):
+                    counters.prefetch_dropped += 1
+                    break
+                self.bank.upload(il, expert, victim)
+                slots.assign(expert, victim)
+                self.prefetched[il].add(expert)
+                counters.prefetch_issued += 1
+
+    # -- routing: make the selected experts resident --------------------------------------------------
+
+    def on_routing(self, routing: Routing) -> None:
+        il = routing.layer
+        n_tokens = len(routing.ids)
+        if not self._cached(il, n_tokens):
+            return
+        counters, slots = self.stats.layers[il], self.slots[il]
+        if il == self.first_layer:
+            self.stats.cached_ubatches += 1
+            self.stats.cached_tokens += n_tokens
+        counters.tokens += n_tokens
+        waited = False
+        future = self.pending.pop(il, None)
+        if future is not None:
+            started = time.perf_counter()
+            waited = not future.done()
+            try:
+                future.result()
+            except Exception as error:
+                self.disabled.add(il)
+                log.warning("predictor for layer %d failed (%r): prediction is off for that layer", il, error)
+            counters.stall_s += time.perf_counter() - started if waited else 0.0
+        ids = routing.ids.astype(np.int64)  # [n_tokens, k]
+        experts, rows = np.unique(ids, return_counts=True)
+        selected = set(experts.tolist())
+        with self.locks[il]:
+            for expert, count in zip(experts.tolist(), rows.tolist(), strict=True):
+                if slots.resident(expert):
+                    if waited and expert in self.prefetched[il]:
+                        counters.late += count
+                    else:
+                        counters.hits += count
+                    continue
+                started = time.perf_counter()
+                victim = slots.victim(selected)
+                self.bank.upload(il, expert, victim)
+                slots.assign(expert, victim)
+                counters.stall_s += time.perf_counter() - started
+                counters.misses += count
+            counters.prefetch_wasted += len(self.prefetched[il] - selected)
+            self.prefetched[il].clear()
+            slots.touch(ids.ravel().tolist())
+
+
+def record_routing(engine, prompt, n_predict: int, sampling) -> dict[tuple[int, int], np.ndarray]:
+    """The routing of a run, per (ubatch, layer): what mode `oracle` prefetches ahead of time."""
+    recorded: dict[tuple[int, int], np.ndarray] = {}
+    ubatch = [-1]
+
+    def on_pre_attn(il: int, _x: np.ndarray) -> None:
+        if il == 0:
+            ubatch[0] += 1
+
+    def on_routing(routing: Routing) -> None:
+        recorded[(ubatch[0], routing.layer)] = routing.ids.copy()
+
+    with Hooks(engine.api, engine.ctx, on_pre_attn, on_routing):
+        for _ in engine.generate(prompt, n_predict, sampling):
+            pass
+    return recorded
+
+
+class CacheRuntime:
+    """Slot bank + controller + hooks on one engine whose cached layers' experts are in host memory."""
+
+    def __init__(
+        self,
+        engine,
+        layers: tuple[int, ...],
+        *,
+        n_slots: int,
+        max_batch_tokens: int = 32,
+        **controller_options,
+    ) -> None:
+        self.bank = SlotBank(engine.api, engine.ctx, layers, n_slots, max_batch_tokens)
+        self.controller = Controller(self.bank, **controller_options)
+        self.hooks = Hooks(engine.api, engine.ctx, self.controller.on_pre_attn, self.controller.on_routing)
+
+    def close(self) -> None:
+        self.hooks.close()
+        self.controller.close()
+
+    def __enter__(self) -> "CacheRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

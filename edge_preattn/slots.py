@@ -1,0 +1,107 @@
+"""The patch's expert slot bank on one llama_context: enable, upload, ask what a slot holds.
+
+The C side guarantees the invariant (every selected expert resident before a cached layer's expert
+matmuls; a missing one is uploaded there and counted as forced), so a wrong decision here costs
+time, never output.
+"""
+
+import ctypes
+import logging
+
+from .errors import UserError
+from .native import NativeApi
+
+log = logging.getLogger(__name__)
+
+LLAMA_EDGE_ERR_ARG, LLAMA_EDGE_ERR_STATE, LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC = -1, -2, -3, -4
+
+
+class CacheStats(ctypes.Structure):
+    # struct llama_edge_cache_stats
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "uploads",
+            "forced_uploads",
+            "upload_bytes",
+            "cached_layer_runs",
+            "bypassed_layer_runs",
+            "bank_bytes",
+        )
+    ]
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+
+
+def bind_cache_functions(api: NativeApi) -> None:
+    lib = api.lib
+    # int32_t llama_edge_cache_enable(struct llama_context * ctx, const int32_t * layers, int32_t n_layers,
+    #                                 int32_t n_slots, int32_t max_batch_tokens);
+    lib.llama_edge_cache_enable.restype = ctypes.c_int32
+    lib.llama_edge_cache_enable.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    # int32_t llama_edge_cache_upload(struct llama_context * ctx, int32_t il, int32_t expert, int32_t slot);
+    lib.llama_edge_cache_upload.restype = ctypes.c_int32
+    lib.llama_edge_cache_upload.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
+    # int32_t llama_edge_cache_slot_expert(const struct llama_context * ctx, int32_t il, int32_t slot);
+    lib.llama_edge_cache_slot_expert.restype = ctypes.c_int32
+    lib.llama_edge_cache_slot_expert.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    # int32_t llama_edge_cache_get_stats(const struct llama_context * ctx,
+    #                                    struct llama_edge_cache_stats * out);
+    lib.llama_edge_cache_get_stats.restype = ctypes.c_int32
+    lib.llama_edge_cache_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(CacheStats)]
+
+
+class SlotBank:
+    """Slot banks of `layers` with `n_slots` experts each, on the context's devices."""
+
+    def __init__(
+        self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
+    ):
+        if api.patch_version() < 3:
+            raise UserError(
+                "this llama.cpp build has no expert slot cache (patch < 3): run `edge-preattn build`"
+            )
+        bind_cache_functions(api)
+        self.api, self.ctx = api, ctx
+        self.layers, self.n_slots, self.max_batch_tokens = tuple(layers), n_slots, max_batch_tokens
+        array = (ctypes.c_int32 * len(self.layers))(*self.layers)
+        status = api.lib.llama_edge_cache_enable(ctx, array, len(self.layers), n_slots, max_batch_tokens)
+        if status == LLAMA_EDGE_ERR_PLACEMENT:
+            raise UserError(
+                "the cached layers' experts are not in plain host memory: load them on the CPU "
+                "without repacking (edge-preattn does this itself; check your -ot overrides)"
+            )
+        if status == LLAMA_EDGE_ERR_ALLOC:
+            raise UserError(
+                f"the device could not allocate {n_slots} expert slots for {len(self.layers)} layers: "
+                "lower --slots or --vram-budget"
+            )
+        if status != 0:
+            raise UserError(
+                f"cannot enable the expert cache (status {status}): --slots must be between the "
+                "model's experts per token and its experts per layer"
+            )
+
+    def upload(self, il: int, expert: int, slot: int) -> None:
+        status = self.api.lib.llama_edge_cache_upload(self.ctx, il, expert, slot)
+        if status != 0:
+            raise ValueError(f"upload of expert {expert} to layer {il} slot {slot} refused (status {status})")
+
+    def slot_expert(self, il: int, slot: int) -> int:
+        """The expert a slot holds (-1: empty)."""
+        value = self.api.lib.llama_edge_cache_slot_expert(self.ctx, il, slot)
+        if value < -1:
+            raise ValueError(f"layer {il} slot {slot}: status {value}")
+        return value
+
+    def stats(self) -> dict[str, int]:
+        out = CacheStats()
+        self.api.lib.llama_edge_cache_get_stats(self.ctx, ctypes.byref(out))
+        return out.as_dict()
