@@ -6,6 +6,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || { echo "wheel install failed"; return 1; }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export EDGE_PREATTN_CACHE=/tmp/edge-cache
+# The image's CC/CXX (/opt/gcc) link libstdc++ statically into every shared library; two copies of
+# libstdc++ in one process crash llama.cpp at model load. The system compilers link it dynamically.
+unset CC CXX
 if [ ! -f /tmp/llsrc/src/llama.cpp ]; then mkdir -p /tmp/llsrc && tar xzf .carry/llama-src.tgz -C /tmp/llsrc; fi
 export EDGE_PREATTN_LLAMA_SOURCE=/tmp/llsrc
 for part in .carry/moe-ref-a.part-*; do [ -f "$part" ] && cp "$part" /tmp/; done

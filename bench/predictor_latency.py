@@ -166,6 +166,12 @@ def markdown(result: dict) -> str:
             f"{row['threads']} | {row['p50_ms']:.4f} | {row['p99_ms']:.4f} | {row.get('mean_ms', '')} | "
             f"{agreement} |"
         )
+    sources = {
+        (r["predictor"], r["directory"], r.get("train_tokens")) for r in result["rows"] if "directory" in r
+    }
+    lines += [""] + [
+        f"- {name}: {folder} (trained on {tokens} tokens)" for name, folder, tokens in sorted(sources)
+    ]
     lines += [
         "",
         "Trained sets are timed through `PredictorSet.scores` (p50: median of the layers' p50s; p99: the "
@@ -205,6 +211,8 @@ def main() -> int:
                 rows.append(
                     {
                         "predictor": name,
+                        "directory": str(args.predictors),
+                        "train_tokens": manifest.get("train_tokens"),
                         "d": manifest["n_embd"],
                         "h": manifest.get("hidden"),
                         "E": manifest["n_expert"],

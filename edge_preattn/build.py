@@ -312,6 +312,7 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
             _run_logged(build, root, log_file, f"build {preset}{' (stock)' if stock else ''}")
             _run_logged(["cmake", "--install", str(work / "build")], root, log_file, "install")
         shutil.copy(work / "build.log", install / "build.log")
+        _check_shared_libstdcxx(install / "lib" / "libllama.so")
         info = BuildInfo(
             preset=preset,
             variant=f"{STOCK if stock else 'patched'}-{patch_hash(stock)}",
@@ -328,6 +329,23 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
         return info
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_shared_libstdcxx(library: Path) -> None:
+    """Refuse libraries that carry their own libstdc++: two copies in one process crash at model load.
+
+    Seen with a compiler whose default links libstdc++ statically (CXX=/opt/gcc/bin/g++ on one image).
+    """
+    if shutil.which("ldd") is None or not library.is_file():
+        return
+    needed = subprocess.run(["ldd", str(library)], capture_output=True, text=True, check=False).stdout
+    if "libstdc++" not in needed:
+        compiler = os.environ.get("CXX", "c++")
+        raise UserError(
+            f"{library.name} was linked with a static libstdc++ by {compiler}: each ggml library "
+            "then has its own copy and llama.cpp crashes loading a model; build with a compiler "
+            "that links it dynamically, e.g. `CXX=/usr/bin/g++ CC=/usr/bin/gcc edge-preattn build`"
+        )
 
 
 def configure_only(preset: str) -> Path:

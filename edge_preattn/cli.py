@@ -19,6 +19,8 @@ VERBS = {
     "inspect": "edge_preattn.layout",
     "synth": "edge_preattn.synth",
     "collect": "edge_preattn.collect",
+    "train": "edge_preattn.train",
+    "eval": "edge_preattn.evaluate",
     "run": "edge_preattn.run",
 }
 

@@ -253,20 +253,25 @@ class Engine:
         record = Generation(prompt_tokens=prompt_tokens)
         sampler = self.make_sampler(sampling)
         try:
+            # llama_decode returns before a GPU has finished: each interval ends after sampling,
+            # which waits for the logits, and excludes what the caller does between tokens.
             started = time.perf_counter()
             self.decode(prompt_tokens)
-            record.prefill_seconds = time.perf_counter() - started
             for step in range(n_predict):
                 if on_logits is not None:
                     on_logits(self.last_logits())
                 token = self.llama_cpp.llama_sampler_sample(sampler, self.ctx, -1)
+                elapsed = time.perf_counter() - started
+                if step == 0:
+                    record.prefill_seconds = elapsed
+                else:
+                    record.decode_seconds.append(elapsed)
                 record.tokens.append(token)
                 yield token, record
                 if self.llama_cpp.llama_vocab_is_eog(self.vocab, token) or step == n_predict - 1:
                     break
                 started = time.perf_counter()
                 self.decode([token])
-                record.decode_seconds.append(time.perf_counter() - started)
         finally:
             self.llama_cpp.llama_sampler_free(sampler)
 

@@ -1,0 +1,349 @@
+"""`edge-preattn eval`: how good are the predictors, on prompts they never saw, beside the baselines.
+
+The held-out prompts are the predictor set's validation prompts (split by prompt at training); the
+baselines run on exactly the same tokens, and popularity counts only the other (training) prompts.
+Every number comes from `metrics` (per token, then averaged per layer; layer means weigh each layer
+equally). Writes `accuracy-<name>.json` (read by other tools), `accuracy-<name>.md` (the analogue of
+the paper's Table 4) and two plots (figures 6-7's per-layer lines, a bar chart of the table).
+"""
+
+import argparse
+import io
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import baselines, metrics
+from .errors import UserError
+from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .traces import TraceSet
+
+log = logging.getLogger(__name__)
+
+HELP = "measure predictor accuracy on held-out prompts beside cross-layer, popularity, prev-token and LRU"
+EXAMPLES = """\
+  edge-preattn eval traces/m predictors/m-arch2
+  edge-preattn eval traces/m predictors/m-arch1 --arch2 predictors/m-arch2 --cross-layer predictors/m-xl
+  edge-preattn eval traces/m predictors/m-arch2 -o bench/results --name moe-ref-a
+"""
+
+PHASES = {"prefill": 0, "decode": 1}
+BATCH_ROWS = 8192  # rows per predictor call: bounds the float32 copy of the activations
+
+
+def validation_prompts(manifest: dict) -> list[int]:
+    """The prompt indices a predictor set was validated on (never trained on)."""
+    for key in ("val_prompts", "validation_prompts"):
+        if key in manifest:
+            return sorted(int(p) for p in manifest[key])
+    split = manifest.get("split", {})
+    if "val_prompts" in split:
+        return sorted(int(p) for p in split["val_prompts"])
+    raise UserError(
+        "the predictor manifest lists no validation prompts: retrain it with `edge-preattn train`"
+    )
+
+
+def load_set(directory: Path, fingerprint: str, int8: bool = False):
+    """A PredictorSet from onnx_io, refused unless it was trained on traces of this model."""
+    from .onnx_io import load_predictor_set
+
+    return load_predictor_set(directory, fingerprint=fingerprint, threads=1, int8=int8)
+
+
+def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
+    """Every set: this model, this k and E, the same validation prompts, layers that were collected."""
+    val: list[int] | None = None
+    layers: tuple[int, ...] = ()
+    for name, pset in sets.items():
+        if pset.manifest.get("fingerprint") != traces.fingerprint:
+            raise UserError(
+                f"{name} was trained on traces of another model than {traces.directory} "
+                "(fingerprints differ): evaluate it on traces of its own model"
+            )
+        if (pset.k, pset.n_expert) != (traces.k, traces.n_expert):
+            raise UserError(
+                f"{name} predicts {pset.k} of {pset.n_expert} experts; the traces have "
+                f"{traces.k} of {traces.n_expert}"
+            )
+        missing = sorted(set(pset.layers) - set(traces.layers))
+        if missing:
+            raise UserError(
+                f"{name} has predictors for layers {missing} that {traces.directory} did not collect"
+            )
+        if val is None:
+            val, layers = validation_prompts(pset.manifest), tuple(pset.layers)
+        elif validation_prompts(pset.manifest) != val:
+            raise UserError(f"{name} was validated on other prompts: train every set with the same split")
+        elif tuple(pset.layers) != layers:
+            raise UserError(f"{name} covers layers {list(pset.layers)}, the first set {list(layers)}")
+    assert val is not None
+    return val, layers
+
+
+def _ranked_by(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
+    # x: [N, n_embd] float16 → ranked ids: [N, n], scored in batches of BATCH_ROWS
+    parts = [
+        metrics.ranked(pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)), n)
+        for i in range(0, len(x), BATCH_ROWS)
+    ]
+    return np.concatenate(parts)
+
+
+def _block(means: list[dict]) -> dict:
+    """Per-layer lists, the mean over layers and the first layer, of per-layer means (`mean_of`)."""
+    per_layer: dict = {name: [mean[name] for mean in means] for name in metrics.METRICS}
+    for name in metrics.MARGIN_METRICS:
+        per_layer[name] = {m: [mean[name][m] for mean in means] for m in means[0][name]}
+    layer_mean = {
+        name: {m: float(np.mean(v)) for m, v in value.items()}
+        if isinstance(value, dict)
+        else float(np.mean(value))
+        for name, value in per_layer.items()
+    }
+    return {"per_layer": per_layer, "mean": layer_mean, "first_layer": means[0]}
+
+
+def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
+    """The accuracy payload (the JSON) for predictor sets {name: PredictorSet} and every baseline."""
+    val, layers = _check(sets, traces)
+    meta = traces.meta()
+    held = np.isin(meta["prompt"], val)  # [N_all] bool
+    if not held.any():
+        raise UserError(f"none of the validation prompts {val[:8]}… are in {traces.directory}")
+    if held.all():
+        raise UserError(
+            "every prompt of the traces is a validation prompt: no training tokens for popularity"
+        )
+    prompt, phase = meta["prompt"][held], meta["phase"][held]
+    k, n_expert, n = traces.k, traces.n_expert, 2 * traces.k
+    capacities = baselines.lru_capacities(k, n_expert)
+    names = [*sets, "popularity", "prev-token", *(f"lru-{c}" for c in capacities), "oracle"]
+    subsets = {name: phase == value for name, value in PHASES.items() if (phase == value).any()}
+    # per method, per layer: {"all": means, "prefill": means, "decode": means} (per-token arrays dropped)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+
+    def record(name: str, tree: dict) -> None:
+        means = {"all": metrics.mean_of(tree)}
+        means.update({subset: metrics.mean_of(tree, mask) for subset, mask in subsets.items()})
+        results[name].append(means)
+
+    for il in layers:
+        ids_all = traces.layer(il, "ids").astype(np.int64)  # [N_all, k]
+        true = ids_all[held]  # [N, k]
+        order = baselines.popularity_order(ids_all[~held], n_expert)  # training prompts only
+        x_pre = None
+        for name, pset in sets.items():
+            if pset.manifest.get("input", "x_pre") == "x_prev":
+                x = traces.x_prev(il)[held]  # [N, n_embd] float16
+            else:
+                x_pre = traces.layer(il, "x_pre")[held] if x_pre is None else x_pre
+                x = x_pre
+            record(name, metrics.per_token(_ranked_by(pset, il, x, n), true, n_expert))
+        record("popularity", metrics.per_token(baselines.popularity(order, len(true), n), true, n_expert))
+        record("prev-token", metrics.per_token(baselines.prev_token(true, prompt, order, n), true, n_expert))
+        for c in capacities:
+            record(f"lru-{c}", baselines.lru(true, prompt, c))
+        record("oracle", metrics.per_token(baselines.oracle(true, order, n), true, n_expert))
+    methods = {}
+    for name, per_layer in results.items():
+        methods[name] = _block([means["all"] for means in per_layer])
+        methods[name]["subsets"] = {
+            subset: _block([means[subset] for means in per_layer]) for subset in subsets
+        }
+    return {
+        "model": model,
+        "fingerprint": traces.fingerprint,
+        "k": k,
+        "n_expert": n_expert,
+        "moe_layers": list(layers),
+        "heldout_tokens": int(held.sum()),
+        "heldout_tokens_by_phase": {name: int((phase == value).sum()) for name, value in PHASES.items()},
+        "heldout_prompts": val,
+        "margins": list(metrics.margins(k)),
+        "first_moe_layer": layers[0],
+        "lru": "cache cleared at the start of each prompt; recall_at_k = hit rate, exact_set = no miss",
+        "sources": {
+            name: {key: pset.manifest.get(key) for key in ("arch", "loss", "input")}
+            for name, pset in sets.items()
+        },
+        "methods": methods,
+    }
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def _columns(k: int, margins: list[int]) -> list[tuple[str, object]]:
+    """(header, how to read the number from a mean dict), in the table's order."""
+    columns: list[tuple[str, object]] = [("exact-set", "exact_set"), (f"recall@{k}", "recall_at_k")]
+    columns += [(f"recall@{k}+{m}", ("recall_at_k_plus_m", str(m))) for m in margins]
+    columns += [(f"cover@{k}+{m}", ("cover_at_k_plus_m", str(m))) for m in margins]
+    return [*columns, ("top-1", "top1")]
+
+
+def _value(mean: dict, key) -> float:
+    return mean[key[0]][key[1]] if isinstance(key, tuple) else mean[key]
+
+
+def markdown(payload: dict) -> str:
+    """The analogue of the paper's Table 4 (first MoE layer and mean), plus recall@k by phase."""
+    k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
+    columns = _columns(k, payload["margins"])
+    by_phase = payload["heldout_tokens_by_phase"]
+    lines = [
+        f"# Expert-prediction accuracy: {payload['model']}",
+        "",
+        f"Held-out: {payload['heldout_tokens']} tokens ({by_phase['prefill']} prefill, {by_phase['decode']} "
+        f"decode) of {len(payload['heldout_prompts'])} validation prompts; k = {k} of "
+        f"{payload['n_expert']} experts; MoE layers {layers[0]}-{layers[-1]}; model fingerprint "
+        f"`{payload['fingerprint'][:16]}`. Percent of tokens (recall: of experts).",
+        "",
+        "exact-set: set(P[:k]) = T (the paper's exact-match, literal reading) · recall@k: |P[:k] ∩ T| / k "
+        "(exact-match, likely reading) · recall@k+m: |P[:k+m] ∩ T| / k (over-provisioning, likely) · "
+        "cover@k+m: T ⊆ P[:k+m] (over-provisioning, strict) · top-1: P[0] ∈ T.",
+    ]
+    for title, block in (
+        (f"First MoE layer (layer {layers[0]})", "first_layer"),
+        (f"Mean over {len(layers)} MoE layers", "mean"),
+    ):
+        lines += ["", f"## {title}", "", "| method | " + " | ".join(h for h, _ in columns) + " |"]
+        lines.append("|---" * (len(columns) + 1) + "|")
+        for name, method in methods.items():
+            cells = [_percent(_value(method[block], key)) for _, key in columns]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    phases = [p for p in PHASES if all(p in m["subsets"] for m in methods.values())]
+    lines += [
+        "",
+        "## recall@k by phase (mean over layers)",
+        "",
+        "| method | all | " + " | ".join(phases) + " |",
+    ]
+    lines.append("|---" * (len(phases) + 2) + "|")
+    for name, method in methods.items():
+        cells = [_percent(method["mean"]["recall_at_k"])]
+        cells += [_percent(method["subsets"][p]["mean"]["recall_at_k"]) for p in phases]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "cross-layer" in methods:
+        lines += ["", "## Pre-attention minus cross-layer, recall@k per layer", ""]
+        cross = np.array(methods["cross-layer"]["per_layer"]["recall_at_k"])
+        for name in (n for n in methods if n.startswith("preattn")):
+            diff = np.array(methods[name]["per_layer"]["recall_at_k"]) - cross
+            worst = int(np.argmin(diff))
+            lines.append(
+                f"- {name}: mean {100 * diff.mean():+.2f} points, min {100 * diff[worst]:+.2f} (layer "
+                f"{layers[worst]}), ≥ 0 on {int((diff >= 0).sum())}/{len(diff)} layers"
+            )
+    lines += [
+        "",
+        "lru-C rows: an LRU cache of C slots per layer, cleared at each prompt start, has no ranked list: "
+        "its recall columns hold the hit rate (hits / (k × tokens)), exact-set and cover its share of "
+        "tokens with no miss, top-1 the share whose router's best expert was cached. oracle = the "
+        "router's own ids (a sanity line). popularity counts the training prompts only.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def plots(payload: dict) -> dict[str, bytes]:
+    """{suffix: PNG}: per-layer lines of every method (figures 6-7) and bars of the mean table."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
+    half = str(math.ceil(k / 2))  # the paper's over-provisioning margin (10 for k = 6, 12 for k = 8)
+    panels = [
+        (f"recall@{k}", lambda b: b["recall_at_k"]),
+        (f"recall@{k}+{half}", lambda b: b["recall_at_k_plus_m"][half]),
+        ("top-1", lambda b: b["top1"]),
+    ]
+    lines = Figure(figsize=(5 * len(panels), 4))
+    FigureCanvasAgg(lines)
+    for index, (title, pick) in enumerate(panels):
+        axes = lines.add_subplot(1, len(panels), index + 1)
+        for name, method in methods.items():
+            style = "--" if name == "oracle" else (":" if name.startswith("lru") else "-")
+            axes.plot(layers, pick(method["per_layer"]), style, marker="o", markersize=3, label=name)
+        axes.set(title=f"{title} per MoE layer", xlabel="layer", ylim=(0, 1.02))
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+    lines.axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    lines.suptitle(f"{payload['model']}: held-out accuracy (k = {k} of {payload['n_expert']})")
+    wanted = ("exact_set", "recall_at_k", ("recall_at_k_plus_m", half), ("cover_at_k_plus_m", half), "top1")
+    columns = [column for column in _columns(k, payload["margins"]) if column[1] in wanted]
+    bars = Figure(figsize=(12, 4))
+    FigureCanvasAgg(bars)
+    width = 0.8 / len(methods)
+    for index, (title, block) in enumerate(
+        (("first MoE layer", "first_layer"), ("mean over layers", "mean"))
+    ):
+        axes = bars.add_subplot(1, 2, index + 1)
+        for j, (name, method) in enumerate(methods.items()):
+            values = [_value(method[block], key) for _, key in columns]
+            axes.bar(np.arange(len(columns)) + j * width, values, width, label=name)
+        axes.set_xticks(np.arange(len(columns)) + 0.4 - width / 2, [h for h, _ in columns], fontsize=8)
+        axes.set(title=title, ylim=(0, 1.02))
+        axes.grid(axis="y", alpha=0.3)
+    bars.axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    return {"layers": _png(lines), "mean": _png(bars)}
+
+
+def write_reports(payload: dict, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"accuracy-{name}.json", out_dir / f"accuracy-{name}.md"]
+    write_json_atomic(paths[0], payload)
+    write_text_atomic(paths[1], markdown(payload))
+    for suffix, png in plots(payload).items():
+        paths.append(out_dir / f"accuracy-{name}-{suffix}.png")
+        write_bytes_atomic(paths[-1], png)
+    return paths
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("traces", help="trace folder written by `edge-preattn collect`")
+    parser.add_argument("predictors", help="pre-attention predictor folder written by `edge-preattn train`")
+    parser.add_argument(
+        "--arch2", help="a second pre-attention predictor folder (e.g. the other architecture)"
+    )
+    parser.add_argument("--cross-layer", help="cross-layer (FATE-like) predictor folder, trained on x_prev")
+    parser.add_argument(
+        "-o", "--output", default="bench/results", help="output folder (default bench/results)"
+    )
+    parser.add_argument("--int8", action="store_true", help="evaluate the int8 predictors (train --int8)")
+    parser.add_argument("--name", help="name in the output files (default: the model file's stem)")
+
+
+def main(args: argparse.Namespace) -> int:
+    traces = TraceSet(Path(args.traces))
+    sets: dict = {}
+    for directory, expected in (
+        (args.predictors, "x_pre"),
+        (args.arch2, "x_pre"),
+        (args.cross_layer, "x_prev"),
+    ):
+        if directory is None:
+            continue
+        pset = load_set(Path(directory), traces.fingerprint, args.int8)
+        found = pset.manifest.get("input", "x_pre")
+        if found != expected:
+            flag = "--cross-layer" if found == "x_prev" else "PREDICTORS or --arch2"
+            raise UserError(f"{directory} reads {found}, not {expected}: pass it as {flag}")
+        name = "cross-layer" if expected == "x_prev" else f"preattn-arch{pset.manifest.get('arch', '?')}"
+        while name in sets:
+            name += "'"
+        sets[name] = pset
+    model = args.name or Path(traces.manifest.get("model", traces.directory.name)).stem
+    payload = evaluate(traces, sets, model)
+    paths = write_reports(payload, Path(args.output), model)
+    print(markdown(payload))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,223 @@
+"""Predictors as files: ONNX export (with a check that onnxruntime computes what torch computed),
+optional int8 dynamic quantization, the `predictors.json` manifest, and CPU sessions for the runtime.
+
+Only export needs torch; loading needs onnxruntime alone. Loading trusts nothing it reads: the
+manifest must name this model, every file must stay inside the folder and match its sha256, and the
+graph's shapes must agree with the manifest.
+"""
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .files import temporary_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edge-preattn-predictors/1"
+MANIFEST = "predictors.json"
+OPSET = 17
+CHECK_TOLERANCE = 1e-4  # max |onnxruntime − torch| accepted at export
+CHECK_ROWS = 4096
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def session_options(threads: int = 1):
+    """intra-op threads as given, sequential execution, all graph optimizations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def _session(model: bytes | str, threads: int = 1):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def onnx_scores(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Run one ONNX predictor file on x [N, d] float32 → scores [N, E]."""
+    return _session(str(path), threads).run(["scores"], {"x": np.ascontiguousarray(x, np.float32)})[0]
+
+
+def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray) -> dict:
+    """Write `layer-NNN.onnx` (input x [N, d], output scores [N, E], N dynamic) from a torch model in
+    eval mode, check onnxruntime against torch on x_check (real validation rows), return its entry."""
+    import torch
+
+    model = model.eval()
+    path = Path(out_dir) / f"layer-{il:03d}.onnx"
+    temporary = temporary_path(path)
+    try:
+        with warnings.catch_warnings():  # the TorchScript exporter: the dynamo one needs onnxscript
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (torch.zeros(2, model.n_embd),),
+                str(temporary),
+                dynamo=False,
+                input_names=["x"],
+                output_names=["scores"],
+                dynamic_axes={"x": {0: "n_tokens"}, "scores": {0: "n_tokens"}},
+                opset_version=OPSET,
+            )
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    x = np.ascontiguousarray(x_check[:CHECK_ROWS], np.float32)  # [n, d]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()  # [n, E]
+    difference = float(np.abs(onnx_scores(path, x) - expected).max()) if len(x) else 0.0
+    if not difference < CHECK_TOLERANCE:
+        raise RuntimeError(
+            f"{path}: onnxruntime differs from torch by {difference:.2e} (> {CHECK_TOLERANCE})"
+        )
+    return {
+        "layer": il,
+        "file": path.name,
+        "sha256": sha256_bytes(path.read_bytes()),
+        "export_check": {"rows": len(x), "max_abs_diff": difference, "tolerance": CHECK_TOLERANCE},
+    }
+
+
+def quantize_layer(out_dir: Path, il: int) -> dict:
+    """Write `layer-NNN.int8.onnx`: int8 weights, activations quantized on the fly (dynamic)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = Path(out_dir) / f"layer-{il:03d}.onnx"
+    path = source.with_name(f"layer-{il:03d}.int8.onnx")
+    temporary = temporary_path(path)
+    logging.disable(logging.WARNING)  # its root-logger advice to pre-process, on every call
+    try:
+        quantize_dynamic(source, temporary, weight_type=QuantType.QInt8)
+        temporary.replace(path)
+    finally:
+        logging.disable(logging.NOTSET)
+        temporary.unlink(missing_ok=True)
+    return {"file": path.name, "sha256": sha256_bytes(path.read_bytes())}
+
+
+def write_manifest(out_dir: Path, fields: dict) -> None:
+    write_json_atomic(Path(out_dir) / MANIFEST, {"format": FORMAT, **fields})
+
+
+class PredictorSet:
+    """ONNX predictors of one model, loaded for CPU inference."""
+
+    def __init__(self, directory: Path, manifest: dict, sessions: dict, int8: bool) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self._sessions = sessions
+        self.layers: tuple[int, ...] = tuple(sorted(sessions))
+        self.k: int = manifest["k"]
+        self.n_expert: int = manifest["n_expert"]
+        self.n_embd: int = manifest["n_embd"]
+        self.input: str = manifest["input"]
+        self.fingerprint: str = manifest["fingerprint"]
+        self.int8 = int8
+
+    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
+        """x [N, d] float32 → scores [N, E] float32; rank them for the predicted experts."""
+        if il not in self._sessions:
+            raise KeyError(f"no predictor for layer {il}: this set covers layers {list(self.layers)}")
+        if x.ndim != 2 or x.shape[1] != self.n_embd:
+            raise ValueError(f"x must be [N, {self.n_embd}], not {list(x.shape)}")
+        return self._sessions[il].run(["scores"], {"x": np.ascontiguousarray(x, np.float32)})[0]
+
+
+def _require(mapping: dict, key: str, kind: type, where: str):
+    value = mapping.get(key) if isinstance(mapping, dict) else None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{where} lacks a valid {key!r}: retrain or re-export the predictors")
+    return value
+
+
+def _confined(directory: Path, name: str) -> Path:
+    """directory/name, refused when name leaves the directory (absolute, `..`, or a link outside)."""
+    try:
+        path = (directory / name).resolve()
+    except (OSError, ValueError):  # a NUL byte, a link loop
+        path = Path("/")
+    if Path(name).is_absolute() or not path.is_relative_to(directory.resolve()):
+        raise UserError(
+            f"{directory / MANIFEST} names a file outside its folder ({name!r}): refusing to load"
+        )
+    return path
+
+
+def load_predictor_set(
+    directory, fingerprint: str | None = None, threads: int = 1, int8: bool = False
+) -> PredictorSet:
+    """Open every predictor of a folder written by `edge-preattn train`, checking it all first."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise UserError(
+            f"{directory} has no {MANIFEST}: train predictors with `edge-preattn train TRACES -o DIR`"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON: retrain or re-export the predictors") from None
+    where = str(path)
+    if not str(manifest.get("format", "") if isinstance(manifest, dict) else "").startswith(FORMAT):
+        raise UserError(f"{path} is not an {FORMAT} manifest: retrain with this version of edge-preattn")
+    found = _require(manifest, "fingerprint", str, where)
+    if fingerprint is not None and found != fingerprint:
+        raise UserError(
+            f"{directory} holds predictors of another model (fingerprint {found[:16]} ≠ {fingerprint[:16]}): "
+            "collect traces of this model and train predictors for it"
+        )
+    n_embd, n_expert = _require(manifest, "n_embd", int, where), _require(manifest, "n_expert", int, where)
+    _require(manifest, "k", int, where)
+    _require(manifest, "input", str, where)
+    sessions = {}
+    for entry in _require(manifest, "predictors", list, where):
+        il = _require(entry, "layer", int, where)
+        if il in sessions:
+            raise UserError(f"{path} lists layer {il} twice: retrain or re-export the predictors")
+        if int8 and "int8" not in entry:
+            raise UserError(f"{directory} has no int8 predictors: retrain with --int8, or load fp32")
+        files = entry["int8"] if int8 else entry
+        name, sha = _require(files, "file", str, where), _require(files, "sha256", str, where)
+        file = _confined(directory, name)
+        try:
+            data = file.read_bytes()
+        except OSError:
+            raise UserError(f"{file} is missing: retrain or copy the whole predictors folder") from None
+        if sha256_bytes(data) != sha:
+            raise UserError(f"{file} does not match its sha256 in {MANIFEST} (changed or damaged): retrain")
+        try:
+            session = _session(data, threads)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise UserError(
+                f"{file} is not a loadable ONNX model ({type(error).__name__}): retrain"
+            ) from None
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if (
+            [i.name for i in inputs] != ["x"]
+            or [o.name for o in outputs] != ["scores"]
+            or inputs[0].shape[-1] != n_embd
+            or outputs[0].shape[-1] != n_expert
+        ):
+            raise UserError(
+                f"{file} maps {inputs[0].shape} → {outputs[0].shape}, not [N, {n_embd}] → [N, {n_expert}] "
+                f"as {MANIFEST} says: retrain"
+            )
+        sessions[il] = session
+    if not sessions:
+        raise UserError(f"{path} lists no predictors: retrain")
+    return PredictorSet(directory, manifest, sessions, int8)

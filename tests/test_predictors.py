@@ -1,0 +1,284 @@
+"""Predictors: losses against hand-computed values, training on real traces, ONNX export and the
+refusals of `load_predictor_set`."""
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_preattn import cli, train
+from edge_preattn.collect import CollectSettings, collect
+from edge_preattn.errors import UserError
+from edge_preattn.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
+from edge_preattn.predictors import (
+    LOSSES,
+    Predictor,
+    focal_loss,
+    mse_loss,
+    rank_loss,
+    ranking_hinge,
+    wbce_loss,
+)
+from edge_preattn.traces import TraceSet
+
+LOG2 = math.log(2)
+PROMPTS = [
+    "Whales are mammals, which means that",
+    "def add(a, b):",
+    "Convert 72 degrees Fahrenheit to Celsius.",
+    "import numpy as np",
+    "The capital of France is",
+    "Write a function that reverses a string.",
+    "for i in range(10):",
+    "Explain why the sky is blue.",
+]
+SETTINGS = train.TrainSettings(hidden=64, epochs=4, batch_size=64, lr=3e-3, val_fraction=0.25, patience=10)
+
+
+def softplus(z: float) -> float:
+    return math.log1p(math.exp(z))
+
+
+def descending_probs(n_expert: int) -> torch.Tensor:
+    # probs: [1, E], expert 0 the router's favourite, all scores distinct
+    raw = torch.arange(n_expert, 0, -1, dtype=torch.float32)
+    return (raw / raw.sum())[None]
+
+
+# ---- losses on crafted examples -------------------------------------------------------------------
+
+
+def test_mse_is_eq5_on_softmax_of_the_logits():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    value = mse_loss(torch.zeros(1, 4), probs, torch.tensor([[0]]))
+    assert value.item() == pytest.approx(0.75**2 + 3 * 0.25**2)  # softmax(0) = 1/4 each
+    sigmoid = mse_loss(torch.zeros(1, 4), probs, torch.tensor([[0]]), gating="sigmoid")
+    assert sigmoid.item() == pytest.approx(0.5**2 + 3 * 0.5**2)
+
+
+def test_wbce_positives_are_top_k_and_weights_follow_the_real_top_10():
+    logits = torch.zeros(1, 12)
+    logits[0, 0], logits[0, 5], logits[0, 11] = 2.0, 1.0, -1.0
+    value = wbce_loss(logits, descending_probs(12), torch.tensor([[0, 1]]))
+    expected = (
+        3.0 * softplus(-2.0)  # expert 0: selected, top-10
+        + 3.0 * LOG2  # expert 1: selected, logit 0
+        + 3.0 * softplus(1.0)  # expert 5: not selected but in the real top-10
+        + 7 * 3.0 * LOG2  # experts 2-4, 6-9: not selected, top-10
+        + 0.5 * LOG2  # expert 10: rank 11
+        + 0.5 * softplus(-1.0)  # expert 11: rank 12, logit −1
+    ) / 12
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_top_tiers_shrink_to_the_number_of_experts():
+    probs, ids = descending_probs(4), torch.tensor([[2]])
+    assert wbce_loss(torch.zeros(1, 4), probs, ids).item() == pytest.approx(3.0 * LOG2)  # all top-4
+    # rank: all four in the top tier, 6 ordered pairs each short of the margin by 0.1
+    assert rank_loss(torch.zeros(1, 4), probs, ids).item() == pytest.approx(3.0 * LOG2 + 0.3 * 0.6)
+
+
+def test_focal_loss_on_even_logits():
+    value = focal_loss(torch.zeros(1, 2), torch.tensor([[0.7, 0.3]]), torch.tensor([[0]]))
+    # p_t = 1/2 everywhere: α_t (1/2)² log 2 with α = 0.25 (positive) and 0.75 (negative), mean of 2
+    assert value.item() == pytest.approx((0.25 + 0.75) * 0.25 * LOG2 / 2)
+
+
+def test_rank_loss_is_three_tier_bce_plus_lambda_hinge():
+    value = rank_loss(torch.zeros(1, 40), descending_probs(40), torch.tensor([[0, 1, 2]]))
+    bce = (10 * 3.0 + 20 * 1.5 + 10 * 0.5) / 40 * LOG2
+    assert value.item() == pytest.approx(bce + 0.3 * 45 * 0.1, rel=1e-6)  # 45 pairs of the top-10
+
+
+def test_ranking_term_is_zero_when_the_margin_holds_and_positive_otherwise():
+    probs, ids = torch.tensor([[0.5, 0.3, 0.2]]), torch.tensor([[0]])
+    assert ranking_hinge(torch.tensor([[1.0, 0.5, 0.0]]), probs, ids).item() == 0.0
+    assert ranking_hinge(torch.tensor([[0.0, 0.0, 0.0]]), probs, ids).item() == pytest.approx(0.3)
+    reversed_order = ranking_hinge(torch.tensor([[0.0, 0.5, 1.0]]), probs, ids)
+    assert reversed_order.item() == pytest.approx(0.6 + 1.1 + 0.6)
+    # equal true scores make no pair: only (0, 1) and (0, 2) count
+    tied = ranking_hinge(torch.zeros(1, 3), torch.tensor([[0.4, 0.3, 0.3]]), ids)
+    assert tied.item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_gradients_flow(name):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 16, generator=generator, requires_grad=True)
+    probs = torch.softmax(torch.randn(8, 16, generator=generator), dim=1)
+    ids = probs.topk(4, dim=1).indices
+    LOSSES[name](logits, probs, ids).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_architectures_and_input_normalization():
+    x = torch.randn(32, 6) * 3 + 5
+    for arch, kinds in ((1, {"BatchNorm1d", "GELU", "Dropout"}), (2, {"SiLU"})):
+        model = Predictor(arch, n_embd=6, n_expert=5, hidden=16)
+        model.norm.fit(x)
+        assert kinds <= {type(m).__name__ for m in model.body}
+        assert model.eval()(x).shape == (32, 5)
+        normalized = model.norm(x)  # [32, 6]
+        assert normalized.mean(dim=0).abs().max() < 1e-5
+        assert (normalized.std(dim=0, unbiased=False) - 1).abs().max() < 1e-4
+
+
+def test_split_is_by_prompt_and_deterministic():
+    prompt = np.repeat(np.arange(20), np.arange(1, 21))  # prompt p has p + 1 tokens
+    train_mask, val = train.split_by_prompt(prompt, 0.25, seed=3)
+    assert len(val) == 5
+    assert set(prompt[train_mask]).isdisjoint(val)
+    assert set(prompt[~train_mask]) == set(val)
+    assert train.split_by_prompt(prompt, 0.25, seed=3)[1] == val
+    with pytest.raises(UserError, match="single prompt"):
+        train.split_by_prompt(np.zeros(5, np.int32), 0.25, seed=0)
+
+
+# ---- training, export and loading on real traces ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def traces_dir(llama_lib, moe_ref_a, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("predictor-traces")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    settings = CollectSettings(max_new_tokens=16, prompts_per_shard=4, n_ctx=256)
+    collect(moe_ref_a, prompts, root / "traces", settings, progress=False)
+    return root / "traces"
+
+
+@pytest.fixture(scope="session")
+def trained(traces_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("predictors") / "out"
+    manifest = train.train(traces_dir, out, SETTINGS, layers=(0, 1), int8=True, device="cpu", progress=False)
+    return out, manifest
+
+
+def test_training_lowers_the_loss_and_holds_out_whole_prompts(traces_dir, trained):
+    _, manifest = trained
+    traces = TraceSet(traces_dir)
+    for entry in manifest["predictors"]:
+        losses = entry["validation"]["train_loss_per_epoch"]
+        assert len(losses) == SETTINGS.epochs and losses[-1] < losses[0]
+        assert len(entry["validation"]["recall_at_k_per_epoch"]) == SETTINGS.epochs
+    prompt = traces.meta()["prompt"]
+    val = manifest["validation_prompts"]
+    assert val == train.split_by_prompt(prompt, SETTINGS.val_fraction, SETTINGS.seed)[1]
+    assert manifest["validation_tokens"] == int(np.isin(prompt, val).sum())
+    assert manifest["train_tokens"] + manifest["validation_tokens"] == len(prompt)
+    assert manifest["fingerprint"] == traces.fingerprint
+
+
+def test_onnx_equals_torch_and_int8_is_reported(traces_dir, trained):
+    out, manifest = trained
+    traces = TraceSet(traces_dir)
+    val = np.isin(traces.meta()["prompt"], manifest["validation_prompts"])
+    x = traces.layer(1, "x_pre")[val].astype(np.float32)  # [M, d]
+    model = Predictor(SETTINGS.arch, traces.n_embd, traces.n_expert, SETTINGS.hidden)
+    checkpoint = torch.load(out / "checkpoints" / "layer-001.pt", weights_only=True)
+    model.load_state_dict(checkpoint["best_model"])
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()  # [M, E]
+    predictors = load_predictor_set(out, fingerprint=traces.fingerprint)
+    assert predictors.layers == (0, 1) and (predictors.k, predictors.n_expert) == (traces.k, traces.n_expert)
+    assert np.abs(predictors.scores(1, x) - expected).max() < 1e-4
+    entry = manifest["predictors"][1]
+    assert entry["export_check"]["max_abs_diff"] < 1e-4 and entry["export_check"]["rows"] == len(x)
+    assert train.val_recall(expected, traces.layer(1, "ids")[val]) == pytest.approx(
+        entry["validation"]["best_recall_at_k"]
+    )
+    int8 = load_predictor_set(out, fingerprint=traces.fingerprint, int8=True)
+    assert int8.scores(1, x).shape == expected.shape
+    assert 0 <= entry["int8"]["val_recall_at_k"] <= 1
+
+
+def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trained, tmp_path, monkeypatch):
+    out, manifest = trained
+    again = train.train(traces_dir, out, SETTINGS, layers=(0, 1), device="cpu", progress=False)
+    assert [e["validation"] for e in again["predictors"]] == [e["validation"] for e in manifest["predictors"]]
+    with pytest.raises(UserError, match="another run"):
+        other = dataclasses.replace(SETTINGS, lr=1e-2)
+        train.train(traces_dir, out, other, layers=(0,), device="cpu", progress=False)
+
+    real_save, calls = train._save, []
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
+    monkeypatch.setattr(train, "_save", real_save)
+    resumed = train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
+    assert (
+        resumed["predictors"][0]["validation"]["recall_at_k_per_epoch"]
+        == (manifest["predictors"][0]["validation"]["recall_at_k_per_epoch"])
+    )
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    return copy
+
+
+def _edit_manifest(directory: Path, edit) -> None:
+    manifest = json.loads((directory / MANIFEST).read_text())
+    edit(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_loading_refuses_what_it_cannot_trust(trained, tmp_path):
+    out, manifest = trained
+    with pytest.raises(UserError, match="another model"):
+        load_predictor_set(out, fingerprint="0" * 64)
+    with pytest.raises(UserError, match=r"no predictors\.json"):
+        load_predictor_set(tmp_path)
+
+    tampered = _copy(out, tmp_path / "a")
+    with (tampered / "layer-001.onnx").open("ab") as file:
+        file.write(b"\0")
+    with pytest.raises(UserError, match="sha256"):
+        load_predictor_set(tampered)
+
+    escaping = _copy(out, tmp_path / "b")
+    outside = tmp_path / "b" / "outside.onnx"  # a valid model with the right sha, but outside the folder
+    shutil.copy(out / "layer-000.onnx", outside)
+
+    def point_outside(m: dict) -> None:
+        m["predictors"][0]["file"] = "../outside.onnx"
+
+    _edit_manifest(escaping, point_outside)
+    with pytest.raises(UserError, match="outside its folder"):
+        load_predictor_set(escaping)
+    _edit_manifest(escaping, lambda m: m["predictors"][0].update(file=str(outside)))
+    with pytest.raises(UserError, match="outside its folder"):
+        load_predictor_set(escaping)
+
+    wrong_shape = _copy(out, tmp_path / "c")
+    _edit_manifest(wrong_shape, lambda m: m.update(n_expert=m["n_expert"] + 1, future_key="ignored"))
+    with pytest.raises(UserError, match="not \\[N, 384\\]"):
+        load_predictor_set(wrong_shape)
+    _edit_manifest(wrong_shape, lambda m: m.update(n_expert=m["n_expert"] - 1))
+    assert load_predictor_set(wrong_shape).n_expert == manifest["n_expert"]  # unknown keys are ignored
+    _edit_manifest(wrong_shape, lambda m: m.pop("k"))
+    with pytest.raises(UserError, match="'k'"):
+        load_predictor_set(wrong_shape)
+    assert sha256_bytes((out / "layer-000.onnx").read_bytes()) == manifest["predictors"][0]["sha256"]
+
+
+def test_cli_trains_one_layer(traces_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", str(traces_dir), "--hidden", "32", "--epochs", "1", "--layers", "0", "-o", str(out)]
+    assert cli.main(argv) == 0
+    assert "validation recall@8" in capsys.readouterr().out
+    assert load_predictor_set(out).layers == (0,)
