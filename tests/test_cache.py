@@ -157,3 +157,21 @@ def test_upload_budget_is_a_token_bucket():
     assert UploadBudget(None).try_take(10**12)
     budget = UploadBudget(1000.0, burst_s=1.0)  # 1000 bytes of burst
     assert budget.try_take(900) and not budget.try_take(200)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
+@pytest.mark.parametrize("mode", ["lru", "exact", "oracle"])
+def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, preset, mode):
+    from edge_preattn.synth import write_synthetic
+
+    model = tmp_path / f"{preset}.gguf"
+    write_synthetic(preset, model, progress=False)
+    layout = read_layout(model)
+    with host_experts_engine(llama_lib, model) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    options = {"predictors": RandomRanking(layout.n_expert)} if mode == "exact" else {}
+    tokens, logits, stats, bank = run_mode(llama_lib, model, layout, mode, layout.n_expert_used, **options)
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert bank["forced_uploads"] == 0
+    for counters in stats.layers.values():
+        assert counters.hits + counters.late + counters.misses == layout.n_expert_used * counters.tokens

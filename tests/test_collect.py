@@ -117,3 +117,22 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(llama_lib, moe_ref_a, t
     assert code == 2 and len(err) == 1 and "another model" in err[0]
     assert json.loads((other / "manifest.json").read_text()) == manifest
     assert cli.main(["collect", str(moe_ref_a), "--prompts", str(empty), "-o", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
+def test_capture_matches_the_router_on_synthetic_models(llama_lib, preset, prompts_file, tmp_path):
+    """qwen3moe, and deepseek2 with a leading dense layer and shared experts."""
+    from edge_preattn.synth import write_synthetic
+
+    model = tmp_path / f"{preset}.gguf"
+    write_synthetic(preset, model, progress=False)
+    out = tmp_path / "traces"
+    collect.collect(model, prompts_file, out, SETTINGS, progress=False)
+    traces = TraceSet(out)
+    layout_moe = json.loads((out / "manifest.json").read_text())["layout"]["moe_layers"]
+    assert list(traces.layers) == layout_moe
+    check = verify_capture(traces, model)
+    assert check.pairs == len(traces.meta()["tokens"]) * len(layout_moe)
+    assert check.exact / check.pairs >= 0.999 or check.match_rate_ties_excepted >= 0.999
+    assert check.mismatches == 0
+    assert check.max_prob_error < 1e-3

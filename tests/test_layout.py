@@ -554,3 +554,39 @@ def test_plan_slots_budget_too_small() -> None:
     assert "raise --vram-budget to at least 0.19GiB or use a smaller -c" in message
     with pytest.raises(UserError):
         plan_slots(layout, 10**12, n_ctx=0)
+
+
+@pytest.mark.parametrize(
+    ("preset", "n_moe", "n_dense", "n_expert", "k", "shared", "expert_ff", "n_embd"),
+    [
+        ("qwen3-30b-a3b", 48, 0, 128, 8, 0, 768, 2048),
+        ("deepseek-v2-lite", 26, 1, 64, 6, 2, 1408, 2048),
+        ("phi-mini-moe", 32, 0, 16, 2, 0, 960, 4096),
+    ],
+)
+def test_inspect_of_full_size_synthetic_presets(
+    tmp_path, preset, n_moe, n_dense, n_expert, k, shared, expert_ff, n_embd
+):
+    """Layouts of config-faithful files at true size (sparse: no disk) equal numbers computed by hand."""
+    from edge_preattn.synth import PRESETS, write_synthetic
+
+    path = tmp_path / f"{preset}.gguf"
+    write_synthetic(preset, path, qtype="q4_0", sparse=True, progress=False)
+    layout = read_layout(path)
+    assert (len(layout.moe_layers), len(layout.dense_layers)) == (n_moe, n_dense)
+    assert (layout.n_expert, layout.n_expert_used, layout.n_shared_experts, layout.n_embd) == (
+        n_expert,
+        k,
+        shared,
+        n_embd,
+    )
+    params_per_tensor = expert_ff * n_embd
+    q4_0_bytes = params_per_tensor // 32 * 18  # 18 bytes per block of 32 weights
+    assert layout.expert_params_per_expert_per_layer == 3 * params_per_tensor
+    for layer in layout.moe_layers:
+        assert sorted(t.role for t in layer.tensors) == ["down", "gate", "up"]
+        assert all(t.bytes_per_expert == q4_0_bytes for t in layer.tensors)
+        assert layer.bytes_per_expert == 3 * q4_0_bytes
+    assert layout.expert_bytes == n_moe * n_expert * 3 * q4_0_bytes
+    card = PRESETS[preset].card_params
+    assert abs(layout.total_params - card) / card < 0.01
