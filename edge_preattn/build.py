@@ -349,17 +349,23 @@ def _check_shared_libstdcxx(library: Path) -> None:
 
 
 def configure_only(preset: str) -> Path:
-    """Configure a preset without compiling: checks flags and toolkits for GPUs we cannot build for here."""
+    """Configure a preset without compiling: checks flags and toolkits for GPUs we cannot build for here.
+
+    Returns the configure log (kept; the configured tree is removed).
+    """
     root = project_root()
     work = Path(tempfile.mkdtemp(prefix=f"configure-{preset}-"))
     log_path = work / "configure.log"
-    with open(log_path, "w") as log_file:
-        _run_logged(
-            configure_command(preset, work / "build", pristine_source(), None),
-            root,
-            log_file,
-            f"configure {preset}",
-        )
+    try:
+        with open(log_path, "w") as log_file:
+            _run_logged(
+                configure_command(preset, work / "build", pristine_source(), None),
+                root,
+                log_file,
+                f"configure {preset}",
+            )
+    finally:
+        shutil.rmtree(work / "build", ignore_errors=True)
     return log_path
 
 
