@@ -242,7 +242,9 @@ class CacheRuntime:
     ) -> None:
         self.bank = SlotBank(engine.api, engine.ctx, layers, n_slots, max_batch_tokens)
         self.controller = Controller(self.bank, **controller_options)
-        self.hooks = Hooks(engine.api, engine.ctx, self.controller.on_pre_attn, self.controller.on_routing)
+        # lru needs no activation; the controller needs only the router's ids (fewer graph splits)
+        on_pre_attn = None if self.controller.mode == "lru" else self.controller.on_pre_attn
+        self.hooks = Hooks(engine.api, engine.ctx, on_pre_attn, self.controller.on_routing, detail=False)
 
     def close(self) -> None:
         self.hooks.close()

@@ -54,6 +54,10 @@ def bind_hook_functions(api: NativeApi) -> None:
     #                              llama_edge_routing_hook routing, void * user_data);
     lib.llama_edge_set_hooks.restype = ctypes.c_int32
     lib.llama_edge_set_hooks.argtypes = [ctypes.c_void_p, PRE_ATTN_HOOK, ROUTING_HOOK, ctypes.c_void_p]
+    if api.patch_version() >= 3:
+        # int32_t llama_edge_set_routing_detail(struct llama_context * ctx, bool detail);
+        lib.llama_edge_set_routing_detail.restype = ctypes.c_int32
+        lib.llama_edge_set_routing_detail.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     # int32_t llama_edge_get_hook_stats(const struct llama_context * ctx, struct llama_edge_hook_stats * out);
     lib.llama_edge_get_hook_stats.restype = ctypes.c_int32
     lib.llama_edge_get_hook_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(HookStats)]
@@ -65,7 +69,7 @@ class Routing:
 
     layer: int
     ids: np.ndarray  # [n_tokens, k] int32, in the router's order (descending score)
-    probs: np.ndarray  # [n_tokens, n_expert] float32, after the gating function
+    probs: np.ndarray | None  # [n_tokens, n_expert] float32 after the gating function (None without detail)
     selection: np.ndarray | None  # [n_tokens, n_expert] bias-adjusted scores, where the arch has them
     router_input: np.ndarray | None  # [n_tokens, n_embd] float32
 
@@ -91,7 +95,9 @@ class Hooks:
         ctx,
         on_pre_attn: PreAttnHandler | None = None,
         on_routing: RoutingHandler | None = None,
+        detail: bool = True,
     ) -> None:
+        """`detail=False`: routing handlers get only the ids (one graph split per layer, not four)."""
         if api.patch_version() < 2:
             raise RuntimeError("this llama.cpp build has no hooks (patch version < 2): rebuild it")
         bind_hook_functions(api)
@@ -103,6 +109,8 @@ class Hooks:
         self._pre_attn = PRE_ATTN_HOOK(self._call_pre_attn) if on_pre_attn else PRE_ATTN_HOOK()
         self._routing = ROUTING_HOOK(self._call_routing) if on_routing else ROUTING_HOOK()
         status = api.lib.llama_edge_set_hooks(ctx, self._pre_attn, self._routing, None)
+        if status == 0 and not detail:
+            status = api.lib.llama_edge_set_routing_detail(ctx, False)
         if status != 0:
             raise RuntimeError(f"llama_edge_set_hooks failed with status {status}")
 
@@ -131,8 +139,8 @@ class Hooks:
                 Routing(
                     layer=il,
                     ids=_view(ids, n_tokens, k),
-                    probs=_view(probs, n_tokens, n_expert),
-                    selection=_view(selection, n_tokens, n_expert),
+                    probs=_view(probs, n_tokens, n_expert) if n_expert else None,
+                    selection=_view(selection, n_tokens, n_expert) if n_expert else None,
                     router_input=_view(router_input, n_tokens, n_embd) if n_embd else None,
                 )
             )
@@ -148,6 +156,8 @@ class Hooks:
 
     def close(self) -> None:
         if self.ctx is not None:
+            if self.api.patch_version() >= 3:
+                self.api.lib.llama_edge_set_routing_detail(self.ctx, True)
             self.api.lib.llama_edge_set_hooks(self.ctx, PRE_ATTN_HOOK(), ROUTING_HOOK(), None)
             self.ctx = None
 
