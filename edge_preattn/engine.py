@@ -276,6 +276,16 @@ class Engine:
             self.llama_cpp.llama_sampler_free(sampler)
 
 
+def complete(
+    engine: Engine, prompt: str | list[int], n_predict: int, sampling: Sampling = Sampling()
+) -> Generation:
+    """Generate to the end without streaming; the record holds tokens and timings."""
+    record = Generation(prompt_tokens=[])
+    for _, current in engine.generate(prompt, n_predict, sampling):
+        record = current
+    return record
+
+
 def stream_text(engine: Engine, tokens: Iterator[tuple[int, Generation]]) -> Iterator[tuple[str, Generation]]:
     """Decode token bytes to text incrementally (a UTF-8 character may span tokens)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
