@@ -105,9 +105,18 @@ def main() -> int:
             for mode in modes:
                 for prompt in PROMPTS:
                     tokens, stats = one_run(
-                        llama_cpp, args.model, layout, mode, n_slots, args.n, prompt, predictors, gpu
+                        llama_cpp,
+                        args.model,
+                        layout,
+                        mode=mode,
+                        n_slots=n_slots,
+                        n=args.n,
+                        prompt=prompt,
+                        predictors=predictors,
+                        gpu=gpu,
                     )
-                    reference.setdefault(prompt, tokens) if mode == "off" else None
+                    if mode == "off":
+                        reference.setdefault(prompt, tokens)
                     stats["tokens_equal_off"] = tokens == reference.get(prompt)
                     results.setdefault((n_slots, mode), []).append(stats)
     rows = []
