@@ -247,6 +247,7 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "predictor_ms_per_call": round(total.predictor_s * 1e3 / max(1, total.predictor_calls), 4),
                 "forced_uploads": bank["forced_uploads"],
                 "bank_bytes": bank["bank_bytes"],
+                "pinned_bytes": bank["pinned_bytes"],
             }
         )
     return stats
@@ -267,7 +268,12 @@ def format_stats(stats: dict) -> str:
             f"prefetches issued {stats['prefetch_issued']}, wasted {stats['prefetch_wasted']}, "
             f"over budget {stats['prefetch_dropped']} | "
             f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
-            f"slot banks {format_bytes(stats['bank_bytes'])}"
+            f"slot banks {format_bytes(stats['bank_bytes'])} | uploads from "
+            + (
+                f"pinned host memory ({format_bytes(stats['pinned_bytes'])})"
+                if stats["pinned_bytes"]
+                else "pageable memory"
+            )
         )
     return "\n".join(lines)
 

@@ -7,6 +7,7 @@ time, never output.
 
 import ctypes
 import logging
+import os
 
 from .errors import UserError
 from .native import NativeApi
@@ -27,6 +28,7 @@ class CacheStats(ctypes.Structure):
             "cached_layer_runs",
             "bypassed_layer_runs",
             "bank_bytes",
+            "pinned_bytes",
         )
     ]
 
@@ -71,6 +73,8 @@ class SlotBank:
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
         self.layers, self.n_slots, self.max_batch_tokens = tuple(layers), n_slots, max_batch_tokens
+        # lets ggml-cuda page-lock the mmap'd experts (read only) for uploads at pinned bandwidth
+        os.environ.setdefault("GGML_CUDA_REGISTER_HOST", "1")
         array = (ctypes.c_int32 * len(self.layers))(*self.layers)
         status = api.lib.llama_edge_cache_enable(ctx, array, len(self.layers), n_slots, max_batch_tokens)
         if status == LLAMA_EDGE_ERR_PLACEMENT:
