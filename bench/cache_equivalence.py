@@ -17,20 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_preattn import native
-from edge_preattn.controller import CacheRuntime, record_routing
+from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
 from edge_preattn.files import write_json_atomic
 from edge_preattn.layout import read_layout
 
 PROMPTS = ["def fibonacci(n):", "import numpy as np\n\ndef softmax(x):", "The three primary colors are"]
-
-
-class RandomRanking:
-    def __init__(self, n_expert: int) -> None:
-        self.n_expert, self.rng = n_expert, np.random.default_rng(0)
-
-    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
-        return self.rng.standard_normal((len(x), self.n_expert)).astype(np.float32)
 
 
 def generate(engine: Engine, prompt: str, n: int) -> tuple[list[int], float]:
@@ -62,21 +54,17 @@ def main() -> int:
     with Engine(llama_cpp, reference_config) as engine:
         reference = {prompt: generate(engine, prompt, args.n) for prompt in PROMPTS}
     rows = []
-    layers = tuple(layer.index for layer in layout.moe_layers)
     for n_slots in [int(s) for s in args.slots.split(",")]:
         for mode in args.modes.split(","):
             agree, rates = 0, []
             for prompt in PROMPTS:  # a fresh context per prompt: the cache is enabled once per context
                 with Engine(llama_cpp, host_config) as engine:
                     oracle = record_routing(engine, prompt, args.n, Sampling()) if mode == "oracle" else None
-                    with CacheRuntime(
+                    with CacheRuntime.for_layout(
                         engine,
-                        layers,
+                        layout,
                         n_slots=n_slots,
                         mode=mode,
-                        k=layout.n_expert_used,
-                        n_expert=layout.n_expert,
-                        bytes_per_expert=layout.moe_layers[0].bytes_per_expert,
                         predictors=RandomRanking(layout.n_expert),
                         extra=2,
                         oracle=oracle,

@@ -59,15 +59,11 @@ def one_run(
             record = complete(engine, prompt, n, sampling)
             return record.tokens, run_stats(record, engine, None)
         oracle = record_routing(engine, prompt, n, sampling) if mode == "oracle" else None
-        layers = tuple(layer.index for layer in layout.moe_layers)
-        with CacheRuntime(
+        with CacheRuntime.for_layout(
             engine,
-            layers,
+            layout,
             n_slots=n_slots,
             mode=mode,
-            k=layout.n_expert_used,
-            n_expert=layout.n_expert,
-            bytes_per_expert=max(x.bytes_per_expert for x in layout.moe_layers),
             predictors=predictors,
             extra=max(1, layout.n_expert_used // 2),
             oracle=oracle,

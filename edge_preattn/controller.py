@@ -17,6 +17,7 @@ import numpy as np
 
 from .cache import LayerSlots, UploadBudget
 from .hooks import Hooks, Routing
+from .layout import MoeLayout
 from .slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,16 @@ class Controller:
             slots.touch(ids.ravel().tolist())
 
 
+class RandomRanking:
+    """A predictor that knows nothing, for tests and benchmarks: the output must not depend on it."""
+
+    def __init__(self, n_expert: int, seed: int = 0) -> None:
+        self.n_expert, self.rng = n_expert, np.random.default_rng(seed)
+
+    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
+        return self.rng.standard_normal((len(x), self.n_expert)).astype(np.float32)
+
+
 def record_routing(engine, prompt, n_predict: int, sampling) -> dict[tuple[int, int], np.ndarray]:
     """The routing of a run, per (ubatch, layer): what mode `oracle` prefetches ahead of time."""
     recorded: dict[tuple[int, int], np.ndarray] = {}
@@ -245,6 +256,30 @@ class CacheRuntime:
         # lru needs no activation; the controller needs only the router's ids (fewer graph splits)
         on_pre_attn = None if self.controller.mode == "lru" else self.controller.on_pre_attn
         self.hooks = Hooks(engine.api, engine.ctx, on_pre_attn, self.controller.on_routing, detail=False)
+
+    @classmethod
+    def for_layout(
+        cls,
+        engine,
+        layout: MoeLayout,
+        *,
+        n_slots: int,
+        mode: str,
+        max_batch_tokens: int = 32,
+        **controller_options,
+    ) -> "CacheRuntime":
+        """Every MoE layer of the model cached, sized from its layout."""
+        return cls(
+            engine,
+            tuple(layer.index for layer in layout.moe_layers),
+            n_slots=n_slots,
+            max_batch_tokens=max_batch_tokens,
+            mode=mode,
+            k=layout.n_expert_used,
+            n_expert=layout.n_expert,
+            bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
+            **controller_options,
+        )
 
     def close(self) -> None:
         self.hooks.close()

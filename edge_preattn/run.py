@@ -173,17 +173,13 @@ def main(args: argparse.Namespace) -> int:
                 if args.mode == "oracle"
                 else None
             )
-            layers = tuple(layer.index for layer in layout.moe_layers)
             runtime = stack.enter_context(
-                CacheRuntime(
+                CacheRuntime.for_layout(
                     engine,
-                    layers,
+                    layout,
                     n_slots=n_slots,
-                    max_batch_tokens=args.bypass_tokens,
                     mode=args.mode,
-                    k=layout.n_expert_used,
-                    n_expert=layout.n_expert,
-                    bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
+                    max_batch_tokens=args.bypass_tokens,
                     predictors=predictors,
                     extra=args.extra,
                     bandwidth_bytes_per_s=args.bandwidth,

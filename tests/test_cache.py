@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_preattn.cache import LayerSlots, UploadBudget
-from edge_preattn.controller import CacheRuntime, record_routing
+from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
 from edge_preattn.errors import UserError
 from edge_preattn.layout import read_layout
@@ -14,16 +14,6 @@ from edge_preattn.slots import CacheStats, SlotBank, bind_cache_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
-
-
-class RandomRanking:
-    """A predictor that knows nothing: output must not care."""
-
-    def __init__(self, n_expert: int, seed: int = 0) -> None:
-        self.n_expert, self.rng = n_expert, np.random.default_rng(seed)
-
-    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
-        return self.rng.standard_normal((len(x), self.n_expert)).astype(np.float32)
 
 
 def host_experts_engine(llama_lib, model, n_ctx=256) -> Engine:
@@ -49,20 +39,10 @@ def ref(llama_lib, moe_ref_a):
 
 
 def run_mode(llama_lib, model, layout, mode, n_slots, **options):
-    layers = tuple(layer.index for layer in layout.moe_layers)
     with host_experts_engine(llama_lib, model) as engine:
         if mode == "oracle":
             options["oracle"] = record_routing(engine, PROMPT, N_PREDICT, Sampling())
-        with CacheRuntime(
-            engine,
-            layers,
-            n_slots=n_slots,
-            mode=mode,
-            k=layout.n_expert_used,
-            n_expert=layout.n_expert,
-            bytes_per_expert=layout.moe_layers[0].bytes_per_expert,
-            **options,
-        ) as runtime:
+        with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, **options) as runtime:
             tokens, logits = greedy(engine)
             return tokens, logits, runtime.controller.stats, runtime.bank.stats()
 
