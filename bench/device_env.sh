@@ -2,14 +2,18 @@
 # llama.cpp source and the cache at /tmp, and reassembles moe-ref-a from carried parts when complete.
 #   carry: .carry/whl .carry/llama-src.tgz [.carry/moe-ref-a.part-*]
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .carry/whl/*.whl \
-    || { echo "wheel install failed"; return 1; }
+if [ ! -d /tmp/site ]; then  # once per warm machine: later calls need not carry the wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .carry/whl/*.whl || { echo "wheel install failed"; return 1; }
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export EDGE_PREATTN_CACHE=/tmp/edge-cache
 # The image's CC/CXX (/opt/gcc) link libstdc++ statically into every shared library; two copies of
 # libstdc++ in one process crash llama.cpp at model load. The system compilers link it dynamically.
 unset CC CXX
-if [ ! -f /tmp/llsrc/src/llama.cpp ]; then mkdir -p /tmp/llsrc && tar xzf .carry/llama-src.tgz -C /tmp/llsrc; fi
+if [ ! -f /tmp/llsrc/src/llama.cpp ] && [ -f .carry/llama-src.tgz ]; then
+    mkdir -p /tmp/llsrc && tar xzf .carry/llama-src.tgz -C /tmp/llsrc
+fi
 export EDGE_PREATTN_LLAMA_SOURCE=/tmp/llsrc
 for part in .carry/moe-ref-a.part-*; do [ -f "$part" ] && cp "$part" /tmp/; done
 if [ -f /tmp/moe-ref-a.part-aa ] && [ -f /tmp/moe-ref-a.part-ab ] && [ ! -f /tmp/moe-ref-a.gguf ]; then
