@@ -54,12 +54,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(verb if verb in VERBS else None).parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     try:
+        args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         return int(args._module.main(args) or 0)
     except UserError as error:
         print(f"edge-preattn: error: {error}", file=sys.stderr)

@@ -1,0 +1,75 @@
+"""`edge-preattn run`: bad options are one-line errors; a cached run writes its statistics."""
+
+import json
+
+import pytest
+
+from edge_preattn import cli
+from edge_preattn.synth import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    return path
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    code = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("edge-preattn: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-n", "0"], "-n must be at least 1"),
+        (["-p", "   "], "prompt is empty"),
+        (["--mode", "lru", "--slots", "2"], "--slots 2 must be between"),
+        (["--mode", "lru", "--vram-budget", "1MiB"], "raise --vram-budget"),
+        (["--mode", "lru", "--bandwidth", "12GB"], "cannot read rate"),
+        (["--mode", "top1"], "needs --predictors"),
+        (["-c", "100000"], "exceeds the"),
+    ],
+)
+def test_bad_options_are_one_line_errors(llama_lib, tiny, capsys, extra, message):
+    assert message in one_line_error(capsys, ["run", "-m", str(tiny), *extra])
+
+
+def test_predictors_of_another_model_are_refused(llama_lib, tiny, tmp_path, capsys):
+    manifest = {"format": "edge-preattn-predictors/1", "fingerprint": "0" * 64, "predictors": []}
+    (tmp_path / "predictors.json").write_text(json.dumps(manifest))
+    error = one_line_error(capsys, ["run", "-m", str(tiny), "--mode", "exact", "--predictors", str(tmp_path)])
+    assert "fingerprint" in error or "another model" in error
+
+
+def test_cached_run_writes_statistics(llama_lib, tiny, tmp_path, capsys):
+    stats_file = tmp_path / "stats.json"
+    assert (
+        cli.main(
+            [
+                "run",
+                "-m",
+                str(tiny),
+                "-n",
+                "12",
+                "--mode",
+                "lru",
+                "--slots",
+                "4",
+                "--stats-json",
+                str(stats_file),
+            ]
+        )
+        == 0
+    )
+    stats = json.loads(stats_file.read_text())
+    assert stats["mode"] == "lru" and stats["slots"] == 4 and stats["generated_tokens"] == 12
+    assert stats["forced_uploads"] == 0 and 0 <= stats["hit_rate"] <= 1
+    # k = 4 experts in each of 4 layers per token (+ the prompt's last row, which the last layer caches)
+    assert 16 <= stats["hits_per_token"] + stats["late_per_token"] + stats["misses_per_token"] <= 16 + 4 / 11
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically
+    assert "hit rate" in capsys.readouterr().err
