@@ -70,6 +70,7 @@ def test_cached_run_writes_statistics(llama_lib, tiny, tmp_path, capsys):
     assert stats["mode"] == "lru" and stats["slots"] == 4 and stats["generated_tokens"] == 12
     assert stats["forced_uploads"] == 0 and 0 <= stats["hit_rate"] <= 1
     # k = 4 experts in each of 4 layers per token (+ the prompt's last row, which the last layer caches)
-    assert 16 <= stats["hits_per_token"] + stats["late_per_token"] + stats["misses_per_token"] <= 16 + 4 / 11
+    per_token = stats["hits_per_token"] + stats["late_per_token"] + stats["misses_per_token"]
+    assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # values are rounded to 3 decimals
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
     assert "hit rate" in capsys.readouterr().err
