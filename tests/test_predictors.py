@@ -282,3 +282,31 @@ def test_cli_trains_one_layer(traces_dir, tmp_path, capsys):
     assert cli.main(argv) == 0
     assert "validation recall@8" in capsys.readouterr().out
     assert load_predictor_set(out).layers == (0,)
+
+
+def test_fuzzed_manifests_end_in_a_clean_error_or_a_clean_load(trained, tmp_path):
+    """Random byte flips and truncations of predictors.json: a UserError or a working set, nothing else."""
+    out, _ = trained
+    original = (out / MANIFEST).read_bytes()
+    rng = np.random.default_rng(0)
+    outcomes = {"error": 0, "loaded": 0}
+    directory = _copy(out, tmp_path)
+    for _ in range(200):
+        data = bytearray(original)
+        if rng.random() < 0.3:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            for position in rng.integers(0, len(data), size=int(rng.integers(1, 8))):
+                data[position] = int(rng.integers(0, 256))
+        (directory / MANIFEST).write_bytes(bytes(data))
+        try:
+            predictors = load_predictor_set(directory)
+            assert (
+                predictors.scores(predictors.layers[0], np.zeros((1, predictors.n_embd), np.float32)).shape[0]
+                == 1
+            )
+            outcomes["loaded"] += 1
+        except UserError as error:
+            assert "\n" not in str(error)
+            outcomes["error"] += 1
+    assert outcomes["error"] > 0 and sum(outcomes.values()) == 200
