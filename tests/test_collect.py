@@ -136,3 +136,13 @@ def test_capture_matches_the_router_on_synthetic_models(llama_lib, preset, promp
     assert check.exact / check.pairs >= 0.999 or check.match_rate_ties_excepted >= 0.999
     assert check.mismatches == 0
     assert check.max_prob_error < 1e-3
+
+
+def test_a_truncated_shard_is_named_with_the_way_out(llama_lib, moe_ref_a, prompts_file, tmp_path):
+    out = tmp_path / "traces"
+    collect.collect(moe_ref_a, prompts_file, out, SETTINGS, progress=False)
+    shard = out / json.loads((out / "manifest.json").read_text())["shards"][1]["name"]
+    victim = shard / "L003.ids.npy"
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"L003\.ids\.npy is missing or damaged.*rerun collect"):
+        TraceSet(out).layer(3, "ids")
