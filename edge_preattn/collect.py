@@ -345,7 +345,10 @@ def collect(
             unit="prompt",
             disable=not progress,
         ) as bar:
-            for number in range(len(manifest["shards"]), (len(prompts) + per_shard - 1) // per_shard):
+            done = {shard["name"] for shard in manifest["shards"]}  # a shard dropped from it is redone
+            for number in range((len(prompts) + per_shard - 1) // per_shard):
+                if _shard_name(number) in done:
+                    continue
                 if max_samples and done_tokens >= max_samples:
                     break
                 first = number * per_shard
@@ -355,7 +358,7 @@ def collect(
                 ]
                 shard = _write_shard(out_dir, number, group)
                 shard["prompts"] = [first, first + len(group)]
-                manifest["shards"].append(shard)
+                manifest["shards"] = sorted([*manifest["shards"], shard], key=lambda s: s["name"])
                 manifest["totals"] = {
                     key: sum(s[key] for s in manifest["shards"])
                     for key in ("tokens", "prefill_tokens", "decode_tokens")

@@ -146,3 +146,12 @@ def test_a_truncated_shard_is_named_with_the_way_out(llama_lib, moe_ref_a, promp
     victim.write_bytes(victim.read_bytes()[:100])
     with pytest.raises(UserError, match=r"L003\.ids\.npy is missing or damaged.*rerun collect"):
         TraceSet(out).layer(3, "ids")
+    # what the message says to do: drop the shard from the manifest, rerun; that shard alone is redone
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] = [s for s in manifest["shards"] if s["name"] != shard.name]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    collect.collect(moe_ref_a, prompts_file, out, SETTINGS, progress=False)
+    reference = tmp_path / "reference"
+    collect.collect(moe_ref_a, prompts_file, reference, SETTINGS, progress=False)
+    redone = all_arrays(out)
+    assert all(np.array_equal(value, redone[key]) for key, value in all_arrays(reference).items())
