@@ -25,9 +25,16 @@ VERBS = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the fix, like every other error (argparse prints two)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The full parser, or with `only` one verb's (so one verb's imports cannot break another's)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="edge-preattn",
         description="Run MoE GGUF models larger than VRAM in llama.cpp, with experts predicted "
         "from the pre-attention activation and prefetched into a GPU slot cache.",

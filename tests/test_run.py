@@ -74,3 +74,11 @@ def test_cached_run_writes_statistics(llama_lib, tiny, tmp_path, capsys):
     assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # values are rounded to 3 decimals
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
     assert "hit rate" in capsys.readouterr().err
+
+
+def test_usage_mistakes_are_one_line_too(capsys):
+    for argv in (["run", "--mode", "bogus"], ["frobnicate"], ["run", "-n", "many"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and "error:" in err[0] and "--help" in err[0]
