@@ -120,7 +120,9 @@ def _sha256(path: Path) -> str:
 def _fetch_sdist(dest_dir: Path) -> Path:
     archive = dest_dir / SDIST_NAME
     if not archive.is_file():
-        print(f"fetching llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist (llama.cpp source) with pip ...")
+        log.info(
+            "fetching llama-cpp-python %s sdist (llama.cpp source) with pip ...", LLAMA_CPP_PYTHON_VERSION
+        )
         command = [
             sys.executable,
             "-m",

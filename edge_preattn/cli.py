@@ -58,15 +58,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """Our own progress notes (INFO) as plain lines; everything else, llama.cpp's log included, only
+    from WARNING up unless --verbose."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    ours = logging.getLogger("edge_preattn")
+    if not verbose and not ours.handlers:
+        for handler in logging.root.handlers:
+            handler.setLevel(logging.WARNING)  # our INFO lines go only through the plain handler below
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.INFO)
+        handler.addFilter(lambda record: record.levelno == logging.INFO)
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((word for word in argv if not word.startswith("-")), None)
     try:
         args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.WARNING,
-            format="%(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(args.verbose)
         return int(args._module.main(args) or 0)
     except UserError as error:
         print(f"edge-preattn: error: {error}", file=sys.stderr)

@@ -327,9 +327,14 @@ def collect(
     if max_samples:
         estimate = min(estimate, max_samples * bytes_per_token(layout, n_layers))
     free = shutil.disk_usage(out_dir).free
-    print(
-        f"collecting {len(prompts)} prompts × (prefill + ≤{settings.max_new_tokens} new tokens), "
-        f"{n_layers} MoE layers; disk needed ≈ {estimate / 2**20:.0f} MiB (free {free / 2**30:.1f} GiB)"
+    log.info(
+        "collecting %d prompts × (prefill + ≤%d new tokens), %d MoE layers; "
+        "disk needed ≈ %.0f MiB (free %.1f GiB)",
+        len(prompts),
+        settings.max_new_tokens,
+        n_layers,
+        estimate / 2**20,
+        free / 2**30,
     )
     if estimate > free:
         raise UserError(
