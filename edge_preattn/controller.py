@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import LayerSlots, UploadBudget
+from .calibration import prefetch_counts
 from .hooks import Hooks, Routing
 from .layout import MoeLayout
 from .slots import SlotBank
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "lru", "top1", "exact", "overprov", "oracle")
-PREDICTION_MODES = ("top1", "exact", "overprov")
+MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
+PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Controller:
         mode: str = "lru",
         predictors=None,
         extra: int = 0,
+        target: float = 0.95,
         bandwidth_bytes_per_s: float | None = None,
         eviction: str = "lru",
         oracle: dict[tuple[int, int], np.ndarray] | None = None,
@@ -85,7 +87,17 @@ class Controller:
             mode,
         )
         self.predictors, self.oracle = predictors, oracle
-        self.n_candidates = {"top1": 1, "exact": k, "overprov": k + extra, "oracle": k}.get(mode, 0)
+        self.n_candidates = {
+            "top1": 1,
+            "exact": k,
+            "overprov": k + extra,
+            "oracle": k,
+            "adaptive": n_expert,
+        }.get(mode, 0)
+        # adaptive: per token, the fewest experts whose calibrated share reaches `target` (eval --calibrate)
+        self.target = target
+        calibrated = (getattr(predictors, "manifest", None) or {}).get("calibration", {})
+        self.temperatures = {int(il): float(entry["temperature"]) for il, entry in calibrated.items()}
         self.budget = UploadBudget(bandwidth_bytes_per_s)
         self.slots = {il: LayerSlots(bank.n_slots, eviction) for il in bank.layers}
         self.locks = {il: threading.Lock() for il in bank.layers}
@@ -145,7 +157,15 @@ class Controller:
                 f"expected {(len(x), self.n_expert)}"
             )
         order = np.argsort(-scores, axis=1, kind="stable")[:, : self.n_candidates]  # [n_tokens, n]
-        candidates = list(dict.fromkeys(order.T.ravel().tolist()))  # best of every token first
+        if self.mode == "adaptive":
+            counts = prefetch_counts(
+                scores, self.k, self.temperatures.get(il, 1.0), self.target
+            )  # [n_tokens]
+            keep = np.arange(order.shape[1])[None, :] < counts[:, None]
+            order = np.where(keep, order, -1)
+        candidates = [
+            e for e in dict.fromkeys(order.T.ravel().tolist()) if e >= 0
+        ]  # best of every token first
         self._prefetch(il, candidates)
 
     def _prefetch(self, il: int, candidates: list[int]) -> None:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import baselines, metrics
+from . import baselines, calibration, metrics
 from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .layout import read_layout
 from .traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,102 @@ def write_reports(payload: dict, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
+ADAPTIVE_TARGETS = (0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+def calibrate(traces: TraceSet, pset, directory: Path) -> dict:
+    """Fit each layer's temperature on the held-out tokens, store it in the set's manifest (what
+    `run --mode adaptive` reads), and report the reliability and, per target recall, the experts
+    per token that adaptive prefetch would upload and the recall it would reach (no cache)."""
+    meta = traces.meta()
+    held = np.isin(meta["prompt"], validation_prompts(pset.manifest))
+    source = pset.manifest.get("input", "x_pre")
+    k = traces.k
+    report: dict = {"layers": {}, "targets": {}}
+    per_target = {target: {"experts": 0.0, "recall": []} for target in ADAPTIVE_TARGETS}
+    for il in pset.layers:
+        x = (traces.x_prev(il) if source == "x_prev" else traces.layer(il, "x_pre"))[held]
+        true = traces.layer(il, "ids").astype(np.int64)[held]  # [N, k]
+        scores = np.concatenate(
+            [pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)) for i in range(0, len(x), BATCH_ROWS)]
+        )  # [N, E]
+        temperature = calibration.fit_temperature(scores, true)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        rank_of = np.argsort(order, axis=1)  # [N, E]: each expert's rank
+        true_rank = np.take_along_axis(rank_of, true, axis=1)  # [N, k]
+        layer = {
+            "temperature": temperature,
+            "reliability": calibration.reliability(scores, true, temperature),
+        }
+        for target, totals in per_target.items():
+            counts = calibration.prefetch_counts(scores, k, temperature, target)  # [N]
+            totals["experts"] += float(counts.mean())
+            totals["recall"].append(float((true_rank < counts[:, None]).mean()))
+        report["layers"][str(il)] = layer
+    bytes_per_expert = None
+    model = Path(traces.manifest.get("model", ""))
+    if model.is_file():
+        bytes_per_expert = max(layer.bytes_per_expert for layer in read_layout(model).moe_layers)
+    for target, totals in per_target.items():
+        report["targets"][str(target)] = {
+            "experts_per_token": round(totals["experts"], 3),
+            "recall": round(float(np.mean(totals["recall"])), 4),
+            "bytes_per_token": None
+            if bytes_per_expert is None
+            else round(totals["experts"] * bytes_per_expert),
+        }
+    manifest = dict(pset.manifest)
+    manifest["calibration"] = {
+        il: {"temperature": layer["temperature"]} for il, layer in report["layers"].items()
+    }
+    write_json_atomic(directory / "predictors.json", manifest)
+    return report
+
+
+def calibration_markdown(report: dict, name: str) -> str:
+    lines = [
+        f"# Calibration and adaptive prefetch: {name}",
+        "",
+        "Per-layer temperature T of sigmoid(score / T), fitted on the held-out tokens; adaptive "
+        "prefetch takes, per token, the fewest top-ranked experts whose calibrated share reaches the "
+        "target recall (at least k). Figures are from the traces alone, with no cache (every prefetch "
+        "uploads).",
+        "",
+        "| target | experts per token (all layers) | recall | bytes per token |",
+        "|---|---|---|---|",
+    ]
+    for target, row in report["targets"].items():
+        size = "" if row["bytes_per_token"] is None else f"{row['bytes_per_token'] / 2**20:.2f} MiB"
+        lines.append(f"| {target} | {row['experts_per_token']:.2f} | {100 * row['recall']:.2f} | {size} |")
+    lines += ["", "| layer | T |", "|---|---|"]
+    lines += [f"| {il} | {layer['temperature']:.3f} |" for il, layer in report["layers"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_png(report: dict, name: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+    for il, layer in report["layers"].items():
+        bins = layer["reliability"]["bins"]
+        axis.plot(
+            [b["predicted"] for b in bins], [b["observed"] for b in bins], marker="o", label=f"layer {il}"
+        )
+    axis.set(
+        xlabel="calibrated probability",
+        ylabel="observed selection frequency",
+        title=f"{name}: reliability of expert probabilities",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    axis.legend(fontsize=7)
+    return _png(figure)
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("traces", help="trace folder written by `edge-preattn collect`")
     parser.add_argument("predictors", help="pre-attention predictor folder written by `edge-preattn train`")
@@ -320,6 +417,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--int8", action="store_true", help="evaluate the int8 predictors (train --int8)")
     parser.add_argument("--name", help="name in the output files (default: the model file's stem)")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit PREDICTORS' confidence on the held-out tokens (for run --mode adaptive), "
+        "store it in its manifest, and report adaptive prefetch at several target recalls",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -344,6 +447,15 @@ def main(args: argparse.Namespace) -> int:
     model = args.name or Path(traces.manifest.get("model", traces.directory.name)).stem
     payload = evaluate(traces, sets, model)
     paths = write_reports(payload, Path(args.output), model)
+    if args.calibrate:
+        primary = next(iter(sets.values()))
+        report = calibrate(traces, primary, Path(args.predictors))
+        out = Path(args.output)
+        write_json_atomic(out / f"calibration-{model}.json", report)
+        write_text_atomic(out / f"calibration-{model}.md", calibration_markdown(report, model))
+        write_bytes_atomic(out / f"calibration-{model}.png", reliability_png(report, model))
+        paths += [out / f"calibration-{model}.{ext}" for ext in ("json", "md", "png")]
+        print(calibration_markdown(report, model))
     print(markdown(payload))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -108,6 +108,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--extra", type=int, default=2, help="overprov: experts beyond k to prefetch (default 2)"
     )
+    cache.add_argument(
+        "--target",
+        type=float,
+        default=0.95,
+        help="adaptive: expected recall each token's prefetch aims at (default 0.95)",
+    )
     cache.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru")
     cache.add_argument(
         "--bypass-tokens",
@@ -140,6 +146,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("the prompt is empty: give some text with -p")
     if args.bandwidth is not None and args.bandwidth <= 0:
         raise UserError("--bandwidth must be positive")
+    if not 0 < args.target <= 1:
+        raise UserError("--target is an expected recall: a number in (0, 1]")
     model = Path(args.model) if args.model else default_model()
     layout = read_layout(model)
     overrides = tuple(parse_override(text) for text in args.override_tensor)
@@ -182,6 +190,7 @@ def main(args: argparse.Namespace) -> int:
                     max_batch_tokens=args.bypass_tokens,
                     predictors=predictors,
                     extra=args.extra,
+                    target=args.target,
                     bandwidth_bytes_per_s=args.bandwidth,
                     eviction=args.eviction,
                     oracle=oracle,
