@@ -310,3 +310,21 @@ def test_fuzzed_manifests_end_in_a_clean_error_or_a_clean_load(trained, tmp_path
             assert "\n" not in str(error)
             outcomes["error"] += 1
     assert outcomes["error"] > 0 and sum(outcomes.values()) == 200
+
+
+def test_eval_calibrate_stores_temperatures_and_reports_adaptive_prefetch(
+    traces_dir, trained, tmp_path, capsys
+):
+    out, _ = trained
+    directory = _copy(out, tmp_path)
+    reports = tmp_path / "reports"
+    assert cli.main(["eval", str(traces_dir), str(directory), "-o", str(reports), "--calibrate"]) == 0
+    manifest = json.loads((directory / MANIFEST).read_text())
+    temperatures = [entry["temperature"] for entry in manifest["calibration"].values()]
+    assert len(temperatures) == len(manifest["layers"]) and all(0.05 <= t <= 20 for t in temperatures)
+    report = json.loads((reports / "calibration-moe-ref-a.json").read_text())
+    rows = [report["targets"][key] for key in sorted(report["targets"], key=float)]
+    assert [r["experts_per_token"] for r in rows] == sorted(r["experts_per_token"] for r in rows)
+    assert rows[-1]["recall"] == 1.0  # target 1.0: every expert
+    assert load_predictor_set(directory).manifest["calibration"]  # still loads (ONNX untouched)
+    assert (reports / "calibration-moe-ref-a.png").stat().st_size > 0
