@@ -72,13 +72,14 @@ def test_every_mode_is_bit_identical_to_stock(llama_lib, moe_ref_a, ref, mode, n
         assert total.misses <= 64 * n_layers  # after warm-up everything stays
 
 
-def test_a_starved_budget_drops_every_prefetch_and_output_stays(llama_lib, moe_ref_a, ref):
+@pytest.mark.parametrize("mode", ["exact", "adaptive"])
+def test_a_starved_budget_drops_every_prefetch_and_output_stays(llama_lib, moe_ref_a, ref, mode):
     layout, ref_tokens, ref_logits = ref
     tokens, logits, stats, _ = run_mode(
         llama_lib,
         moe_ref_a,
         layout,
-        "exact",
+        mode,
         8,
         predictors=RandomRanking(layout.n_expert),
         bandwidth_bytes_per_s=1.0,
