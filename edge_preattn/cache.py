@@ -9,7 +9,6 @@ there and show up in the statistics as a bug to fix, not as wrong output.
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 EVICTION_POLICIES = ("lru", "lfu")
 
@@ -83,13 +82,3 @@ class UploadBudget:
                 return False
             self.level -= n_bytes
             return True
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """Slots per cached layer and the bytes one expert upload moves."""
-
-    layers: tuple[int, ...]
-    n_slots: int
-    bytes_per_expert: int
-    max_batch_tokens: int = 32

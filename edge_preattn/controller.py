@@ -44,7 +44,6 @@ class LayerCounters:
 @dataclass
 class RuntimeStats:
     layers: dict[int, LayerCounters] = field(default_factory=dict)
-    cached_ubatches: int = 0  # decode steps that went through the cache
     cached_tokens: int = 0
 
     def totals(self) -> LayerCounters:
@@ -195,7 +194,6 @@ class Controller:
             return
         counters, slots = self.stats.layers[il], self.slots[il]
         if il == self.first_layer:
-            self.stats.cached_ubatches += 1
             self.stats.cached_tokens += n_tokens
         counters.tokens += n_tokens
         waited = False

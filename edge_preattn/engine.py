@@ -19,7 +19,6 @@ import numpy as np
 from .errors import UserError
 from .native import NativeApi
 
-log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
 
 # Patterns of llama.cpp's `--cpu-moe` / `--n-cpu-moe`: the routed-expert tensors of a block.

@@ -9,7 +9,6 @@ the paper's Table 4) and two plots (figures 6-7's per-layer lines, a bar chart o
 
 import argparse
 import io
-import logging
 import math
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import read_layout
 from .traces import TraceSet
-
-log = logging.getLogger(__name__)
 
 HELP = "measure predictor accuracy on held-out prompts beside cross-layer, popularity, prev-token and LRU"
 EXAMPLES = """\

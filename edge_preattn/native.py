@@ -6,7 +6,6 @@ Our raw bindings reuse llama-cpp-python's library handle; each carries its C pro
 """
 
 import ctypes
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,9 @@ from types import ModuleType
 from . import build
 from .errors import UserError
 
-log = logging.getLogger(__name__)
-
 PATCH_VERSION = 3  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
-GGML_BACKEND_DEVICE_TYPE_CPU = 0
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
 
 

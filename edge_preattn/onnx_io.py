@@ -17,8 +17,6 @@ import numpy as np
 from .errors import UserError
 from .files import temporary_path, write_json_atomic
 
-log = logging.getLogger(__name__)
-
 FORMAT = "edge-preattn-predictors/1"
 MANIFEST = "predictors.json"
 OPSET = 17

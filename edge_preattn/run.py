@@ -6,7 +6,6 @@ can reproduce any stock offload configuration here and compare it with the exper
 
 import argparse
 import contextlib
-import logging
 import sys
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .errors import UserError
 from .files import write_json_atomic
 from .layout import MoeLayout, plan_slots, read_layout
 from .units import format_bytes, parse_bytes, parse_rate
-
-log = logging.getLogger(__name__)
 
 HELP = "generate text from a MoE GGUF (default: the packaged model), streaming, with timing statistics"
 EXAMPLES = """\

@@ -6,15 +6,12 @@ time, never output.
 """
 
 import ctypes
-import logging
 import os
 
 from .errors import UserError
 from .native import NativeApi
 
-log = logging.getLogger(__name__)
-
-LLAMA_EDGE_ERR_ARG, LLAMA_EDGE_ERR_STATE, LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC = -1, -2, -3, -4
+LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC = -3, -4  # llama-edge.h
 
 
 class CacheStats(ctypes.Structure):

@@ -7,15 +7,12 @@ fails.
 """
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import UserError
-
-log = logging.getLogger(__name__)
 
 META_FIELDS = ("tokens", "positions", "prompt", "phase")
 NEAR_TIE = 2e-3  # gap between the k-th and (k+1)-th score below which float16 inputs may swap them

@@ -9,7 +9,6 @@ recall@k. After each epoch a layer's state is checkpointed; rerunning the same c
 import argparse
 import dataclasses
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,6 @@ from .collect import parse_layers
 from .errors import UserError
 from .files import temporary_path, write_json_atomic
 from .traces import TraceSet
-
-log = logging.getLogger(__name__)
 
 HELP = "train per-layer expert predictors on collected traces and export them to ONNX"
 EXAMPLES = """\
