@@ -156,3 +156,30 @@ def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, p
     assert bank["forced_uploads"] == 0
     for counters in stats.layers.values():
         assert counters.hits + counters.late + counters.misses == layout.n_expert_used * counters.tokens
+
+
+def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
+    """Guards against a cache that counts hits while every graph still reads the host experts."""
+    ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    ggml.ggml_get_name.restype = ctypes.c_char_p
+    ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    names: set[str] = set()
+
+    @llama_lib.ggml_backend_sched_eval_callback
+    def record_names(tensor, ask, _user_data):
+        if ask:
+            names.add(ggml.ggml_get_name(tensor).decode())
+        return False
+
+    def set_cb(params):
+        params.cb_eval = record_names
+
+    layout = read_layout(moe_ref_a)
+    config = EngineConfig(str(moe_ref_a), n_ctx=128, use_extra_bufts=False, overrides=expert_overrides(None))
+    with Engine(llama_lib, config, context_params_hook=set_cb) as engine:
+        list(engine.generate(PROMPT, 2))  # a graph built before the cache exists must not be reused
+        assert "ffn_moe_topk-0" in names and not any(name.startswith("ffn_moe_slots-") for name in names)
+        with CacheRuntime.for_layout(engine, layout, n_slots=8, mode="lru"):
+            names.clear()
+            list(engine.generate(PROMPT, 3))
+    assert {f"ffn_moe_slots-{layer.index}" for layer in layout.moe_layers} <= names
