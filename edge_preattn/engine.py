@@ -6,6 +6,7 @@ the logits of each step, and per-token timing.
 """
 
 import codecs
+import contextlib
 import ctypes
 import logging
 import time
@@ -67,6 +68,24 @@ class Generation:
         return len(self.decode_seconds) / total if total else 0.0
 
 
+_load_errors: list[list[str]] = []  # while loading: llama.cpp's error lines, kept for our message
+
+
+@contextlib.contextmanager
+def _quoting_load_errors() -> Iterator[list[str]]:
+    """Collect llama.cpp's error lines instead of printing them, so a refused file ends in one line."""
+    _load_errors.append([])
+    try:
+        yield _load_errors[-1]
+    finally:
+        _load_errors.pop()
+
+
+def _first_error(errors: list[str]) -> str:
+    """llama.cpp's most specific complaint (its first line), without the function name before it."""
+    return errors[0].partition(": ")[2] or errors[0] if errors else "no reason given"
+
+
 def _route_llama_log(llama_cpp: ModuleType) -> None:
     """llama.cpp logs through one process-wide callback: send it to `logging`, quiet by default."""
     # ggml_log_level (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line.
@@ -77,7 +96,10 @@ def _route_llama_log(llama_cpp: ModuleType) -> None:
     @llama_cpp.llama_log_callback
     def forward(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
         message = text.decode(errors="replace").rstrip()
-        if message:
+        if message and level == 4 and _load_errors:
+            _load_errors[-1].append(message)  # the caller's one-line error will quote the first
+            llama_log.debug(message)
+        elif message:
             llama_log.log(levels.get(level, logging.DEBUG), message)
 
     _route_llama_log.callback = forward  # the C side keeps only a pointer
@@ -93,6 +115,8 @@ class Engine:
         self.config = config
         self.model = None
         self.ctx = None
+        if config.n_ctx < 0:
+            raise UserError(f"-c {config.n_ctx} is negative: give a context size in tokens (0: the default)")
         _route_llama_log(llama_cpp)
         path = Path(config.model_path)
         if not path.is_file():
@@ -103,9 +127,13 @@ class Engine:
         self._overrides = self._override_array(config.overrides)
         if self._overrides is not None:
             model_params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        with _quoting_load_errors() as errors:
+            self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
-            raise UserError(f"llama.cpp could not load {path}; run with --verbose to see its log")
+            raise UserError(
+                f"llama.cpp could not load {path} ({_first_error(errors)}); re-download or re-create it "
+                "(--verbose shows llama.cpp's log)"
+            )
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         if config.n_ctx > n_ctx_train > 0:
@@ -118,15 +146,17 @@ class Engine:
         ctx_params.n_ctx = config.n_ctx or min(4096, n_ctx_train or 4096)
         ctx_params.n_batch = config.n_batch
         ctx_params.n_ubatch = min(config.n_batch, 512)
-        if config.n_threads:
+        if config.n_threads and config.n_threads > 0:  # like llama.cpp's -t, 0 or -1: its own choice
             ctx_params.n_threads = ctx_params.n_threads_batch = config.n_threads
         if context_params_hook is not None:
             context_params_hook(ctx_params)
-        self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
+        with _quoting_load_errors() as errors:
+            self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             self.close()
             raise UserError(
-                f"llama.cpp could not create a context of {config.n_ctx} tokens; try a smaller -c"
+                f"llama.cpp could not create a context of {ctx_params.n_ctx} tokens "
+                f"({_first_error(errors)}); try a smaller -c"
             )
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_past = 0
@@ -191,8 +221,9 @@ class Engine:
         token (llama.cpp otherwise drops the rows it will not output before that FFN).
         """
         llama_cpp = self.llama_cpp
-        for start in range(0, len(tokens), self.config.n_batch):
-            chunk = tokens[start : start + self.config.n_batch]
+        n_batch = llama_cpp.llama_n_batch(self.ctx)  # llama.cpp lowers n_batch to a small -c; it asserts
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
             if all_logits:
                 batch = llama_cpp.llama_batch_init(len(chunk), 0, 1)
                 try:

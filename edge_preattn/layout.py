@@ -175,6 +175,7 @@ _SCALAR_FORMATS = {_V(i): fmt for i, fmt in enumerate("BbHhIif?")} | {_V(10): "Q
 _KEPT_ARRAY_ITEMS = 4096
 _MAX_STRING_VALUE_BYTES = 64 * 1024**2  # chat templates run to ~100 KiB; keys and tensor names to 64 KiB
 _INT64_MAX = 2**63 - 1
+_TOKENS_KEY = "tokenizer.ggml.tokens"  # llama-vocab.cpp asserts that its strings are distinct
 
 
 class _Cursor:
@@ -215,9 +216,15 @@ class _Cursor:
             raise _Corrupt(f"{key} is an array of arrays")
         if item_type == _V.STRING:
             self.need(length * 8)  # each string has at least its 8-byte length: bounds the loop
-            for _ in range(length):
+            seen: set[bytes] | None = set() if key == _TOKENS_KEY else None
+            for index in range(length):
                 n_bytes = self.scalar("Q")
                 self.need(n_bytes)
+                if seen is not None:  # llama.cpp aborts (GGML_ASSERT) on a repeated token
+                    token = self.buf[self.pos : self.pos + n_bytes] or f"[EMPTY_{index}]".encode()
+                    if token in seen:
+                        raise _Corrupt(f"{key} repeats the token {token!r} (at index {index})")
+                    seen.add(token)
                 self.pos += n_bytes
             return _Array(length, None)
         fmt = _SCALAR_FORMATS[item_type]
@@ -372,6 +379,10 @@ def read_layout(path: str | os.PathLike[str]) -> MoeLayout:
         supported = ", ".join(ARCHS)
         raise UserError(f"{name}: architecture {arch!r} is not supported{unknown}; supported: {supported}")
     rules = ARCHS[arch]
+    for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
+        eps = meta.get(key, 0.0)  # ggml asserts eps >= 0 in the middle of the first decode
+        if not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise _corrupt(name, f"{key} = {eps!r} is not a finite non-negative number")
 
     def hparam(suffix: str, default: int | None = None) -> int:
         return max(_hparam(meta, f"{arch}.{suffix}", name, default))
