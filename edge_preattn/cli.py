@@ -22,6 +22,8 @@ VERBS = {
     "train": "edge_preattn.train",
     "eval": "edge_preattn.evaluate",
     "run": "edge_preattn.run",
+    "bench": "edge_preattn.bench",
+    "profile": "edge_preattn.profile",
 }
 
 
