@@ -3,8 +3,11 @@
 On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
 releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
 uploaded. On the routing hook each selected expert is a hit (resident), late (its prefetch was
-still running: we wait) or a miss (uploaded now, synchronously — the paper's behaviour). The C side
-re-checks residency before the expert matmuls, so no decision here can change the output.
+still running: we wait) or a miss. A miss is uploaded now, synchronously (`miss="upload"`, the
+paper's behaviour), or left to the CPU, which computes it from the host copy while the GPU computes
+the resident experts (`"cpu"`), or either, by a cost model of measured upload and CPU times
+(`"auto"`). The C side re-checks residency before the expert matmuls and sends every selected
+expert to exactly one side, so no decision here can change the output.
 """
 
 import concurrent.futures
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
+MISS_POLICIES = ("upload", "cpu", "auto")
 
 
 @dataclass
@@ -32,7 +36,9 @@ class LayerCounters:
     tokens: int = 0  # tokens whose experts this layer read from the bank
     hits: int = 0
     late: int = 0
-    misses: int = 0
+    misses: int = 0  # uploaded on the miss, synchronously
+    cpu: int = 0  # missed and computed on the CPU instead
+    deferred_uploads: int = 0  # lru with misses on the CPU: uploaded after the layer, for later tokens
     prefetch_issued: int = 0
     prefetch_wasted: int = 0
     prefetch_dropped: int = 0  # over the bandwidth budget
@@ -54,6 +60,50 @@ class RuntimeStats:
         return total
 
 
+class MissCostModel:
+    """`--miss auto`: upload a missed expert or compute it on the CPU, whichever costs less now.
+
+    Both costs come from the C side's clocks: seconds per uploaded byte (every upload, prefetches
+    included) and seconds from the routing decision to the CPU side's output per CPU-computed expert
+    (fixed costs included, so it leans towards uploading when few experts go to the CPU), each an
+    exponential moving average over the run. A side not measured for `explore_every` decisions is
+    tried once, so an estimate never goes stale while the other one drifts.
+    """
+
+    def __init__(self, bytes_per_expert: int, alpha: float = 0.2, explore_every: int = 64) -> None:
+        self.bytes_per_expert, self.alpha, self.explore_every = bytes_per_expert, alpha, explore_every
+        self.upload_s_per_byte: float | None = None
+        self.cpu_s_per_expert: float | None = None
+        self.seen = (0, 0, 0, 0)  # upload_ns, upload_bytes, cpu_ns, cpu_timed_experts at the last refresh
+        self.since_upload = self.since_cpu = 0
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.alpha * (new - old)
+
+    def refresh(self, upload_ns: int, upload_bytes: int, cpu_ns: int, cpu_experts: int) -> None:
+        """Fold in what the counters gained since the last call."""
+        d_upload_ns, d_bytes, d_cpu_ns, d_experts = (
+            now - before
+            for now, before in zip((upload_ns, upload_bytes, cpu_ns, cpu_experts), self.seen, strict=True)
+        )
+        self.seen = (upload_ns, upload_bytes, cpu_ns, cpu_experts)
+        if d_bytes > 0:
+            self.upload_s_per_byte = self._ema(self.upload_s_per_byte, d_upload_ns * 1e-9 / d_bytes)
+            self.since_upload = 0
+        if d_experts > 0:
+            self.cpu_s_per_expert = self._ema(self.cpu_s_per_expert, d_cpu_ns * 1e-9 / d_experts)
+            self.since_cpu = 0
+
+    def upload_is_cheaper(self) -> bool:
+        self.since_upload += 1
+        self.since_cpu += 1
+        if self.upload_s_per_byte is None or self.since_upload > self.explore_every:
+            return True
+        if self.cpu_s_per_expert is None or self.since_cpu > self.explore_every:
+            return False
+        return self.upload_s_per_byte * self.bytes_per_expert < self.cpu_s_per_expert
+
+
 class Controller:
     """Decides uploads for one engine's slot bank; `on_pre_attn`/`on_routing` are the hook handlers."""
 
@@ -71,9 +121,12 @@ class Controller:
         bandwidth_bytes_per_s: float | None = None,
         eviction: str = "lru",
         oracle: dict[tuple[int, int], np.ndarray] | None = None,
+        miss: str = "upload",
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
+        if miss not in MISS_POLICIES:
+            raise ValueError(f"miss must be one of {MISS_POLICIES}")
         if mode in PREDICTION_MODES and predictors is None:
             raise ValueError(f"mode {mode} needs predictors")
         if mode == "oracle" and oracle is None:
@@ -85,7 +138,11 @@ class Controller:
             bytes_per_expert,
             mode,
         )
-        self.predictors, self.oracle = predictors, oracle
+        self.predictors, self.oracle, self.miss = predictors, oracle, miss
+        self.cost = MissCostModel(bytes_per_expert) if miss == "auto" else None
+        # lru with misses on the CPU: the missed experts, uploaded once their layer is done
+        self.deferred: list[tuple[int, list[int]]] = []
+        self.deferring: dict[int, concurrent.futures.Future] = {}
         self.n_candidates = {
             "top1": 1,
             "exact": k,
@@ -187,11 +244,46 @@ class Controller:
 
     # -- routing: make the selected experts resident --------------------------------------------------
 
+    def _upload_on_miss(self) -> bool:
+        if self.miss == "auto":
+            miss_stats = self.bank.miss_stats()
+            self.cost.refresh(
+                miss_stats.upload_ns,
+                self.bank.stats()["upload_bytes"],
+                miss_stats.cpu_ns,
+                miss_stats.cpu_timed_experts,
+            )
+            return self.cost.upload_is_cheaper()
+        return self.miss == "upload"
+
+    def _defer_upload(self, il: int, experts: list[int]) -> None:
+        """Upload `experts` of layer il in the background, never evicting the ones its ubatch uses."""
+        slots, counters = self.slots[il], self.stats.layers[il]
+        protect = set(experts)
+        with self.locks[il]:
+            for expert in experts:
+                victim = slots.victim(protect)
+                if victim is None or slots.resident(expert):
+                    continue
+                if not self.budget.try_take(self.bytes_per_expert):
+                    counters.prefetch_dropped += 1
+                    break
+                self.bank.upload(il, expert, victim)
+                slots.assign(expert, victim)
+                counters.deferred_uploads += 1
+
     def on_routing(self, routing: Routing) -> None:
         il = routing.layer
         n_tokens = len(routing.ids)
+        # the layers whose misses were deferred have run their experts by now
+        for layer, experts in self.deferred:
+            self.deferring[layer] = self.executor.submit(self._defer_upload, layer, experts)
+        self.deferred.clear()
         if not self._cached(il, n_tokens):
             return
+        previous = self.deferring.pop(il, None)
+        if previous is not None:
+            previous.result()  # residency settles before this ubatch's decisions
         counters, slots = self.stats.layers[il], self.slots[il]
         if il == self.first_layer:
             self.stats.cached_tokens += n_tokens
@@ -210,6 +302,7 @@ class Controller:
         ids = routing.ids.astype(np.int64)  # [n_tokens, k]
         experts, rows = np.unique(ids, return_counts=True)
         selected = set(experts.tolist())
+        on_cpu = []
         with self.locks[il]:
             for expert, count in zip(experts.tolist(), rows.tolist(), strict=True):
                 if slots.resident(expert):
@@ -217,6 +310,10 @@ class Controller:
                         counters.late += count
                     else:
                         counters.hits += count
+                    continue
+                if self.miss != "upload" and not self._upload_on_miss():
+                    counters.cpu += count  # the C side sends it to the CPU: it is not resident
+                    on_cpu.append(expert)
                     continue
                 started = time.perf_counter()
                 victim = slots.victim(selected)
@@ -227,6 +324,8 @@ class Controller:
             counters.prefetch_wasted += len(self.prefetched[il] - selected)
             self.prefetched[il].clear()
             slots.touch(ids.ravel().tolist())
+        if on_cpu and self.mode == "lru":
+            self.deferred.append((il, on_cpu))  # lru has no other way to fill the cache
 
 
 class RandomRanking:
@@ -271,6 +370,8 @@ class CacheRuntime:
     ) -> None:
         self.bank = SlotBank(engine.api, engine.ctx, layers, n_slots, max_batch_tokens)
         self.controller = Controller(self.bank, **controller_options)
+        if self.controller.miss != "upload":
+            self.bank.set_miss_cpu(True)
         # lru needs no activation; the controller needs only the router's ids (fewer graph splits)
         on_pre_attn = None if self.controller.mode == "lru" else self.controller.on_pre_attn
         self.hooks = Hooks(engine.api, engine.ctx, on_pre_attn, self.controller.on_routing, detail=False)

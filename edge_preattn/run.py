@@ -13,7 +13,7 @@ import numpy as np
 
 from . import build, native
 from .cache import EVICTION_POLICIES
-from .controller import MODES, PREDICTION_MODES, CacheRuntime, record_routing
+from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, CacheRuntime, record_routing
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
 from .files import write_json_atomic
@@ -29,21 +29,25 @@ EXAMPLES = """\
   edge-preattn run -m model.gguf --mode lru --slots 32            # expert cache, load on demand
   edge-preattn run -m model.gguf --mode top1 --predictors preds/ --vram-budget 6GiB --bandwidth 12GB/s
   edge-preattn run -m model.gguf --mode overprov --extra 4 --predictors preds/ --slots 48 --verbose
+  edge-preattn run -m model.gguf --mode exact --predictors preds/ --slots 16 --miss cpu  # misses on the CPU
 """
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-DEFAULT_MODEL_PRESET = "tiny"
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edge-moe-default.md
+DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
+DEFAULT_MODEL_MODE = "top1"
 
 
-def default_model() -> Path:
-    """The packaged default model; until a trained one ships, the `tiny` synthetic model, made once."""
-    from . import synth
-
-    path = build.cache_dir() / "models" / f"synth-{DEFAULT_MODEL_PRESET}-seed0.gguf"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synth.write_synthetic(DEFAULT_MODEL_PRESET, path, progress=False)
-    return path
+def apply_default_model(args: argparse.Namespace) -> None:
+    """No `-m`: run the packaged model with its shipped predictors in `top1` mode, so the first command
+    a newcomer types shows prediction and prefetching at work; with `-m`, the default mode is stock."""
+    if args.model is None:
+        args.model = str(DEFAULT_MODEL)
+        args.mode = args.mode or DEFAULT_MODEL_MODE
+        if args.mode in PREDICTION_MODES and not args.predictors:
+            args.predictors = str(DEFAULT_PREDICTORS)
+    args.mode = args.mode or "off"
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -87,8 +91,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--mode",
         choices=MODES,
-        default="off",
-        help="off: stock placement; lru: cache, load on demand; top1/exact/overprov: prefetch "
+        help="(default: off; top1 for the packaged model) off: stock placement; lru: cache, load on "
+        "demand; top1/exact/overprov: prefetch "
         "predicted experts; oracle: prefetch the true experts of a recorded run (upper bound)",
     )
     cache.add_argument(
@@ -112,6 +116,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="adaptive: expected recall each token's prefetch aims at (default 0.95)",
     )
     cache.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru")
+    cache.add_argument(
+        "--miss",
+        choices=MISS_POLICIES,
+        default="upload",
+        help="a selected expert that is not resident: upload it now (default), compute it on the CPU "
+        "from host RAM (cpu), or whichever measured cost is lower (auto)",
+    )
     cache.add_argument(
         "--bypass-tokens",
         type=int,
@@ -145,7 +156,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--bandwidth must be positive")
     if not 0 < args.target <= 1:
         raise UserError("--target is an expected recall: a number in (0, 1]")
-    model = Path(args.model) if args.model else default_model()
+    apply_default_model(args)
+    model = Path(args.model)
     layout = read_layout(model)
     overrides = tuple(parse_override(text) for text in args.override_tensor)
     if args.cpu_moe or args.mode != "off":
@@ -191,6 +203,7 @@ def main(args: argparse.Namespace) -> int:
                     bandwidth_bytes_per_s=args.bandwidth,
                     eviction=args.eviction,
                     oracle=oracle,
+                    miss=args.miss,
                 )
             )
         record = None
@@ -203,7 +216,7 @@ def main(args: argparse.Namespace) -> int:
         stats = run_stats(record, engine, runtime)
     print(
         f"[{model.name}] {engine.api.build_info()} · mode {args.mode}"
-        + (f", {n_slots} slots per layer" if runtime else ""),
+        + (f", {n_slots} slots per layer, misses: {args.miss}" if runtime else ""),
         file=sys.stderr,
     )
     print(format_stats(stats), file=sys.stderr)
@@ -232,15 +245,27 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
     }
     if runtime is not None:
         total = runtime.controller.stats.totals()
-        bank = runtime.bank.stats()
+        bank, miss = runtime.bank.stats(), runtime.bank.miss_stats()
         tokens = max(1, runtime.controller.stats.cached_tokens)
+        expert_bytes = runtime.controller.bytes_per_expert
+        selected = max(1, total.hits + total.late + total.misses + total.cpu)
         stats.update(
             {
                 "cached_tokens": runtime.controller.stats.cached_tokens,
+                "miss_policy": runtime.controller.miss,
                 "hits_per_token": round(total.hits / tokens, 3),
                 "late_per_token": round(total.late / tokens, 3),
                 "misses_per_token": round(total.misses / tokens, 3),
-                "hit_rate": round(total.hits / max(1, total.hits + total.late + total.misses), 4),
+                "cpu_per_token": round(total.cpu / tokens, 3),
+                "hit_rate": round(total.hits / selected, 4),
+                # expert bytes the CPU read instead of uploading them (lru still uploads them later)
+                "bytes_not_uploaded_per_token": round(
+                    (miss.cpu_bytes - total.deferred_uploads * expert_bytes) / tokens
+                ),
+                "cpu_ms_per_expert": round(miss.cpu_ns * 1e-6 / max(1, miss.cpu_timed_experts), 4),
+                "upload_ms_per_expert": round(
+                    miss.upload_ns * 1e-6 * expert_bytes / max(1, bank["upload_bytes"]), 4
+                ),
                 "prefetch_issued": total.prefetch_issued,
                 "prefetch_wasted": total.prefetch_wasted,
                 "prefetch_dropped": total.prefetch_dropped,
@@ -264,8 +289,12 @@ def format_stats(stats: dict) -> str:
     if "hit_rate" in stats:
         lines.append(
             f"per token: {stats['hits_per_token']:.2f} hits, {stats['late_per_token']:.2f} late, "
-            f"{stats['misses_per_token']:.2f} misses (hit rate {stats['hit_rate']:.1%}); "
+            f"{stats['misses_per_token']:.2f} misses uploaded, {stats['cpu_per_token']:.2f} on the CPU "
+            f"(hit rate {stats['hit_rate']:.1%}); "
             f"{format_bytes(stats['bytes_uploaded_per_token'])} uploaded, "
+            f"{format_bytes(stats['bytes_not_uploaded_per_token'])} not (misses: {stats['miss_policy']}; "
+            f"upload {stats['upload_ms_per_expert']:.3f} ms, CPU {stats['cpu_ms_per_expert']:.3f} ms "
+            "per expert), "
             f"stall {stats['stall_ms_per_token']:.2f} ms\n"
             f"prefetches issued {stats['prefetch_issued']}, wasted {stats['prefetch_wasted']}, "
             f"over budget {stats['prefetch_dropped']} | "
@@ -281,10 +310,10 @@ def format_stats(stats: dict) -> str:
 
 
 def format_layers(stats) -> str:
-    rows = ["layer  tokens   hits   late  misses  issued  wasted  stall_ms  predictor_ms"]
+    rows = ["layer  tokens   hits   late  misses    cpu  issued  wasted  stall_ms  predictor_ms"]
     for il, c in sorted(stats.layers.items()):
         rows.append(
-            f"{il:5d} {c.tokens:7d} {c.hits:6d} {c.late:6d} {c.misses:7d} {c.prefetch_issued:7d} "
+            f"{il:5d} {c.tokens:7d} {c.hits:6d} {c.late:6d} {c.misses:7d} {c.cpu:6d} {c.prefetch_issued:7d} "
             f"{c.prefetch_wasted:7d} {c.stall_s * 1e3:9.2f} {c.predictor_s * 1e3:13.2f}"
         )
     return "\n".join(rows)

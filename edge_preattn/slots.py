@@ -1,8 +1,8 @@
 """The patch's expert slot bank on one llama_context: enable, upload, ask what a slot holds.
 
 The C side guarantees the invariant (every selected expert resident before a cached layer's expert
-matmuls; a missing one is uploaded there and counted as forced), so a wrong decision here costs
-time, never output.
+matmuls; a missing one is uploaded there and counted as forced, or, with misses on the CPU, computed
+by the CPU from the host copy), so a wrong decision here costs time, never output.
 """
 
 import ctypes
@@ -11,7 +11,7 @@ import os
 from .errors import UserError
 from .native import NativeApi
 
-LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC = -3, -4  # llama-edge.h
+LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC, LLAMA_EDGE_ERR_BACKEND = -3, -4, -5  # llama-edge.h
 
 
 class CacheStats(ctypes.Structure):
@@ -27,6 +27,17 @@ class CacheStats(ctypes.Structure):
             "bank_bytes",
             "pinned_bytes",
         )
+    ]
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+
+
+class MissStats(ctypes.Structure):
+    # struct llama_edge_miss_stats (patch 4)
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("cpu_experts", "cpu_rows", "cpu_bytes", "cpu_timed_experts", "cpu_ns", "upload_ns")
     ]
 
     def as_dict(self) -> dict[str, int]:
@@ -55,6 +66,14 @@ def bind_cache_functions(api: NativeApi) -> None:
     #                                    struct llama_edge_cache_stats * out);
     lib.llama_edge_cache_get_stats.restype = ctypes.c_int32
     lib.llama_edge_cache_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(CacheStats)]
+    if api.patch_version() >= 4:
+        # int32_t llama_edge_cache_set_miss_cpu(struct llama_context * ctx, bool enabled);
+        lib.llama_edge_cache_set_miss_cpu.restype = ctypes.c_int32
+        lib.llama_edge_cache_set_miss_cpu.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+        # int32_t llama_edge_cache_get_miss_stats(const struct llama_context * ctx,
+        #                                         struct llama_edge_miss_stats * out);
+        lib.llama_edge_cache_get_miss_stats.restype = ctypes.c_int32
+        lib.llama_edge_cache_get_miss_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(MissStats)]
 
 
 class SlotBank:
@@ -106,3 +125,25 @@ class SlotBank:
         out = CacheStats()
         self.api.lib.llama_edge_cache_get_stats(self.ctx, ctypes.byref(out))
         return out.as_dict()
+
+    def set_miss_cpu(self, enabled: bool) -> None:
+        """Selected experts that are not resident are computed by the CPU from the host copy."""
+        if self.api.patch_version() < 4:
+            raise UserError(
+                "this llama.cpp build cannot compute misses on the CPU (patch < 4): run `edge-preattn build`"
+            )
+        status = self.api.lib.llama_edge_cache_set_miss_cpu(self.ctx, enabled)
+        if status == LLAMA_EDGE_ERR_BACKEND:
+            raise UserError(
+                "--miss cpu needs the cached layers on a CPU or CUDA device (other ggml backends cannot "
+                "skip experts in mul_mat_id); use --miss upload"
+            )
+        if status != 0:
+            raise UserError(f"cannot switch CPU compute of misses (status {status})")
+
+    def miss_stats(self) -> MissStats:
+        """Counters of CPU-computed experts and the times the controller's cost model reads."""
+        out = MissStats()
+        if self.api.patch_version() >= 4:
+            self.api.lib.llama_edge_cache_get_miss_stats(self.ctx, ctypes.byref(out))
+        return out

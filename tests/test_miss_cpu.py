@@ -1,0 +1,149 @@
+"""`--miss cpu|auto`: misses computed on the CPU give stock llama.cpp's exact logits; stats add up."""
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from edge_preattn.controller import CacheRuntime, MissCostModel, RandomRanking
+from edge_preattn.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.layout import read_layout
+from edge_preattn.slots import MissStats, SlotBank, bind_cache_functions
+from edge_preattn.synth import write_synthetic
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+N_PREDICT = 16
+
+
+def host_experts_engine(llama_lib, model, n_ctx=256) -> Engine:
+    return Engine(
+        llama_lib,
+        EngineConfig(str(model), n_ctx=n_ctx, use_extra_bufts=False, overrides=expert_overrides(None)),
+    )
+
+
+def greedy(engine: Engine) -> tuple[list[int], np.ndarray]:
+    logits: list[np.ndarray] = []
+    tokens = [t for t, _ in engine.generate(PROMPT, N_PREDICT, on_logits=logits.append)]
+    return tokens, np.stack(logits)
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2", "moe-ref-a"])
+def model(request, tmp_path_factory, llama_lib):
+    """(path, layout, stock tokens, stock logits) of a synthetic model or the trained fixture."""
+    if request.param == "moe-ref-a":
+        path = request.getfixturevalue("moe_ref_a")
+    else:
+        path = tmp_path_factory.mktemp("model") / f"{request.param}.gguf"
+        write_synthetic(request.param, path, progress=False)
+    with host_experts_engine(llama_lib, path) as engine:
+        tokens, logits = greedy(engine)
+    return path, read_layout(path), tokens, logits
+
+
+@pytest.mark.parametrize("miss", ["cpu", "auto"])
+@pytest.mark.parametrize("mode", ["lru", "top1", "exact"])
+@pytest.mark.parametrize("slots", ["k", "E"])
+def test_misses_on_the_cpu_are_bit_identical_to_stock(llama_lib, model, mode, miss, slots):
+    path, layout, ref_tokens, ref_logits = model
+    n_slots = layout.n_expert_used if slots == "k" else layout.n_expert
+    options = {"predictors": RandomRanking(layout.n_expert)} if mode != "lru" else {}
+    with (
+        host_experts_engine(llama_lib, path) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, miss=miss, **options) as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        stats, bank, miss_stats = runtime.controller.stats, runtime.bank.stats(), runtime.bank.miss_stats()
+    assert tokens == ref_tokens
+    assert np.array_equal(logits, ref_logits)
+    assert stats.cached_tokens == N_PREDICT - 1
+    for counters in stats.layers.values():
+        # every selected expert is a hit, late, computed on the CPU, or uploaded on the miss: once
+        total = counters.hits + counters.late + counters.cpu + counters.misses
+        assert total == layout.n_expert_used * counters.tokens
+    total = stats.totals()
+    assert bank["forced_uploads"] == 0
+    assert miss_stats.cpu_rows == total.cpu  # the C side computed on the CPU what the controller left there
+    assert miss_stats.cpu_bytes == miss_stats.cpu_experts * layout.moe_layers[0].bytes_per_expert
+    if miss == "cpu":
+        assert total.misses == 0 and total.cpu > 0
+        assert miss_stats.cpu_timed_experts == miss_stats.cpu_experts  # every CPU run was timed
+    if miss == "auto":
+        assert total.misses > 0 and total.cpu > 0  # each side is measured before the model chooses
+
+
+@pytest.mark.parametrize("miss", ["cpu", "auto"])
+def test_multi_token_ubatches_are_bit_identical(llama_lib, model, miss):
+    """Several tokens per ubatch, each with its own mix of resident and CPU-computed experts."""
+    path, layout, _, _ = model
+    per_ubatch = layout.n_expert // layout.n_expert_used  # n_tokens * k fills the slots exactly
+
+    def all_logits(engine) -> np.ndarray:
+        tokens = engine.tokenize(PROMPT * 2)
+        rows = []
+        for start in range(0, len(tokens), per_ubatch):
+            chunk = tokens[start : start + per_ubatch]
+            engine.decode(chunk, all_logits=True)
+            for i in range(len(chunk)):
+                pointer = engine.llama_cpp.llama_get_logits_ith(engine.ctx, i)
+                rows.append(np.ctypeslib.as_array(pointer, shape=(engine.n_vocab,)).copy())
+        return np.stack(rows)
+
+    with host_experts_engine(llama_lib, path) as engine:
+        ref = all_logits(engine)
+    with (
+        host_experts_engine(llama_lib, path) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert, mode="lru", miss=miss, max_batch_tokens=per_ubatch
+        ) as runtime,
+    ):
+        logits = all_logits(engine)
+        stats, miss_stats = runtime.controller.stats, runtime.bank.miss_stats()
+    assert np.array_equal(logits, ref)
+    assert stats.cached_tokens == len(ref)  # every ubatch read the bank
+    assert miss_stats.cpu_rows > miss_stats.cpu_experts > 0  # experts shared by tokens, computed once
+
+
+def test_c_api_refuses_bad_arguments(llama_lib, tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    with host_experts_engine(llama_lib, path, n_ctx=64) as engine:
+        lib = engine.api.lib
+        bind_cache_functions(engine.api)
+        assert lib.llama_edge_cache_set_miss_cpu(engine.ctx, True) == -2  # no cache yet
+        assert lib.llama_edge_cache_get_miss_stats(engine.ctx, ctypes.byref(MissStats())) == -2
+        assert lib.llama_edge_cache_set_miss_cpu(None, True) == -1
+        bank = SlotBank(engine.api, engine.ctx, (0, 1), n_slots=4)
+        assert lib.llama_edge_cache_get_miss_stats(engine.ctx, None) == -1
+        assert lib.llama_edge_cache_get_miss_stats(None, ctypes.byref(MissStats())) == -1
+        bank.set_miss_cpu(True)
+        bank.set_miss_cpu(False)
+        assert bank.miss_stats().cpu_experts == 0
+
+
+def test_cost_model_measures_both_sides_then_picks_the_cheaper():
+    cost = MissCostModel(bytes_per_expert=1000, explore_every=4)
+    assert cost.upload_is_cheaper()  # nothing measured: measure the upload first
+    cost.refresh(upload_ns=1_000_000, upload_bytes=1000, cpu_ns=0, cpu_experts=0)  # 1 ms per expert
+    assert not cost.upload_is_cheaper()  # then the CPU
+    cost.refresh(upload_ns=1_000_000, upload_bytes=1000, cpu_ns=100_000, cpu_experts=1)  # 0.1 ms
+    assert [cost.upload_is_cheaper() for _ in range(4)] == [False] * 3 + [True]  # re-measures the upload
+    cost.refresh(upload_ns=1_010_000, upload_bytes=2000, cpu_ns=100_000, cpu_experts=1)  # 10 µs now
+    assert cost.upload_s_per_byte < 1e-6  # the average moved towards the new measurement
+
+
+def test_run_reports_cpu_computed_experts(llama_lib, tmp_path, capsys):
+    import json
+
+    from edge_preattn import cli
+
+    path = tmp_path / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    stats_file = tmp_path / "stats.json"
+    argv = ["run", "-m", str(path), "-n", "12", "--mode", "lru", "--slots", "4", "--miss", "cpu"]
+    assert cli.main([*argv, "--stats-json", str(stats_file)]) == 0
+    stats = json.loads(stats_file.read_text())
+    assert stats["miss_policy"] == "cpu" and stats["misses_per_token"] == 0 and stats["cpu_per_token"] > 0
+    per_token = stats["hits_per_token"] + stats["late_per_token"] + stats["cpu_per_token"]
+    assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # k = 4 in 4 layers (see test_run)
+    assert "on the CPU" in capsys.readouterr().err
