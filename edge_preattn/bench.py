@@ -140,6 +140,61 @@ def stock_vram_bytes(
     return total + estimate_compute_buffer_bytes(layout, n_ctx)
 
 
+def _stock_run(layout: MoeLayout, weights: WeightBytes, n_ctx: int, name: str, value: int = 0) -> RunSpec:
+    """all-gpu, exps-cpu, n-cpu-moe=value or ngl=value as a run, with its planned VRAM."""
+    n_layer = layout.n_layer
+    ngl, n_cpu_moe, placement = {
+        "all-gpu": (-1, 0, "every layer on the GPU"),
+        "exps-cpu": (-1, n_layer, "-ot exps=CPU"),
+        "n-cpu-moe": (-1, value, f"--n-cpu-moe {value}"),
+        "ngl": (value, 0, f"-ngl {value}"),
+    }[name]
+    key = name if name in ("all-gpu", "exps-cpu") else f"{name}={value}"
+    vram = stock_vram_bytes(layout, weights, n_ctx, ngl, n_cpu_moe)
+    return RunSpec(key, name, "stock", placement, vram, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe)
+
+
+def _stock_runs_at(
+    layout: MoeLayout, weights: WeightBytes, n_ctx: int, budget: int, names: list[str], *, notes: list[str]
+) -> list[RunSpec]:
+    """The stock configurations of a GPU build sized to `budget`: exps-cpu, the smallest --n-cpu-moe
+    that fits and the largest -ngl that fits (none when it would be all-gpu or nothing fits)."""
+    n_layer, found = layout.n_layer, []
+    if "exps-cpu" in names:
+        found.append(_stock_run(layout, weights, n_ctx, "exps-cpu"))
+    if "n-cpu-moe" in names:
+        fitting = [n for n in range(n_layer + 1) if stock_vram_bytes(layout, weights, n_ctx, -1, n) <= budget]
+        if not fitting:
+            notes.append("--n-cpu-moe: even every expert in RAM exceeds the budget; not run")
+        elif fitting[0] == 0:
+            notes.append("--n-cpu-moe 0 fits, which is all-gpu")
+        else:
+            found.append(_stock_run(layout, weights, n_ctx, "n-cpu-moe", fitting[0]))
+    if "ngl" in names:
+        fitting = [n for n in range(n_layer + 2) if stock_vram_bytes(layout, weights, n_ctx, n, 0) <= budget]
+        if not fitting:
+            notes.append("-ngl: not even the compute buffer fits the budget; not run")
+        elif fitting[-1] > n_layer:
+            notes.append("-ngl: every layer fits, which is all-gpu")
+        else:
+            found.append(_stock_run(layout, weights, n_ctx, "ngl", fitting[-1]))
+    return found
+
+
+def _edge_run(layout: MoeLayout, name: str, plan, bandwidth: float | None) -> RunSpec:
+    cap = f" --bandwidth {bandwidth / 1e9:g}GB/s" if bandwidth else ""
+    return RunSpec(
+        f"{name}:slots={plan.slots_per_layer}" + (f":bw={bandwidth / 1e9:g}GBps" if bandwidth else ""),
+        name,
+        "edge",
+        f"--mode {name} --slots {plan.slots_per_layer}{cap}",
+        plan.non_expert_bytes + plan.kv_cache_bytes + plan.compute_buffer_bytes + plan.expert_cache_bytes,
+        n_cpu_moe=layout.n_layer,
+        slots=plan.slots_per_layer,
+        bandwidth_bytes_per_s=bandwidth,
+    )
+
+
 def plan_runs(
     layout: MoeLayout,
     budgets: list[int],
@@ -150,105 +205,43 @@ def plan_runs(
     n_ctx: int,
     has_predictors: bool,
 ) -> tuple[dict[str, RunSpec], dict[tuple[int, float | None], list[str]], dict[int, list[str]], str]:
-    """(runs by key, keys of each (budget, bandwidth) table, notes per budget, the reference's key)."""
+    """(runs by key, keys of each (budget, bandwidth) table, notes per budget, the reference's key).
+
+    The reference (all-gpu; exps-cpu on a CPU-only build, where the GPU placements are all the same
+    one) is in every table. Runs shared by several tables appear once.
+    """
     weights = weight_bytes(layout)
-    n_layer = layout.n_layer
-
-    def stock(name: str, placement: str, ngl: int = -1, n_cpu_moe: int = 0) -> RunSpec:
-        key = {"all-gpu": "all-gpu", "exps-cpu": "exps-cpu"}.get(
-            name
-        ) or f"{name}={ngl if name == 'ngl' else n_cpu_moe}"
-        return RunSpec(
-            key,
-            name,
-            "stock",
-            placement,
-            stock_vram_bytes(layout, weights, n_ctx, ngl, n_cpu_moe),
-            ngl,
-            n_cpu_moe,
-        )
-
-    runs: dict[str, RunSpec] = {}
+    reference = _stock_run(layout, weights, n_ctx, "all-gpu" if gpu else "exps-cpu")
+    runs = {reference.key: reference}
     tables: dict[tuple[int, float | None], list[str]] = {}
     notes: dict[int, list[str]] = {}
-    reference = (
-        stock("all-gpu", "every layer on the GPU") if gpu else stock("exps-cpu", "-ot exps=CPU", 0, n_layer)
-    )
-    runs[reference.key] = reference
+    edge_names = [name for name in EDGE_CONFIGS if name in names]
+    skipped = [] if has_predictors else [name for name in edge_names if name in PREDICTION_MODES]
+    edge_names = [name for name in edge_names if name not in skipped]
     for budget in budgets:
         said = notes.setdefault(budget, [])
-        keys = [reference.key]
         if not gpu:
             said.append(
                 "CPU-only build: all-gpu, --n-cpu-moe and -ngl put every weight in host RAM like "
                 "-ot exps=CPU, so the one stock configuration run is exps-cpu"
             )
+            stock = []
         else:
-            fits_all = reference.estimated_vram_bytes <= budget
-            if not fits_all:
-                said.append(
-                    "all-gpu does not fit the budget: run once as the token reference, marked over budget"
-                )
-            if "exps-cpu" in names:
-                runs.setdefault("exps-cpu", stock("exps-cpu", "-ot exps=CPU", -1, n_layer))
-                keys.append("exps-cpu")
-            if "n-cpu-moe" in names:
-                fitting = [
-                    n for n in range(n_layer + 1) if stock_vram_bytes(layout, weights, n_ctx, -1, n) <= budget
-                ]
-                if not fitting:
-                    said.append("--n-cpu-moe: even every expert in RAM exceeds the budget; not run")
-                elif fitting[0] == 0:
-                    said.append("--n-cpu-moe: 0 fits, which is all-gpu")
-                else:
-                    spec = stock("n-cpu-moe", f"--n-cpu-moe {fitting[0]}", -1, fitting[0])
-                    runs.setdefault(spec.key, spec)
-                    keys.append(spec.key)
-            if "ngl" in names:
-                fitting = [
-                    n for n in range(n_layer + 2) if stock_vram_bytes(layout, weights, n_ctx, n, 0) <= budget
-                ]
-                if fitting and fitting[-1] > n_layer:
-                    said.append("-ngl: every layer fits, which is all-gpu")
-                else:
-                    n = fitting[-1] if fitting else 0
-                    spec = stock("ngl", f"-ngl {n}", n, 0)
-                    runs.setdefault(spec.key, spec)
-                    keys.append(spec.key)
-        edge_names = [name for name in EDGE_CONFIGS if name in names]
-        if not has_predictors and any(name in PREDICTION_MODES for name in edge_names):
-            skipped = [name for name in edge_names if name in PREDICTION_MODES]
+            if reference.estimated_vram_bytes > budget:
+                said.append("all-gpu does not fit: run as the token reference and marked over budget")
+            stock = _stock_runs_at(layout, weights, n_ctx, budget, names, notes=said)
+        if skipped:
             said.append(f"no --predictors: {', '.join(skipped)} not run")
-            edge_names = [name for name in edge_names if name not in PREDICTION_MODES]
         try:
             plan = plan_slots(layout, budget, n_ctx)
         except UserError as error:
             said.append(f"edge-preattn: {error}")
-            edge_names = []
+            plan = None
         for bandwidth in bandwidths:
-            table = list(keys)
-            for name in edge_names:
-                cap = f":bw={bandwidth / 1e9:g}GBps" if bandwidth else ""
-                placement = f"--mode {name} --slots {plan.slots_per_layer}" + (
-                    f" --bandwidth {bandwidth / 1e9:g}GB/s" if bandwidth else ""
-                )
-                spec = RunSpec(
-                    f"{name}:slots={plan.slots_per_layer}{cap}",
-                    name,
-                    "edge",
-                    placement,
-                    plan.non_expert_bytes
-                    + plan.kv_cache_bytes
-                    + plan.compute_buffer_bytes
-                    + plan.expert_cache_bytes,
-                    -1,
-                    n_layer,
-                    plan.slots_per_layer,
-                    bandwidth,
-                )
+            edge = [_edge_run(layout, name, plan, bandwidth) for name in edge_names] if plan else []
+            for spec in [reference, *stock, *edge]:
                 runs.setdefault(spec.key, spec)
-                table.append(spec.key)
-            tables[(budget, bandwidth)] = table
+            tables[(budget, bandwidth)] = [spec.key for spec in [reference, *stock, *edge]]
     return runs, tables, notes, reference.key
 
 

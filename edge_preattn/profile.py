@@ -10,7 +10,8 @@ observation, synchronizes the backend and calls back: the segment's time runs fr
 this" answer (just before that launch) to the call after the synchronize. The same measurement on a
 view node alone (no computation) is the overhead of one observation, and its median is subtracted
 from every segment. Observing splits the graph, so kernels no longer overlap and CUDA graphs do not
-apply: the report gives the plain (unobserved) decode time beside the sum of the segments.
+apply: the report gives the mean step of a second context without the callback beside the
+sum of the segments.
 
 The paper's Table 5 analogue: the time to load one expert and the router's k experts (up, gate and
 down slices) from disk and from RAM into device memory, from pageable and from pinned host memory,
@@ -68,6 +69,7 @@ NO_OP_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})  # ba
 GGML_TYPE_I8 = 24
 GGML_DEVICE_TYPE_CPU = 0
 BANDWIDTH_BYTES = 256 * 1024**2
+WARMUP_STEPS = 4
 _LAYER_NAME = re.compile(r"^(.*)-(\d+)$")
 
 
@@ -449,45 +451,65 @@ class NodeTimer:
         return False
 
 
+def greedy_steps(engine: Engine, prompt: str, n_steps: int, before_step=None) -> list[float]:
+    """Seconds of each of `n_steps` single-token greedy decodes after the prompt."""
+    prompt_tokens = engine.tokenize(prompt)
+    n_ctx = engine.llama_cpp.llama_n_ctx(engine.ctx)
+    if len(prompt_tokens) + n_steps + 1 > n_ctx:
+        raise UserError(f"the prompt and {n_steps} steps need more than -c {n_ctx} tokens; raise -c")
+    engine.reset()
+    engine.decode(prompt_tokens)
+    seconds = []
+    for step in range(n_steps):
+        token = int(np.argmax(engine.last_logits()))
+        if before_step is not None:
+            before_step(step)
+        started = time.perf_counter()
+        engine.decode([token])
+        engine.last_logits()  # waits for the step to finish
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def time_layer_ops(
     engine: Engine, timer: NodeTimer, layout: MoeLayout, prompt: str, n_tokens: int, *, warmup: int = 4
 ) -> dict:
-    """Table 1 over `n_tokens` greedy decode steps after `warmup` unobserved ones."""
+    """Table 1 over `n_tokens` greedy decode steps after `warmup` unobserved ones and one that reads
+    the graph's node names."""
     moe = {layer.index for layer in layout.moe_layers}
-    engine.reset()
-    engine.decode(engine.tokenize(prompt))
+    per_step: list[dict[int, float]] = []
+    plan: dict = {}
 
-    def step() -> None:
-        token = int(np.argmax(engine.last_logits()))
+    def before_step(step: int) -> None:
+        if step == warmup:  # this step records the names of the graph's nodes
+            timer.recording_names = True
+        elif step == warmup + 1:  # from here on, the chosen nodes are observed
+            timer.recording_names = False
+            plan["nodes"] = timer.nodes
+            plan["labels"] = classify_nodes(timer.nodes, moe)
+            observed, plan["probe"] = observation_plan(
+                plan["labels"], [op for _, op in timer.nodes], sorted(moe)[len(moe) // 2]
+            )
+            plan["observed"] = observed
+            timer.observed = frozenset(observed)
+        elif step > warmup + 1:
+            if timer.counter != len(plan["nodes"]) or not timer.done.keys() >= set(plan["observed"]):
+                raise RuntimeError(
+                    f"the decode graph changed ({timer.counter} nodes, was {len(plan['nodes'])})"
+                )
+            per_step.append({i: timer.done[i] - timer.launched[i] for i in plan["observed"]})
         timer.start_step()
-        engine.decode([token])
 
-    plain = []
-    for _ in range(warmup + n_tokens // 4):  # unobserved steps: warm-up, then the plain step time
-        started = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - started)
-    timer.recording_names = True
-    step()
-    timer.recording_names = False
-    nodes = timer.nodes
-    labels = classify_nodes(nodes, moe)
-    middle = sorted(moe)[len(moe) // 2]
-    observed, probe = observation_plan(labels, [op for _, op in nodes], middle)
-    timer.observed = frozenset(observed)
-    per_step = []
-    for _ in range(n_tokens):
-        started = time.perf_counter()
-        step()
-        elapsed = time.perf_counter() - started
-        if timer.counter != len(nodes) or not timer.done.keys() >= set(observed):
-            raise RuntimeError(f"the decode graph changed ({timer.counter} nodes, was {len(nodes)})")
-        per_step.append(({i: timer.done[i] - timer.launched[i] for i in observed}, elapsed))
+    steps = greedy_steps(engine, prompt, warmup + 1 + n_tokens, before_step)
+    before_step(warmup + 1 + n_tokens)  # collects the last step
+    labels, probe, observed = plan["labels"], plan["probe"], plan["observed"]
+    nodes = plan["nodes"]
+    observed_seconds = steps[warmup + 1 :]
     timer.observed = frozenset()
-    overhead = float(np.median([times[probe] for times, _ in per_step]))
+    overhead = float(np.median([times[probe] for times in per_step]))
     # samples[class][layer] -> per-step seconds
     samples = {kind: {il: [] for il in sorted(moe)} for kind in OP_CLASSES}
-    for times, _ in per_step:
+    for times in per_step:
         sums: dict[tuple[int, str], float] = {}
         for index in observed:
             il, kind = labels[index]
@@ -502,8 +524,8 @@ def time_layer_ops(
             **(_stats_ms(pooled) if pooled else {"mean_ms": None, "std_ms": None, "samples": 0}),
             "per_layer_mean_ms": {str(il): float(np.mean(v) * 1e3) for il, v in samples[kind].items() if v},
         }
-    probe_ms = np.array([times[probe] for times, _ in per_step]) * 1e3
-    observed_ms = np.array([elapsed for _, elapsed in per_step]) * 1e3
+    probe_ms = np.array([times[probe] for times in per_step]) * 1e3
+    observed_ms = np.array(observed_seconds) * 1e3
     layer_sum = sum(table[kind]["mean_ms"] or 0.0 for kind in OP_CLASSES) * len(moe)
     return {
         "ops": table,
@@ -512,8 +534,7 @@ def time_layer_ops(
         "graph_nodes": len(nodes),
         "observations_per_step": len(observed),
         "observation_overhead_ms": {"median": float(np.median(probe_ms)), "std": float(probe_ms.std())},
-        "plain_step_ms": float(np.median(np.array(plain[warmup:] or plain) * 1e3)),
-        "observed_step_ms": float(np.median(observed_ms)),
+        "observed_step_ms": float(np.mean(observed_ms)),
         "moe_layers_sum_ms": layer_sum,
         "method": "host perf_counter in the scheduler's eval callback: each segment from the 'observe' "
         "answer before its launch to the callback after the backend synchronize, minus the median time "
@@ -548,9 +569,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"Observation overhead subtracted: {t1['observation_overhead_ms']['median']:.4f} ms per segment "
-        f"({t1['observations_per_step']} observations per step). Decode step: {t1['plain_step_ms']:.3f} ms "
-        f"plain, {t1['observed_step_ms']:.3f} ms observed; MoE layers' segments sum to "
-        f"{t1['moe_layers_sum_ms']:.3f} ms.",
+        f"({t1['observations_per_step']} observations per step). Decode step (mean): "
+        f"{t1['plain_step_ms']:.3f} ms plain, {t1['observed_step_ms']:.3f} ms observed; "
+        f"MoE layers' segments sum to {t1['moe_layers_sum_ms']:.3f} ms.",
         f"Method: {t1['method']}.",
         "",
         f"## Expert loads (Table 5 analogue; k = {t5['k']}, {t5['samples']} samples, into {t5['target']})",
@@ -619,9 +640,12 @@ def main(args: argparse.Namespace) -> int:
     config = EngineConfig(
         str(args.model), n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers
     )
+    with Engine(llama_cpp, config) as engine:  # no callback: the step time without observation
+        plain_ms = np.array(greedy_steps(engine, args.prompt, WARMUP_STEPS + args.n_predict)) * 1e3
     with Engine(llama_cpp, config, context_params_hook=with_callback) as engine:
         log.info("timing layer operations over %d decode steps", args.n_predict)
-        table1 = time_layer_ops(engine, timer, layout, args.prompt, args.n_predict)
+        table1 = time_layer_ops(engine, timer, layout, args.prompt, args.n_predict, warmup=WARMUP_STEPS)
+    table1["plain_step_ms"] = float(np.mean(plain_ms[WARMUP_STEPS:]))
     log.info("timing expert loads (%d samples per row) and host→device bandwidth", args.samples)
     report = {
         "model": Path(args.model).name,
