@@ -240,6 +240,7 @@ def _stats_ms(seconds: list[float]) -> dict:
 
 def time_expert_loads(api: native.NativeApi, layout: MoeLayout, samples: int, seed: int = 0) -> dict:
     """Table 5: one expert and k experts from disk and from RAM, pageable and pinned, into the device."""
+    log.info("timing expert loads (%d samples per row)", samples)
     k = layout.n_expert_used
     per_expert = max(layer.bytes_per_expert for layer in layout.moe_layers)
     rng = np.random.default_rng(seed)
@@ -545,14 +546,8 @@ def time_layer_ops(
 # --- the verb -----------------------------------------------------------------------------------------
 
 
-def markdown(report: dict) -> str:
-    t1, t5 = report["table1"], report["table5"]
+def _table1_lines(t1: dict) -> list[str]:
     lines = [
-        f"# profile: {report['model']}",
-        "",
-        f"{report['build']} · {report['machine']['cpu']} · "
-        + (", ".join(g["name"] or "?" for g in report["machine"]["gpus"]) or "no GPU"),
-        "",
         f"## Per MoE layer, one decode step (Table 1 analogue; {t1['decode_steps']} steps × "
         f"{t1['moe_layers']} layers)",
         "",
@@ -562,18 +557,21 @@ def markdown(report: dict) -> str:
     for kind in OP_CLASSES:
         row = t1["ops"][kind]
         if row["samples"]:
-            lines.append(
-                f"| {kind.replace('_', ' ')} | {row['mean_ms']:.4f} | {row['std_ms']:.4f} "
-                f"| {row['samples']} |"
-            )
-    lines += [
+            name = kind.replace("_", " ")
+            lines.append(f"| {name} | {row['mean_ms']:.4f} | {row['std_ms']:.4f} | {row['samples']} |")
+    return [
+        *lines,
         "",
         f"Observation overhead subtracted: {t1['observation_overhead_ms']['median']:.4f} ms per segment "
         f"({t1['observations_per_step']} observations per step). Decode step (mean): "
         f"{t1['plain_step_ms']:.3f} ms plain, {t1['observed_step_ms']:.3f} ms observed; "
         f"MoE layers' segments sum to {t1['moe_layers_sum_ms']:.3f} ms.",
         f"Method: {t1['method']}.",
-        "",
+    ]
+
+
+def _table5_lines(t5: dict) -> list[str]:
+    lines = [
         f"## Expert loads (Table 5 analogue; k = {t5['k']}, {t5['samples']} samples, into {t5['target']})",
         "",
         "| source → target (host memory) | 1 expert ms | k experts ms | GB/s (k) |",
@@ -588,20 +586,48 @@ def markdown(report: dict) -> str:
             f"| {name} | {one['mean_ms']:.3f} ± {one['std_ms']:.3f} | {several['mean_ms']:.3f} ± "
             f"{several['std_ms']:.3f} | {row['k_bytes_per_s'] / 1e9:.2f} |"
         )
-    bandwidth = report["bandwidth"]
+    per_expert = max(row.get("bytes_per_expert", 0) for row in t5["rows"].values())
+    return [
+        *lines,
+        "",
+        f"Bytes per expert: {format_bytes(per_expert)}; disk read "
+        f"{t5['disk_read_bytes_per_s'] / 1e9:.2f} GB/s ({t5['note']}).",
+    ]
+
+
+def _bandwidth_lines(bandwidth: dict) -> list[str]:
     pinned = bandwidth["pinned_bytes_per_s"]
-    lines += [
-        "",
-        f"Bytes per expert: {format_bytes(max(r.get('bytes_per_expert', 0) for r in t5['rows'].values()))}; "
-        f"disk read {t5['disk_read_bytes_per_s'] / 1e9:.2f} GB/s ({t5['note']}).",
-        "",
+    return [
         f"Host → {bandwidth['target']}: {bandwidth['pageable_bytes_per_s'] / 1e9:.2f} GB/s pageable"
         + (f", {pinned / 1e9:.2f} GB/s pinned" if pinned else ", pinned n/a")
-        + f" ({format_bytes(bandwidth['transfer_bytes'])} copies, median of {bandwidth['repeats']}).",
-        "",
-        f"Command: `{report['command']}` · commit {report['commit']}",
+        + f" ({format_bytes(bandwidth['transfer_bytes'])} copies, median of {bandwidth['repeats']})."
     ]
+
+
+def markdown(report: dict) -> str:
+    gpus = ", ".join(g["name"] or "?" for g in report["machine"]["gpus"]) or "no GPU"
+    lines = [f"# profile: {report['model']}", "", f"{report['build']} · {report['machine']['cpu']} · {gpus}"]
+    for key, render in (
+        ("table1", _table1_lines),
+        ("table5", _table5_lines),
+        ("bandwidth", _bandwidth_lines),
+    ):
+        lines.append("")
+        if "error" in report[key]:
+            lines.append(f"{key}: failed: {report[key]['error']}")
+        else:
+            lines += render(report[key])
+    lines += ["", f"Command: `{report['command']}` · commit {report['commit']}"]
     return "\n".join(lines) + "\n"
+
+
+def _measured(what: str, measure) -> dict:
+    """One table; a failure is reported in its place so that the other tables are still written."""
+    try:
+        return measure()
+    except (UserError, RuntimeError, OSError, ValueError) as error:
+        log.warning("%s failed: %r", what, error)
+        return {"error": repr(error)}
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -640,13 +666,15 @@ def main(args: argparse.Namespace) -> int:
     config = EngineConfig(
         str(args.model), n_ctx=args.ctx_size, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers
     )
-    with Engine(llama_cpp, config) as engine:  # no callback: the step time without observation
-        plain_ms = np.array(greedy_steps(engine, args.prompt, WARMUP_STEPS + args.n_predict)) * 1e3
-    with Engine(llama_cpp, config, context_params_hook=with_callback) as engine:
-        log.info("timing layer operations over %d decode steps", args.n_predict)
-        table1 = time_layer_ops(engine, timer, layout, args.prompt, args.n_predict, warmup=WARMUP_STEPS)
-    table1["plain_step_ms"] = float(np.mean(plain_ms[WARMUP_STEPS:]))
-    log.info("timing expert loads (%d samples per row) and host→device bandwidth", args.samples)
+
+    def table1() -> dict:
+        with Engine(llama_cpp, config) as engine:  # no callback: the step time without observation
+            plain_ms = np.array(greedy_steps(engine, args.prompt, WARMUP_STEPS + args.n_predict)) * 1e3
+        with Engine(llama_cpp, config, context_params_hook=with_callback) as engine:
+            log.info("timing layer operations over %d decode steps", args.n_predict)
+            table = time_layer_ops(engine, timer, layout, args.prompt, args.n_predict, warmup=WARMUP_STEPS)
+        return {**table, "plain_step_ms": float(np.mean(plain_ms[WARMUP_STEPS:]))}
+
     report = {
         "model": Path(args.model).name,
         "machine": machine_info(),
@@ -654,9 +682,9 @@ def main(args: argparse.Namespace) -> int:
         "library": os.environ.get("LLAMA_CPP_LIB_PATH"),
         "commit": git_commit(Path(__file__).resolve().parent),
         "command": command_line(),
-        "table1": table1,
-        "table5": time_expert_loads(api, layout, args.samples),
-        "bandwidth": measure_bandwidth(api),
+        "table1": _measured("table 1", table1),
+        "table5": _measured("table 5", lambda: time_expert_loads(api, layout, args.samples)),
+        "bandwidth": _measured("bandwidth", lambda: measure_bandwidth(api)),
     }
     stem = f"profile-{Path(args.model).stem}"
     write_json_atomic(out_dir / f"{stem}.json", report)
