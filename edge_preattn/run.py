@@ -33,21 +33,18 @@ EXAMPLES = """\
 """
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edge-moe-default.md
-DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
-DEFAULT_MODEL_MODE = "top1"
+DEFAULT_MODEL_PRESET = "tiny"
 
 
-def apply_default_model(args: argparse.Namespace) -> None:
-    """No `-m`: run the packaged model with its shipped predictors in `top1` mode, so the first command
-    a newcomer types shows prediction and prefetching at work; with `-m`, the default mode is stock."""
-    if args.model is None:
-        args.model = str(DEFAULT_MODEL)
-        args.mode = args.mode or DEFAULT_MODEL_MODE
-        if args.mode in PREDICTION_MODES and not args.predictors:
-            args.predictors = str(DEFAULT_PREDICTORS)
-    args.mode = args.mode or "off"
+def default_model() -> Path:
+    """The packaged default model; until a trained one ships, the `tiny` synthetic model, made once."""
+    from . import synth
+
+    path = build.cache_dir() / "models" / f"synth-{DEFAULT_MODEL_PRESET}-seed0.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synth.write_synthetic(DEFAULT_MODEL_PRESET, path, progress=False)
+    return path
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -91,8 +88,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--mode",
         choices=MODES,
-        help="(default: off; top1 for the packaged model) off: stock placement; lru: cache, load on "
-        "demand; top1/exact/overprov: prefetch "
+        default="off",
+        help="off: stock placement; lru: cache, load on demand; top1/exact/overprov: prefetch "
         "predicted experts; oracle: prefetch the true experts of a recorded run (upper bound)",
     )
     cache.add_argument(
@@ -156,8 +153,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--bandwidth must be positive")
     if not 0 < args.target <= 1:
         raise UserError("--target is an expected recall: a number in (0, 1]")
-    apply_default_model(args)
-    model = Path(args.model)
+    if args.miss != "upload" and args.mode == "off":
+        raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
+    model = Path(args.model) if args.model else default_model()
     layout = read_layout(model)
     overrides = tuple(parse_override(text) for text in args.override_tensor)
     if args.cpu_moe or args.mode != "off":

@@ -147,3 +147,5 @@ def test_run_reports_cpu_computed_experts(llama_lib, tmp_path, capsys):
     per_token = stats["hits_per_token"] + stats["late_per_token"] + stats["cpu_per_token"]
     assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # k = 4 in 4 layers (see test_run)
     assert "on the CPU" in capsys.readouterr().err
+    assert cli.main(["run", "-m", str(path), "--miss", "cpu"]) == 2  # no cache, nothing to miss
+    assert "--miss cpu needs the expert cache" in capsys.readouterr().err
