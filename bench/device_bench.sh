@@ -7,11 +7,12 @@
 #   setup       patched cuda-hopper build; the stock library as an unpatched libllama on that build's
 #               ggml (the patches touch only libllama: ~30 s instead of a second ~190 s CUDA build);
 #               synthesizes qwen3-30b-a3b and deepseek-v2-lite (q4_0) while it compiles
-#               carry: .carry/whl .carry/llama-src.tgz .carry/moe-ref-a.part-aa
-#   predictors  collect (greedy, all on the GPU) and train predictors for the two synthetic models
-#               carry: .carry/moe-ref-a.part-ab .carry/train.txt
+#               carry: .carry/whl .carry/llama-src.tgz
+#   predictors  collect (sampled, all on the GPU) and train predictors for the two synthetic models
+#               carry: .carry/train.txt
 #   ref         moe-ref-a with its predictors at 25%,50%,75% of its experts, uncapped and 8 GB/s
-#               carry: .carry/preds
+#               carry: .carry/preds; moe-ref-a's parts (.carry/moe-ref-a.part-*, any number, each
+#               carried by some earlier call: device_env.sh copies them to /tmp)
 #   synth       the two synthetic models at 6,10,14 GiB, uncapped and 16 GB/s (capped: CAPPED_CONFIGS)
 #   profile     `profile` of deepseek-v2-lite
 # Knobs (environment): N tokens per prompt (32), PROMPTS file (bench's 3 built-in prompts),
@@ -55,6 +56,18 @@ stock_lib() {
         mkdir -p "$out/lib" && ln -sf "$patched"/libggml*.so* "$out/lib/" && cp -a "$out/build/bin"/libllama.so* "$out/lib/"
     fi
     echo "$out/lib"
+}
+
+ref_model() {
+    # moe-ref-a arrives as parts over several calls (a call carries at most 64 MiB with the tree):
+    # joined once every part is there, whatever their number, and checked against its sha256.
+    local want=e8e4884eb661591b6508a075dc6489de995b4d0b33a352648e443240618033ca
+    echo "$want  /tmp/moe-ref-a.gguf" | sha256sum -c --status - 2>/dev/null && return 0
+    cat /tmp/moe-ref-a.part-* > /tmp/moe-ref-a.gguf 2>/dev/null
+    echo "$want  /tmp/moe-ref-a.gguf" | sha256sum -c --status - && return 0
+    echo "moe-ref-a: the parts in /tmp ($(ls /tmp/moe-ref-a.part-* 2>/dev/null | xargs -n1 basename | tr '\n' ' ')) are not all there yet"
+    rm -f /tmp/moe-ref-a.gguf
+    return 1
 }
 
 synth_model() {  # $1 preset -> /tmp/models/$1-q4_0.gguf
@@ -101,6 +114,7 @@ for step in "$@"; do
         done
         ;;
     ref)
+        ref_model || continue
         bench /tmp/moe-ref-a.gguf moe-ref-a "${REF_ROUNDS:-2}" --vram-budget 25%,50%,75% --bandwidth none \
             --predictors /tmp/preds/moe-ref-a --configs "$CONFIGS"
         bench /tmp/moe-ref-a.gguf moe-ref-a "${REF_ROUNDS:-2}" --vram-budget 25%,50%,75% --bandwidth 8GB/s \
