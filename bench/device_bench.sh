@@ -16,9 +16,10 @@
 #   synth       the two synthetic models at 6,10,14 GiB, uncapped and 16 GB/s (capped: CAPPED_CONFIGS)
 #   profile     `profile` of deepseek-v2-lite
 # Knobs (environment): N tokens per prompt (32), PROMPTS file (bench's 3 built-in prompts),
-# REF_ROUNDS (2), SYNTH_ROUNDS (1), CONFIGS (all), CAPPED_CONFIGS (lru,exact,overprov,oracle),
-# SYNTH_MODELS (qwen3-30b-a3b deepseek-v2-lite), STEP_TIMEOUT seconds per bench (540), PRESET
-# (cuda-hopper).
+# REF_ROUNDS (2), SYNTH_ROUNDS (1), CONFIGS for moe-ref-a (all), SYNTH_CONFIGS (all but top1 and
+# adaptive, to save device time; the synthetic predictors are uncalibrated anyway), CAPPED_CONFIGS
+# (lru,exact,oracle), SYNTH_MODELS (qwen3-30b-a3b deepseek-v2-lite), STEP_TIMEOUT (560: seconds all
+# the benches of one step may take, so that a call of timeout_s 600 still packs), PRESET (cuda-hopper).
 # A bench cut short by STEP_TIMEOUT keeps what it measured; the same step again resumes it.
 set -u
 R=/tmp/bench-results
@@ -26,9 +27,10 @@ M=/tmp/models
 mkdir -p "$R" "$M" /tmp/preds
 N=${N:-32}
 CONFIGS=${CONFIGS:-all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,overprov,adaptive,oracle}
-CAPPED_CONFIGS=${CAPPED_CONFIGS:-lru,exact,overprov,oracle}
+SYNTH_CONFIGS=${SYNTH_CONFIGS:-all-gpu,exps-cpu,n-cpu-moe,ngl,lru,exact,overprov,oracle}
+CAPPED_CONFIGS=${CAPPED_CONFIGS:-lru,exact,oracle}
 SYNTH_MODELS=${SYNTH_MODELS:-qwen3-30b-a3b deepseek-v2-lite}
-STEP_TIMEOUT=${STEP_TIMEOUT:-540}
+STEP_TIMEOUT=${STEP_TIMEOUT:-560}
 PRESET=${PRESET:-cuda-hopper}
 THREADS=$(nproc)
 PROMPT_ARGS=()
@@ -78,7 +80,9 @@ bench() {  # bench MODEL OUTDIR-NAME ROUNDS [bench args...]
     local model=$1 name=$2 rounds=$3
     shift 3
     mkdir -p "$R/$name"
-    timeout -s TERM "$STEP_TIMEOUT" python3 -m edge_preattn.cli bench "$model" -n "$N" --rounds "$rounds" \
+    local left=$((step_end - SECONDS))
+    [ "$left" -gt 20 ] || { echo "no time left in this step for $name: run the step again"; return; }
+    timeout -s TERM "$left" python3 -m edge_preattn.cli bench "$model" -n "$N" --rounds "$rounds" \
         -t "$THREADS" --stock-lib "$(stock_lib)" -o "$R/$name" "${PROMPT_ARGS[@]}" "$@" 2>&1 | grep -v "^$" | tail -8
 }
 
@@ -94,6 +98,7 @@ touch /tmp/.device-bench-start
 export EDGE_PREATTN_LIB=${EDGE_PREATTN_LIB:-$(patched_lib)}
 for step in "$@"; do
     stamp "step $step"
+    step_end=$((SECONDS + STEP_TIMEOUT))
     case "$step" in
     setup)
         for preset in $SYNTH_MODELS; do synth_model "$preset"; done > "$R/synth.log" 2>&1 &
@@ -125,7 +130,7 @@ for step in "$@"; do
             preds=()
             [ -f "/tmp/preds/$preset/predictors.json" ] && preds=(--predictors "/tmp/preds/$preset")
             bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget 6GiB,10GiB,14GiB \
-                --bandwidth none "${preds[@]}" --configs "$CONFIGS"
+                --bandwidth none "${preds[@]}" --configs "$SYNTH_CONFIGS"
             bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget 6GiB,10GiB,14GiB \
                 --bandwidth 16GB/s "${preds[@]}" --configs "$CAPPED_CONFIGS"
         done
