@@ -63,6 +63,7 @@ ARCHS = {
     "granitemoe": _ArchRules("softmax", True, False),
 }
 GATING_FUNCS = {1: "softmax", 2: "sigmoid", 3: "softmax_weight", 4: "sqrt_softplus"}  # llama-hparams.h
+_EQUAL_KV_HEAD_ARCHS = ("qwen3moe", "qwen2moe", "llama", "olmoe")  # src/models/<arch>.cpp asserts it
 _ROLE_ORDER = ("gate", "up", "gate_up", "down")
 _EXPERT_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate_up|gate|up|down)_exps\.weight$")
 _LEGACY_EXPERT_NAME = re.compile(r"^blk\.\d+\.ffn_(gate|up|down)\.\d+\.weight$")
@@ -352,6 +353,19 @@ def _hparam(
     return tuple(values)
 
 
+def _check_attention(layout: MoeLayout) -> MoeLayout:
+    """What llama.cpp asserts (aborting the process) mid-graph instead of refusing at load: head
+    counts and sizes whose uint32 products wrap around, and K/V head sizes its graphs require equal."""
+    lo = layout
+    if max(lo.n_head, lo.n_head_kv) * max(lo.head_dim_k, lo.head_dim_v) >= 2**31:
+        raise _corrupt(lo.path, f"attention sizes overflow ({lo.n_head} heads, {lo.n_head_kv} KV heads)")
+    if lo.n_head_kv > lo.n_head or (lo.n_head_kv and lo.n_head % lo.n_head_kv):
+        raise _corrupt(lo.path, f"{lo.n_head} attention heads are not a multiple of {lo.n_head_kv} KV heads")
+    if lo.arch in _EQUAL_KV_HEAD_ARCHS and lo.head_dim_k != lo.head_dim_v:
+        raise _corrupt(lo.path, f"key and value head sizes differ ({lo.head_dim_k} vs {lo.head_dim_v})")
+    return layout
+
+
 def read_layout(path: str | os.PathLike[str]) -> MoeLayout:
     """The MoE layout of a GGUF, refused where llama.cpp's loader would refuse it."""
     name = os.fspath(path)
@@ -450,11 +464,12 @@ def read_layout(path: str | os.PathLike[str]) -> MoeLayout:
         )
     dense_layers = tuple(il for il in range(n_layer) if il not in by_layer)
     lead = meta.get(f"{arch}.leading_dense_block_count")
-    if isinstance(lead, int) and dense_layers != tuple(range(min(lead, n_layer))):
-        log.warning("%s: leading_dense_block_count %d but the dense layers are %s", name, lead, dense_layers)
+    if isinstance(lead, int) and dense_layers != tuple(range(min(lead, n_layer))):  # llama.cpp fails on it
+        raise _corrupt(name, f"{arch}.leading_dense_block_count is {lead} but the layers without experts "
+                       f"are {list(dense_layers)}")  # fmt: skip
 
     expert_bytes = sum(t.bytes_per_expert * n_expert for layer in moe_layers for t in layer.tensors)
-    return MoeLayout(
+    return _check_attention(MoeLayout(
         path=name, arch=arch, n_layer=n_layer, n_embd=n_embd, n_vocab=n_vocab,
         n_ctx_train=hparam("context_length", 0), n_head=n_head,
         n_head_kv=hparam("attention.head_count_kv", n_head), head_dim_k=head_dim_k,
@@ -471,7 +486,7 @@ def read_layout(path: str | os.PathLike[str]) -> MoeLayout:
             sum(t.shape[0] * t.shape[1] for t in layer.tensors) for layer in moe_layers
         ),
         fingerprint=header.fingerprint, file_bytes=header.file_bytes,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 # --- VRAM budget → expert slots ---------------------------------------------------------------------
