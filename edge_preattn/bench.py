@@ -48,7 +48,14 @@ EXAMPLES = """\
 """
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
-EDGE_CONFIGS = MODES[1:]
+# "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU)
+EDGE_CONFIGS = MODES[1:] + ("lru+cpu", "exact+cpu", "oracle+cpu", "lru+auto", "exact+auto")
+
+
+def edge_mode(name: str) -> tuple[str, str]:
+    """(run mode, miss policy) of an edge configuration name."""
+    mode, _, miss = name.partition("+")
+    return mode, miss or "upload"
 DEFAULT_PROMPTS = (
     "def fibonacci(n):",
     "The three primary colors are",
@@ -187,7 +194,7 @@ def _edge_run(layout: MoeLayout, name: str, plan, bandwidth: float | None) -> Ru
         f"{name}:slots={plan.slots_per_layer}" + (f":bw={bandwidth / 1e9:g}GBps" if bandwidth else ""),
         name,
         "edge",
-        f"--mode {name} --slots {plan.slots_per_layer}{cap}",
+        f"--mode {edge_mode(name)[0]} --slots {plan.slots_per_layer} --miss {edge_mode(name)[1]}{cap}",
         plan.non_expert_bytes + plan.kv_cache_bytes + plan.compute_buffer_bytes + plan.expert_cache_bytes,
         n_cpu_moe=layout.n_layer,
         slots=plan.slots_per_layer,
@@ -216,7 +223,7 @@ def plan_runs(
     tables: dict[tuple[int, float | None], list[str]] = {}
     notes: dict[int, list[str]] = {}
     edge_names = [name for name in EDGE_CONFIGS if name in names]
-    skipped = [] if has_predictors else [name for name in edge_names if name in PREDICTION_MODES]
+    skipped = [] if has_predictors else [name for name in edge_names if edge_mode(name)[0] in PREDICTION_MODES]
     edge_names = [name for name in edge_names if name not in skipped]
     for budget in budgets:
         said = notes.setdefault(budget, [])
@@ -302,13 +309,14 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
         runtime = None
         if spec.kind == "edge":
             predictors = None
-            if spec.name in PREDICTION_MODES:
+            mode, miss = edge_mode(spec.name)
+            if mode in PREDICTION_MODES:
                 from .onnx_io import load_predictor_set
 
                 predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.fingerprint)
             oracle = (
                 record_oracle(engine, work.prompts, work.n_predict, sampling)
-                if spec.name == "oracle"
+                if mode == "oracle"
                 else None
             )
             runtime = stack.enter_context(
@@ -316,7 +324,8 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                     engine,
                     layout,
                     n_slots=spec.slots,
-                    mode=spec.name,
+                    mode=mode,
+                    miss=miss,
                     max_batch_tokens=work.bypass_tokens,
                     predictors=predictors,
                     extra=work.extra,
@@ -482,7 +491,7 @@ def summarize(
         for key in SUMMARY_STATS:
             row[key] = _median([r["stats"].get(key) for r in ok])
         predictor_ms = row.pop("predictor_ms_per_call")
-        row["predictor_ms_per_layer"] = predictor_ms if spec.name in PREDICTION_MODES else None
+        row["predictor_ms_per_layer"] = predictor_ms if edge_mode(spec.name)[0] in PREDICTION_MODES else None
     reference_ok = [r for r in reference if "error" not in r]
     if reference_ok:
         row["tokens_equal_stock"] = all(r["tokens"] == reference_ok[0]["tokens"] for r in ok)
@@ -519,7 +528,7 @@ def headline(rows: list[dict]) -> dict:
     edge = best([r for r in rows if r["kind"] == "edge"])
     stock = best([r for r in rows if r["kind"] == "stock" and r["fits_budget"]])
     lru = next((r for r in rows if r["name"] == "lru" and r["decode_tok_s"]), None)
-    predicted = best([r for r in rows if r["name"] in PREDICTION_MODES])
+    predicted = best([r for r in rows if edge_mode(r["name"])[0] in PREDICTION_MODES])
     result = {
         "best_edge": edge and edge["name"],
         "best_stock": stock and stock["name"],

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The lead's GPU-machine calls of a session, in order, each one device call while the machine stays
+# warm (files in /tmp survive between warm calls): `source bench/device_env.sh; bash bench/device_calls.sh N`.
+# moe-ref-a travels in three parts (the tree with the packaged model leaves ~47 MB a call):
+#   1  carry .carry/whl .carry/llama-src.tgz .carry/p1 : machine facts, builds, synthetic models,
+#      cache-mode equivalence (q3-4l), --miss agreement (q3-4l, tiny), qwen3-30b-a3b bench
+#   2  carry .carry/p2 : deepseek-v2-lite bench, profile
+#   3  carry .carry/p3 (last part + int8 predictors of moe-ref-a) : moe-ref-a equivalence, --miss
+#      agreement and speed, moe-ref-a bench, memcheck, long run
+set -u
+# no predictors for the synthetic models this session (device time): lru, oracle and the miss policies
+SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,lru+auto,oracle,oracle+cpu
+mkdir -p "$OUT"
+cp .carry/p*/moe-ref-a.part-* /tmp/ 2>/dev/null
+stock_alias() {  # the fast stock library where find_library(stock=True) looks for it
+    local dest
+    dest=$(python3 -c "from edge_preattn import build; print(build.build_dir('cuda-hopper', True))")
+    mkdir -p "$dest/lib" && ln -sf /tmp/stock-fast/lib/* "$dest/lib/"
+}
+join_ref() {
+    [ -f /tmp/moe-ref-a.gguf ] || cat /tmp/moe-ref-a.part-a /tmp/moe-ref-a.part-b /tmp/moe-ref-a.part-c > /tmp/moe-ref-a.gguf
+    echo "e8e4884eb661591b6508a075dc6489de995b4d0b33a352648e443240618033ca  /tmp/moe-ref-a.gguf" | sha256sum -c -
+}
+case "$1" in
+1)
+    { nvidia-smi; lscpu; grep -o 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; } > "$OUT/machine.txt" 2>&1
+    STEP_TIMEOUT=330 bash bench/device_bench.sh setup 2>&1 | tail -12
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    [ -f /tmp/q3-4l.gguf ] || python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 60 python3 bench/cache_equivalence.py /tmp/q3-4l.gguf -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -8
+    timeout 80 python3 bench/miss_cpu_agreement.py --preset cuda-hopper --tag gpu --n-prompts 8 \
+        --models /tmp/q3-4l.gguf,synth:tiny --out "$OUT" 2>&1 | tail -12
+    SYNTH_CONFIGS=$SYNTH_CONFIGS SYNTH_MODELS=qwen3-30b-a3b STEP_TIMEOUT=$((560 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -25
+    ;;
+2)
+    stock_alias
+    SYNTH_CONFIGS=$SYNTH_CONFIGS SYNTH_MODELS=deepseek-v2-lite STEP_TIMEOUT=330 bash bench/device_bench.sh synth 2>&1 | tail -25
+    STEP_TIMEOUT=150 bash bench/device_bench.sh profile 2>&1 | tail -25
+    ;;
+3)
+    stock_alias
+    join_ref || exit 1
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    timeout 60 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 64 --slots 16,64 --out "$OUT" 2>&1 | tail -8
+    timeout 90 python3 bench/miss_cpu_agreement.py --preset cuda-hopper --tag gpu-ref --n-prompts 8 \
+        --models /tmp/moe-ref-a.gguf --out "$OUT" 2>&1 | tail -8
+    cp -r .carry/p3/preds /tmp/preds/moe-ref-a 2>/dev/null || { mkdir -p /tmp/preds; cp -r .carry/p3/preds /tmp/preds/moe-ref-a; }
+    CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,top1,exact,exact+cpu,overprov,adaptive,oracle REF_ROUNDS=2 STEP_TIMEOUT=300 bash bench/device_bench.sh ref 2>&1 | tail -25
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf \
+        --mode exact --predictors /tmp/preds/moe-ref-a --slots 16 --miss cpu -n 8 > "$OUT/memcheck.log" 2>&1
+    echo "memcheck exit $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
+    ;;
+esac
