@@ -49,13 +49,15 @@ EXAMPLES = """\
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
 # "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU)
-EDGE_CONFIGS = MODES[1:] + ("lru+cpu", "exact+cpu", "oracle+cpu", "lru+auto", "exact+auto")
+EDGE_CONFIGS = (*MODES[1:], "lru+cpu", "exact+cpu", "oracle+cpu", "lru+auto", "exact+auto")
 
 
 def edge_mode(name: str) -> tuple[str, str]:
     """(run mode, miss policy) of an edge configuration name."""
     mode, _, miss = name.partition("+")
     return mode, miss or "upload"
+
+
 DEFAULT_PROMPTS = (
     "def fibonacci(n):",
     "The three primary colors are",
@@ -223,7 +225,8 @@ def plan_runs(
     tables: dict[tuple[int, float | None], list[str]] = {}
     notes: dict[int, list[str]] = {}
     edge_names = [name for name in EDGE_CONFIGS if name in names]
-    skipped = [] if has_predictors else [name for name in edge_names if edge_mode(name)[0] in PREDICTION_MODES]
+    predicting = [name for name in edge_names if edge_mode(name)[0] in PREDICTION_MODES]
+    skipped = [] if has_predictors else predicting
     edge_names = [name for name in edge_names if name not in skipped]
     for budget in budgets:
         said = notes.setdefault(budget, [])
@@ -315,9 +318,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
 
                 predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.fingerprint)
             oracle = (
-                record_oracle(engine, work.prompts, work.n_predict, sampling)
-                if mode == "oracle"
-                else None
+                record_oracle(engine, work.prompts, work.n_predict, sampling) if mode == "oracle" else None
             )
             runtime = stack.enter_context(
                 CacheRuntime.for_layout(
