@@ -1,8 +1,8 @@
 """The `edge-preattn` command: it only dispatches to the module of each verb.
 
 Every verb module defines `HELP` (one line), `EXAMPLES` (shown under its --help), `add_args(parser)`
-and `main(args) -> int`. Heavy imports (llama_cpp, torch) stay inside those functions so that
-`edge-preattn --help` is instant.
+and `main(args) -> int` (and `RESUMABLE = True` where an interrupted run keeps its work for a rerun).
+Heavy imports (llama_cpp, torch) stay inside those functions so that `edge-preattn --help` is instant.
 """
 
 import argparse
@@ -81,15 +81,19 @@ def configure_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((word for word in argv if not word.startswith("-")), None)
+    module = None
     try:
         args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
         configure_logging(args.verbose)
-        return int(args._module.main(args) or 0)
+        module = args._module
+        return int(module.main(args) or 0)
     except UserError as error:
         print(f"edge-preattn: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edge-preattn: interrupted", file=sys.stderr)
+        # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
+        resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
+        print(f"edge-preattn: interrupted{resume}", file=sys.stderr)
         return 130
 
 

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ from .layout import MoeLayout, read_layout
 log = logging.getLogger(__name__)
 
 FORMAT = "edge-preattn-traces/1"
+SHARD_NAME = re.compile(r"^shard-\d{5}$")
 PHASE_PREFILL, PHASE_DECODE = 0, 1
 ACTIVATION_DTYPE, PROBS_DTYPE, IDS_DTYPE = np.float16, np.float16, np.int16
 
+RESUMABLE = True  # Ctrl-C keeps finished shards; the same command goes on from there
 HELP = "record pre-attention activations and router decisions of a MoE GGUF on a prompt set (training data)"
 EXAMPLES = """\
   edge-preattn collect model.gguf --prompts prompts.txt -o traces/model
@@ -231,12 +234,15 @@ def _write_shard(out_dir: Path, number: int, prompt_arrays: list[dict[str, np.nd
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     files = {}
-    for key in prompt_arrays[0]:
-        array = np.concatenate([arrays[key] for arrays in prompt_arrays])
-        np.save(staging / f"{key}.npy", array)
-        files[key] = {"dtype": str(array.dtype), "shape": list(array.shape)}
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
+    try:
+        for key in prompt_arrays[0]:
+            array = np.concatenate([arrays[key] for arrays in prompt_arrays])
+            np.save(staging / f"{key}.npy", array)
+            files[key] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # Ctrl-C or a full disk: no half shard stays
     phase = np.concatenate([arrays["phase"] for arrays in prompt_arrays])
     return {
         "name": final.name,
@@ -247,6 +253,27 @@ def _write_shard(out_dir: Path, number: int, prompt_arrays: list[dict[str, np.nd
     }
 
 
+def damaged_shard(out_dir: Path, shard: object) -> str | None:
+    """Why a shard the manifest lists cannot be read back (a file missing, cut short by a crash or of
+    another shape than recorded), or None. Reads only the .npy headers."""
+    name = shard.get("name") if isinstance(shard, dict) else None
+    files = shard.get("files") if isinstance(shard, dict) else None
+    if not isinstance(name, str) or not SHARD_NAME.match(name) or not isinstance(files, dict) or not files:
+        return "its entry in manifest.json is damaged"
+    for key, info in files.items():
+        if Path(key).name != key or key.startswith("."):
+            return f"its entry names a file outside the shard ({key!r})"
+        path = out_dir / name / f"{key}.npy"
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            return f"{path.name}: {error}"
+        recorded = (info.get("shape"), info.get("dtype")) if isinstance(info, dict) else None
+        if recorded != (list(array.shape), str(array.dtype)):
+            return f"{path.name} holds {array.dtype} {list(array.shape)}, not what the manifest recorded"
+    return None
+
+
 def bytes_per_token(layout: MoeLayout, n_layers: int) -> int:
     """Disk per recorded token: two float16 activations, float16 probs, int16 ids per layer."""
     return n_layers * (2 * layout.n_embd * 2 + layout.n_expert * 2 + layout.n_expert_used * 2) + 16
@@ -255,14 +282,18 @@ def bytes_per_token(layout: MoeLayout, n_layers: int) -> int:
 def open_manifest(out_dir: Path, expected: dict) -> dict:
     """The existing manifest when it matches (resume), or a fresh one; refuses another model's folder."""
     path = out_dir / "manifest.json"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is a file: give a folder for the traces")
     if not path.is_file():
         if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
             raise UserError(f"{out_dir} is not empty and has no manifest.json: choose a new -o folder")
         return {**expected, "shards": []}
     try:
         manifest = json.loads(path.read_text())
-    except ValueError:
-        raise UserError(f"{path} is not valid JSON: delete the folder or choose a new -o") from None
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise UserError(f"{path} is damaged (not a manifest written by collect): choose a new -o folder")
     if manifest.get("fingerprint") != expected["fingerprint"]:
         raise UserError(
             f"{out_dir} holds traces of another model (fingerprint {str(manifest.get('fingerprint'))[:16]}"
@@ -319,14 +350,22 @@ def collect(
             "phase": "int8 (0 prefill, 1 decode)",
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = open_manifest(out_dir, expected)
+    kept = []
+    for shard in manifest["shards"]:
+        why = damaged_shard(out_dir, shard)
+        if why is None:
+            kept.append(shard)
+        else:
+            log.warning("%s/%s is damaged (%s): collecting it again", out_dir, shard.get("name"), why)
+    manifest["shards"] = kept
     collector = Collector(model, layout, settings, n_threads)
     n_layers = len(collector.layers)
     estimate = len(prompts) * (30 + settings.max_new_tokens) * bytes_per_token(layout, n_layers)
     if max_samples:
         estimate = min(estimate, max_samples * bytes_per_token(layout, n_layers))
-    free = shutil.disk_usage(out_dir).free
+    existing = next(parent for parent in (out_dir, *out_dir.parents) if parent.is_dir())
+    free = shutil.disk_usage(existing).free
     log.info(
         "collecting %d prompts × (prefill + ≤%d new tokens), %d MoE layers; "
         "disk needed ≈ %.0f MiB (free %.1f GiB)",
@@ -337,9 +376,12 @@ def collect(
         free / 2**30,
     )
     if estimate > free:
+        collector.close()
         raise UserError(
-            f"about {estimate / 2**30:.1f} GiB needed but {free / 2**30:.1f} GiB free in {out_dir}"
+            f"about {estimate / 2**30:.1f} GiB needed but {free / 2**30:.1f} GiB free in {existing}: "
+            "free some space, or pass --max-samples"
         )
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     done_tokens = sum(shard["tokens"] for shard in manifest["shards"])
     per_shard = settings.prompts_per_shard
     started = time.monotonic()
@@ -402,6 +444,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 0:
         raise UserError("--max-new-tokens must be 0 or more")
+    if args.ctx_size <= args.max_new_tokens:
+        raise UserError(
+            f"-c {args.ctx_size} leaves no room for a prompt and -n {args.max_new_tokens}: raise -c, lower -n"
+        )
+    if args.prompts_per_shard < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise UserError("--prompts-per-shard and --max-samples must be at least 1")
     settings = CollectSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temp,

@@ -127,6 +127,18 @@ class PredictorSet:
         self.fingerprint: str = manifest["fingerprint"]
         self.int8 = int8
 
+    def check_fits(self, layout) -> None:
+        """Refuse a set whose shapes or layers are not the model's: a manifest can carry the right
+        fingerprint and still hold another model's graphs (edited by hand, or files mixed up)."""
+        moe_layers = {layer.index for layer in layout.moe_layers}
+        same_shape = (self.n_embd, self.n_expert) == (layout.n_embd, layout.n_expert)
+        if not same_shape or not set(self.layers) <= moe_layers:
+            raise UserError(
+                f"{self.directory} holds predictors for d = {self.n_embd}, E = {self.n_expert}, layers "
+                f"{list(self.layers)}, but {Path(layout.path).name} has d = {layout.n_embd}, "
+                f"E = {layout.n_expert}, MoE layers {sorted(moe_layers)}: train predictors for this model"
+            )
+
     def scores(self, il: int, x: np.ndarray) -> np.ndarray:
         """x [N, d] float32 → scores [N, E] float32; rank them for the predicted experts."""
         if il not in self._sessions:

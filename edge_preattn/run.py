@@ -18,6 +18,7 @@ from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides
 from .errors import UserError
 from .files import write_json_atomic
 from .layout import MoeLayout, plan_slots, read_layout
+from .slots import shrink_until_allocated
 from .units import format_bytes, parse_bytes, parse_rate
 
 HELP = "generate text from a MoE GGUF (default: the packaged model), streaming, with timing statistics"
@@ -153,6 +154,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--bandwidth must be positive")
     if not 0 < args.target <= 1:
         raise UserError("--target is an expected recall: a number in (0, 1]")
+    if args.extra < 0 or args.bypass_tokens < 1:
+        raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
+    if args.stats_json and not Path(args.stats_json).parent.is_dir():
+        raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model) if args.model else default_model()
@@ -169,6 +174,7 @@ def main(args: argparse.Namespace) -> int:
         from .onnx_io import load_predictor_set
 
         predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.fingerprint)
+        predictors.check_fits(layout)
     n_slots = cache_slots(args, layout) if args.mode != "off" else 0
     llama_cpp = native.load_llama(native.find_library(args.preset, stock=args.stock))
     config = EngineConfig(
@@ -188,11 +194,11 @@ def main(args: argparse.Namespace) -> int:
                 if args.mode == "oracle"
                 else None
             )
-            runtime = stack.enter_context(
-                CacheRuntime.for_layout(
+            runtime, n_slots = shrink_until_allocated(  # out of device memory: fewer slots, or stock
+                lambda slots: CacheRuntime.for_layout(
                     engine,
                     layout,
-                    n_slots=n_slots,
+                    n_slots=slots,
                     mode=args.mode,
                     max_batch_tokens=args.bypass_tokens,
                     predictors=predictors,
@@ -202,8 +208,14 @@ def main(args: argparse.Namespace) -> int:
                     eviction=args.eviction,
                     oracle=oracle,
                     miss=args.miss,
-                )
+                ),
+                n_slots,
+                layout.n_expert_used,
             )
+            if runtime is None:
+                args.mode = "off"
+            else:
+                stack.enter_context(runtime)
         record = None
         sys.stdout.write(args.prompt)
         for text, current in stream_text(engine, engine.generate(args.prompt, args.n_predict, sampling)):

@@ -6,10 +6,16 @@ by the CPU from the host copy), so a wrong decision here costs time, never outpu
 """
 
 import ctypes
+import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import UserError
 from .native import NativeApi
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC, LLAMA_EDGE_ERR_BACKEND = -3, -4, -5  # llama-edge.h
 
@@ -76,6 +82,37 @@ def bind_cache_functions(api: NativeApi) -> None:
         lib.llama_edge_cache_get_miss_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(MissStats)]
 
 
+class SlotAllocationError(UserError):
+    """The device could not allocate the slot banks (out of memory); fewer slots may still fit."""
+
+
+def shrink_until_allocated(
+    open_cache: Callable[[int], T], n_slots: int, min_slots: int
+) -> tuple[T | None, int]:
+    """`open_cache(n)` for n = n_slots, then fewer (halving the excess over min_slots, down to
+    min_slots = the router's k) while the device runs out of memory; (None, 0) when even k fails,
+    and the caller runs with stock placement. One warning says what was given up."""
+    tried = n_slots
+    while True:
+        try:
+            opened = open_cache(tried)
+        except SlotAllocationError:
+            if tried <= min_slots:
+                log.warning(
+                    "the device could not allocate even %d expert slots per layer (the router's k): "
+                    "running with stock placement (mode off) instead",
+                    min_slots,
+                )
+                return None, 0
+            tried = min_slots + (tried - min_slots) // 2
+            continue
+        if tried < n_slots:
+            log.warning(
+                "the device could not allocate %d expert slots per layer: running with %d", n_slots, tried
+            )
+        return opened, tried
+
+
 class SlotBank:
     """Slot banks of `layers` with `n_slots` experts each, on the context's devices."""
 
@@ -99,7 +136,7 @@ class SlotBank:
                 "without repacking (edge-preattn does this itself; check your -ot overrides)"
             )
         if status == LLAMA_EDGE_ERR_ALLOC:
-            raise UserError(
+            raise SlotAllocationError(
                 f"the device could not allocate {n_slots} expert slots for {len(self.layers)} layers: "
                 "lower --slots or --vram-budget"
             )

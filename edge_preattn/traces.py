@@ -7,6 +7,7 @@ fails.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from .errors import UserError
 
 META_FIELDS = ("tokens", "positions", "prompt", "phase")
 NEAR_TIE = 2e-3  # gap between the k-th and (k+1)-th score below which float16 inputs may swap them
+
+
+SHARD_NAME = re.compile(r"^shard-\d{5}$")  # what collect writes; anything else could leave the folder
 
 
 class TraceSet:
@@ -30,20 +34,27 @@ class TraceSet:
             )
         try:
             self.manifest = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path} is not valid JSON") from None
-        if not self.manifest.get("shards"):
+        except (ValueError, UnicodeDecodeError):
+            raise UserError(f"{path} is not valid JSON: collect the traces again into a new folder") from None
+        manifest = self.manifest if isinstance(self.manifest, dict) else {}
+        layout, settings, shards = (manifest.get(key) for key in ("layout", "settings", "shards"))
+        if not isinstance(layout, dict) or not isinstance(settings, dict) or not isinstance(shards, list):
+            raise _damaged(path, "its layout, settings or shards")
+        if not shards:
             raise UserError(
                 f"{self.directory} holds no complete shard yet: run or resume `edge-preattn collect`"
             )
-        layout = self.manifest["layout"]
-        self.fingerprint: str = self.manifest["fingerprint"]
-        self.n_embd: int = layout["n_embd"]
-        self.n_expert: int = layout["n_expert"]
-        self.k: int = layout["n_expert_used"]
-        self.gating: str = layout["gating"]
-        settings_layers = self.manifest["settings"].get("layers")
-        self.layers: tuple[int, ...] = tuple(settings_layers or layout["moe_layers"])
+        if not all(isinstance(s, dict) and SHARD_NAME.match(str(s.get("name"))) for s in shards):
+            raise _damaged(path, "a shard name")  # also keeps every read inside the folder
+        self.fingerprint: str = _field(manifest, "fingerprint", str, path)
+        self.n_embd: int = _field(layout, "n_embd", int, path)
+        self.n_expert: int = _field(layout, "n_expert", int, path)
+        self.k: int = _field(layout, "n_expert_used", int, path)
+        self.gating: str = _field(layout, "gating", str, path)
+        layers = settings.get("layers") or _field(layout, "moe_layers", list, path)
+        if not isinstance(layers, list) or not all(type(il) is int and il >= 0 for il in layers):
+            raise _damaged(path, "the collected layers")
+        self.layers: tuple[int, ...] = tuple(layers)
 
     def _load(self, name: str) -> np.ndarray:
         parts = []
@@ -51,11 +62,17 @@ class TraceSet:
             path = self.directory / shard["name"] / f"{name}.npy"
             try:
                 parts.append(np.load(path, allow_pickle=False))
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, EOFError) as error:
                 raise UserError(
-                    f"{path} is missing or damaged ({error}); delete {shard['name']} from the "
-                    "manifest's shards and rerun collect to redo it"
+                    f"{path} is missing or damaged ({error}); rerun collect (the same command): it redoes "
+                    "damaged shards"
                 ) from None
+        shapes, dtypes = {part.shape[1:] for part in parts}, {part.dtype for part in parts}
+        if len(shapes) > 1 or len(dtypes) > 1 or any(part.ndim == 0 for part in parts):
+            raise UserError(
+                f"{name}.npy differs in shape or type between the shards of {self.directory}: "
+                "collect the traces again into a new folder"
+            )
         return np.concatenate(parts)
 
     def meta(self) -> dict[str, np.ndarray]:
@@ -73,6 +90,17 @@ class TraceSet:
         or for the first MoE layer the token embedding (stored at collection)."""
         stored = self.directory / self.manifest["shards"][0]["name"] / f"L{il:03d}.x_prev.npy"
         return self.layer(il, "x_prev") if stored.is_file() else self.layer(il - 1, "x_router")
+
+
+def _damaged(path: Path, what: str) -> UserError:
+    return UserError(f"{path} has a damaged {what}: collect the traces again into a new folder")
+
+
+def _field(mapping: dict, key: str, kind: type, path: Path):
+    value = mapping.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
+        raise _damaged(path, repr(key))
+    return value
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ recall@k. After each epoch a layer's state is checkpointed; rerunning the same c
 import argparse
 import dataclasses
 import json
+import logging
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ from .errors import UserError
 from .files import temporary_path, write_json_atomic
 from .traces import TraceSet
 
+log = logging.getLogger(__name__)
+
+RESUMABLE = True  # Ctrl-C keeps per-epoch checkpoints; the same command goes on from there
 HELP = "train per-layer expert predictors on collected traces and export them to ONNX"
 EXAMPLES = """\
   edge-preattn train traces/model -o predictors/model
@@ -84,6 +89,26 @@ def _save(path: Path, state: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
+_CHECKPOINT_KEYS = {"epoch", "done", "history", "best_model", "bad_epochs", "model", "optimizer", "schedule"}
+
+
+def _load_checkpoint(path: Path, device) -> dict | None:
+    """A layer's checkpoint (tensors and plain data only: weights_only), or None when there is none
+    or it cannot be read, in which case that layer starts again (one warning)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+        state = error
+    if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
+        log.warning("%s is damaged (%s): training that layer from its start", path, str(state)[:200])
+        return None
+    return state
+
+
 def fit_layer(il: int, data: dict, settings: TrainSettings, *, gating: str, checkpoint: Path, bar=None):
     """Train (or resume, or reload when finished) one layer's predictor; returns (best model, history).
 
@@ -103,9 +128,10 @@ def fit_layer(il: int, data: dict, settings: TrainSettings, *, gating: str, chec
     steps_per_epoch = max(1, len(x_train) // settings.batch_size + (len(x_train) % settings.batch_size > 1))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
     loss_fn = make_loss(settings.loss, gating)
-    state = {"epoch": 0, "done": False, "history": [], "best_model": None, "bad_epochs": 0}
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = _load_checkpoint(checkpoint, device) or {
+        "epoch": 0, "done": False, "history": [], "best_model": None, "bad_epochs": 0
+    }  # fmt: skip
+    if "model" in state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -218,6 +244,8 @@ def train(
     if settings.input not in ("x_pre", "x_prev"):
         raise UserError("--input must be x_pre or x_prev")
     traces = TraceSet(traces_dir)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"-o {out_dir} is a file: give a folder for the predictors")
     layers = tuple(layers or traces.layers)
     missing = sorted(set(layers) - set(traces.layers))
     if missing:

@@ -1,0 +1,182 @@
+"""Faults during a run: a broken predictor, a refused upload, a device out of memory for the slot
+banks. Each run goes on with stock llama.cpp's exact output and says what happened once."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from edge_preattn import cli
+from edge_preattn.controller import CacheRuntime, RandomRanking
+from edge_preattn.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.layout import read_layout
+from edge_preattn.native import NativeApi
+from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
+from edge_preattn.synth import write_synthetic
+
+from .robustness_log import record
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+N_PREDICT = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    return path
+
+
+def greedy(llama_lib, model, **cache) -> tuple[list[int], np.ndarray, object]:
+    """Tokens and logits of a greedy run with experts in host memory; with `cache`, through the slot
+    cache (n_slots and controller options), also its controller statistics."""
+    config = EngineConfig(str(model), n_ctx=256, use_extra_bufts=False, overrides=expert_overrides(None))
+    with Engine(llama_lib, config) as engine:
+        layout = read_layout(model)
+        runtime = CacheRuntime.for_layout(engine, layout, **cache) if cache else None
+        try:
+            logits: list[np.ndarray] = []
+            tokens = [t for t, _ in engine.generate(PROMPT, N_PREDICT, on_logits=logits.append)]
+        finally:
+            if runtime is not None:
+                runtime.close()
+        return tokens, np.stack(logits), runtime and runtime.controller.stats
+
+
+@pytest.fixture(scope="module")
+def stock(llama_lib, tiny):
+    tokens, logits, _ = greedy(llama_lib, tiny)
+    return tokens, logits
+
+
+class Broken:
+    """A predictor that fails in one way on the layers in `layers` and ranks at random elsewhere."""
+
+    def __init__(self, fault: str, n_expert: int, layers: tuple[int, ...]) -> None:
+        self.fault, self.n_expert, self.layers = fault, n_expert, layers
+        self.random = RandomRanking(n_expert)
+
+    def scores(self, il: int, x: np.ndarray):
+        if il not in self.layers:
+            return self.random.scores(il, x)
+        n = len(x)
+        return {
+            "raises": lambda: 1 / 0,
+            "NaN scores": lambda: np.full((n, self.n_expert), np.nan, np.float32),
+            "infinite scores": lambda: np.full((n, self.n_expert), np.inf, np.float32),
+            "too few experts": lambda: np.zeros((n, self.n_expert - 1), np.float32),
+            "too many rows": lambda: np.zeros((n + 1, self.n_expert), np.float32),
+            "out-of-range ids instead of scores": lambda: np.full((n, 4), 10_000, np.int64),
+            "None": lambda: None,
+            "strings": lambda: np.full((n, self.n_expert), "x"),
+        }[self.fault]()
+
+
+FAULTS = [
+    "raises",
+    "NaN scores",
+    "infinite scores",
+    "too few experts",
+    "too many rows",
+    "out-of-range ids instead of scores",
+    "None",
+    "strings",
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
+    llama_lib, tiny, stock, caplog, fault
+):
+    layout = read_layout(tiny)
+    broken_layers = (1, 2)
+    predictors = Broken(fault, layout.n_expert, broken_layers)
+    with caplog.at_level(logging.WARNING, logger="edge_preattn"):
+        tokens, logits, stats = greedy(llama_lib, tiny, n_slots=6, mode="exact", predictors=predictors)
+    assert tokens == stock[0] and np.array_equal(logits, stock[1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == len(broken_layers), warnings  # once per switched-off layer
+    assert all("prediction is off for that layer" in w for w in warnings)
+    for il, counters in stats.layers.items():
+        assert (counters.prefetch_issued == 0) == (il in broken_layers), il
+    record("fault", f"predictor {fault} (layers 1, 2 of 4)", f"tokens = stock; warning: {warnings[0]}")
+
+
+def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, caplog, monkeypatch):
+    """The C side makes every selected expert resident itself, so uploads the controller could not
+    do (a device error) cost time, never output."""
+    real_upload, calls = SlotBank.upload, {"n": 0}
+
+    def failing(self, il, expert, slot):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise ValueError(f"upload of expert {expert} to layer {il} slot {slot} refused (status -1)")
+        real_upload(self, il, expert, slot)
+
+    monkeypatch.setattr(SlotBank, "upload", failing)
+    layout = read_layout(tiny)
+    with caplog.at_level(logging.WARNING, logger="edge_preattn"):
+        tokens, logits, _ = greedy(
+            llama_lib, tiny, n_slots=6, mode="exact", predictors=RandomRanking(layout.n_expert)
+        )
+    assert tokens == stock[0] and np.array_equal(logits, stock[1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings and all("refused" in w for w in warnings), warnings
+    record("fault", "uploads refused after the 20th (device error)", f"tokens = stock; {warnings[0]}")
+
+
+@pytest.fixture
+def enable_fails_above(llama_lib, monkeypatch):
+    """Make the C enable report out-of-memory (LLAMA_EDGE_ERR_ALLOC) above a slot count."""
+    lib = llama_lib.llama_cpp._lib
+    bind_cache_functions(NativeApi(llama_lib))
+    real_enable = lib.llama_edge_cache_enable
+    tried: list[int] = []
+
+    def install(limit: int) -> list[int]:
+        def enable(ctx, layers, n_layers, n_slots, max_batch_tokens):
+            tried.append(n_slots)
+            if n_slots > limit:
+                return LLAMA_EDGE_ERR_ALLOC
+            return real_enable(ctx, layers, n_layers, n_slots, max_batch_tokens)
+
+        monkeypatch.setattr(lib, "llama_edge_cache_enable", enable)
+        return tried
+
+    return install
+
+
+def run_cli(capsys, caplog, tiny, *extra: str) -> tuple[str, list[str], dict]:
+    stats_file = tiny.parent / "stats.json"
+    stats_file.unlink(missing_ok=True)
+    with caplog.at_level(logging.WARNING, logger="edge_preattn"):
+        argv = ["run", "-m", str(tiny), "-p", PROMPT, "-n", str(N_PREDICT), "--stats-json", str(stats_file)]
+        assert cli.main([*argv, *extra]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    caplog.clear()
+    return capsys.readouterr().out, warnings, json.loads(stats_file.read_text())
+
+
+@pytest.mark.parametrize(("limit", "expected_slots"), [(6, 5), (3, 0)])
+def test_out_of_device_memory_shrinks_the_cache_or_falls_back_to_stock(
+    llama_lib, tiny, capsys, caplog, enable_fails_above, limit, expected_slots
+):
+    reference, warnings, _ = run_cli(capsys, caplog, tiny, "--mode", "lru", "--slots", "16")
+    assert not warnings
+    tried = enable_fails_above(limit)
+    text, warnings, stats = run_cli(capsys, caplog, tiny, "--mode", "lru", "--slots", "16")
+    assert text == reference  # the same generated text as the cache (and stock) gives
+    assert tried == ([16, 10, 7, 5] if limit == 6 else [16, 10, 7, 5, 4])  # halving down to k = 4
+    assert stats["slots"] == expected_slots and stats["mode"] == ("lru" if expected_slots else "off")
+    assert len(warnings) == 1, warnings
+    what = f"slot banks out of device memory above {limit} slots (asked 16, k = 4)"
+    record("fault", what, f"ran with {expected_slots or 'stock placement'}; warning: {warnings[0]}")
+
+
+def test_direct_enable_failure_is_a_one_line_user_error(llama_lib, tiny, enable_fails_above):
+    """SlotBank alone (bench and library users) still says what to do."""
+    enable_fails_above(0)
+    config = EngineConfig(str(tiny), n_ctx=64, use_extra_bufts=False, overrides=expert_overrides(None))
+    with Engine(llama_lib, config) as engine, pytest.raises(SlotAllocationError, match="lower --slots"):
+        SlotBank(engine.api, engine.ctx, (0, 1), n_slots=8)
