@@ -34,18 +34,24 @@ EXAMPLES = """\
 """
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-DEFAULT_MODEL_PRESET = "tiny"
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edge-moe-default.md
+DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
+DEFAULT_MODEL_MODE = "top1"
 
 
-def default_model() -> Path:
-    """The packaged default model; until a trained one ships, the `tiny` synthetic model, made once."""
-    from . import synth
-
-    path = build.cache_dir() / "models" / f"synth-{DEFAULT_MODEL_PRESET}-seed0.gguf"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        synth.write_synthetic(DEFAULT_MODEL_PRESET, path, progress=False)
-    return path
+def apply_default_model(args: argparse.Namespace) -> None:
+    """No `-m`: run the packaged model with its shipped predictors in `top1` mode, so the first command
+    a newcomer types shows prediction and prefetching at work. With `-m`, or with a stock placement
+    flag, the default mode is stock placement."""
+    stock_placement = args.cpu_moe or args.n_cpu_moe is not None or args.override_tensor
+    if args.model is None:
+        args.model = str(DEFAULT_MODEL)
+        if not stock_placement:
+            args.mode = args.mode or DEFAULT_MODEL_MODE
+        if args.mode in PREDICTION_MODES and not args.predictors:
+            args.predictors = str(DEFAULT_PREDICTORS)
+    args.mode = args.mode or "off"
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -89,9 +95,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     cache.add_argument(
         "--mode",
         choices=MODES,
-        default="off",
-        help="off: stock placement; lru: cache, load on demand; top1/exact/overprov: prefetch "
-        "predicted experts; oracle: prefetch the true experts of a recorded run (upper bound)",
+        help="off: stock placement (the default; top1 for the packaged model); lru: cache, load on "
+        "demand; top1/exact/overprov: prefetch predicted experts; oracle: prefetch the true experts "
+        "of a recorded run (upper bound)",
     )
     cache.add_argument(
         "--predictors", metavar="DIR", help="predictors made by `edge-preattn train` for this model"
@@ -158,9 +164,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
     if args.stats_json and not Path(args.stats_json).parent.is_dir():
         raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
+    apply_default_model(args)
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
-    model = Path(args.model) if args.model else default_model()
+    model = Path(args.model)
     layout = read_layout(model)
     overrides = tuple(parse_override(text) for text in args.override_tensor)
     if args.cpu_moe or args.mode != "off":
