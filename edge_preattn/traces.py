@@ -39,7 +39,7 @@ class TraceSet:
         manifest = self.manifest if isinstance(self.manifest, dict) else {}
         layout, settings, shards = (manifest.get(key) for key in ("layout", "settings", "shards"))
         if not isinstance(layout, dict) or not isinstance(settings, dict) or not isinstance(shards, list):
-            raise _damaged(path, "its layout, settings or shards")
+            raise _damaged(path, "the layout, settings or shard list")
         if not shards:
             raise UserError(
                 f"{self.directory} holds no complete shard yet: run or resume `edge-preattn collect`"
@@ -93,13 +93,13 @@ class TraceSet:
 
 
 def _damaged(path: Path, what: str) -> UserError:
-    return UserError(f"{path} has a damaged {what}: collect the traces again into a new folder")
+    return UserError(f"{path}: {what} is damaged; collect the traces again into a new folder")
 
 
 def _field(mapping: dict, key: str, kind: type, path: Path):
     value = mapping.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value <= 0):
-        raise _damaged(path, repr(key))
+        raise _damaged(path, f"the field {key!r}")
     return value
 
 

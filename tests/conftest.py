@@ -1,5 +1,6 @@
 """Shared fixtures: the patched CPU library (built once, cached outside the repo) and ../shared files."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -44,3 +45,18 @@ def moe_ref_a() -> Path:
     if path is None:
         pytest.skip("../shared/models/moe-ref-a.gguf is absent")
     return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_cli_log_handlers():
+    """`cli.main` binds its log handlers to the stderr of its first call in a process; under pytest that
+    stream is closed with its test, so every test starts and ends without them (pytest's own stay)."""
+
+    def drop() -> None:
+        for logger in (logging.root, logging.getLogger("edge_preattn")):
+            for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+                logger.removeHandler(handler)
+
+    drop()
+    yield
+    drop()

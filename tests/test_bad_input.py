@@ -342,8 +342,8 @@ def traces_case(ws, name: str) -> Path:
 TRAIN_CASES = {
     "traces without manifest": ("no manifest", [], "has no manifest.json: is it a folder written by"),
     "traces manifest not JSON": ("manifest not JSON", [], "is not valid JSON: collect the traces again"),
-    "traces manifest without layout": ("layout missing", [], "has a damaged its layout, settings or shards"),
-    "shard name leaving the folder": ("a shard name leaving the folder", [], "has a damaged a shard name"),
+    "traces manifest without layout": ("layout missing", [], "settings or shard list is damaged"),
+    "shard name leaving the folder": ("a shard name leaving the folder", [], "a shard name is damaged"),
     "shard truncated by a crash": ("a shard cut short", [], "tokens.npy is missing or damaged"),
     "-o is a file": (None, ["-o", "{root}/prompts.txt"], "is a file: give a folder for the predictors"),
     "--epochs 0": (None, ["--epochs", "0"], "--epochs and --hidden must be at least 1"),
