@@ -383,3 +383,51 @@ def test_bad_inspect_options_are_one_line(ws, capsys, case):
     record(
         "bad option (inspect)", case, one_line_error(capsys, ws, ["inspect", str(ws.good), *extra], fragment)
     )
+
+
+class Payload:
+    """Unpickling this creates a file: proof of execution if the file appears."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, caplog):
+    import torch
+
+    from edge_preattn import train
+    from edge_preattn.errors import UserError
+    from edge_preattn.traces import TraceSet
+
+    marker = tmp_path / "executed"
+    traces = shutil.copytree(ws.traces, tmp_path / "traces")
+    np.save(
+        traces / "shard-00000" / "L000.ids.npy", np.array([Payload(marker)], dtype=object), allow_pickle=True
+    )
+    with pytest.raises(UserError, match=r"L000\.ids\.npy is missing or damaged") as refused:
+        TraceSet(traces).layer(0, "ids")
+    checkpoint = tmp_path / "layer-000.pt"
+    torch.save({"epoch": Payload(marker)}, checkpoint)
+    with caplog.at_level("WARNING", logger="edge_preattn"):
+        assert train._load_checkpoint(checkpoint, "cpu") is None  # weights_only: refused, layer retrained
+    assert not marker.exists()
+    record("untrusted input", "a pickle (object array) in a trace shard", str(refused.value))
+    record(
+        "untrusted input",
+        "a pickle in a training checkpoint",
+        f"not run; warning: {caplog.records[-1].getMessage()[:120]}",
+    )
+
+
+def test_no_code_path_unpickles_user_files():
+    """What users pass is data: no pickle.load, allow_pickle=True, or torch.load without weights_only."""
+    root = Path(__file__).resolve().parents[1]
+    for source in [*root.glob("edge_preattn/*.py"), *root.glob("bench/*.py")]:
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert "pickle.load" not in code and "allow_pickle=True" not in code, f"{source}:{number}"
+            assert "torch.load(" not in code or "weights_only=True" in code, f"{source}:{number}"
+            assert not re.search(r"(?<![\w.])(eval|exec)\(", code), f"{source}:{number}"
