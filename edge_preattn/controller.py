@@ -207,11 +207,10 @@ class Controller:
         scores = self.predictors.scores(il, x)  # [n_tokens, n_expert]
         counters.predictor_s += time.perf_counter() - started
         counters.predictor_calls += 1
-        if scores.shape != (len(x), self.n_expert) or not np.isfinite(scores).all():
-            raise ValueError(
-                f"predictor returned scores of shape {scores.shape} (or not finite); "
-                f"expected {(len(x), self.n_expert)}"
-            )
+        if scores.shape != (len(x), self.n_expert):
+            raise ValueError(f"predictor gave scores of shape {scores.shape}, not {(len(x), self.n_expert)}")
+        if not np.isfinite(scores).all():
+            raise ValueError("predictor gave scores that are not finite (NaN or infinite)")
         order = np.argsort(-scores, axis=1, kind="stable")[:, : self.n_candidates]  # [n_tokens, n]
         if self.mode == "adaptive":
             counts = prefetch_counts(
