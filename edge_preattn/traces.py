@@ -53,7 +53,7 @@ class TraceSet:
         self.gating: str = _field(layout, "gating", str, path)
         layers = settings.get("layers") or _field(layout, "moe_layers", list, path)
         if not isinstance(layers, list) or not all(type(il) is int and il >= 0 for il in layers):
-            raise _damaged(path, "the collected layers")
+            raise _damaged(path, "the list of collected layers")
         self.layers: tuple[int, ...] = tuple(layers)
 
     def _load(self, name: str) -> np.ndarray:

@@ -31,16 +31,19 @@ def parse_bytes(text: str) -> int:
         raise UserError(f"cannot read size {text!r}: write a number with a unit such as 512MiB, 6GiB or 12GB")
     value = float(match.group(1)) * _MULTIPLIERS[unit]
     if value <= 0:
-        raise UserError(f"size {text!r} must be positive")
+        raise UserError(f"size {text!r} must be positive: write a size such as 512MiB or 6GiB")
     return int(value)
 
 
 def parse_rate(text: str) -> float:
     """`12GB/s` → 12e9 bytes per second."""
     body = text.strip()
-    if not body.lower().endswith("/s"):
-        raise UserError(f"cannot read rate {text!r}: write bytes per second such as 12GB/s or 800MiB/s")
-    return float(parse_bytes(body[:-2]))
+    try:
+        if body.lower().endswith("/s"):
+            return float(parse_bytes(body[:-2]))
+    except UserError:
+        pass
+    raise UserError(f"cannot read rate {text!r}: write bytes per second above 0, such as 12GB/s or 800MiB/s")
 
 
 def format_bytes(n_bytes: float) -> str:

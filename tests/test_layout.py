@@ -22,6 +22,8 @@ from edge_preattn.layout import (
     read_layout,
 )
 
+from .robustness_log import record
+
 Q8_0, Q4_0, F16, F32 = (gguf.GGMLQuantizationType[n] for n in ("Q8_0", "Q4_0", "F16", "F32"))
 BLOCK_BYTES = {Q8_0: 34, Q4_0: 18}  # bytes per block of 32 values, written out by hand
 MiB = 1024**2
@@ -501,6 +503,8 @@ def test_fuzzed_headers_read_or_refuse(tmp_path: Path) -> None:
             outcomes["refused"] += 1
         assert time.perf_counter() - started < 2.0, case
     assert outcomes["refused"] > 50, outcomes
+    for outcome, count in outcomes.items():
+        record("fuzz (header only, read_layout, seed 1234)", "flips, absurd counts, cuts", outcome, count)
 
 
 # --- slot planning ----------------------------------------------------------------------------------

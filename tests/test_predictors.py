@@ -26,6 +26,8 @@ from edge_preattn.predictors import (
 )
 from edge_preattn.traces import TraceSet
 
+from .robustness_log import record
+
 LOG2 = math.log(2)
 PROMPTS = [
     "Whales are mammals, which means that",
@@ -310,6 +312,8 @@ def test_fuzzed_manifests_end_in_a_clean_error_or_a_clean_load(trained, tmp_path
             assert "\n" not in str(error)
             outcomes["error"] += 1
     assert outcomes["error"] > 0 and sum(outcomes.values()) == 200
+    for outcome, count in outcomes.items():
+        record("fuzz (predictors.json, seed 0)", "byte flips and cuts", outcome, count)
 
 
 def test_eval_calibrate_stores_temperatures_and_reports_adaptive_prefetch(
