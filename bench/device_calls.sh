@@ -51,4 +51,24 @@ case "$1" in
         --mode exact --predictors /tmp/preds/moe-ref-a --slots 16 --miss cpu -n 8 > "$OUT/memcheck.log" 2>&1
     echo "memcheck exit $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
     ;;
+4)  # one call when moe-ref-a cannot travel (the tree holds the packaged model): the packaged model
+    # (trained routing, shipped predictors) stands in for it; carry .carry/whl .carry/llama-src.tgz
+    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    { nvidia-smi; lscpu; grep -o 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; } > "$OUT/machine.txt" 2>&1
+    STEP_TIMEOUT=300 SYNTH_MODELS=deepseek-v2-lite bash bench/device_bench.sh setup 2>&1 | tail -3
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    for env in "X=1" "GGML_CUDA_DISABLE_FUSION=1" "GGML_CUDA_DISABLE_GRAPHS=1"; do
+        env $env timeout 40 python3 bench/cuda_logit_diff.py /tmp/q3-4l.gguf --slots 128 -n 12 2>/dev/null | tee -a "$OUT/cuda-logit-diff.jsonl"
+        env $env timeout 30 python3 bench/cuda_logit_diff.py $D --slots 32 -n 12 2>/dev/null | tee -a "$OUT/cuda-logit-diff.jsonl"
+    done
+    timeout 60 python3 bench/cache_equivalence.py $D -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -8
+    timeout 60 python3 bench/miss_cpu_agreement.py --preset cuda-hopper --tag gpu-default --n-prompts 8 \
+        --models $D --out "$OUT" 2>&1 | tail -6
+    mkdir -p "$OUT/bench"
+    timeout $((585 - SECONDS)) python3 -m edge_preattn.cli bench $D -n 32 --rounds 2 -t "$(nproc)" \
+        --stock-lib /tmp/stock-fast/lib -o "$OUT/bench" --vram-budget 25%,50%,75% --predictors $P \
+        --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,top1,exact,exact+cpu,overprov,adaptive,oracle 2>&1 | grep -v "^$" | tail -12
+    ;;
 esac
