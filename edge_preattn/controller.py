@@ -160,8 +160,6 @@ class Controller:
         self.stats = RuntimeStats(layers={il: LayerCounters() for il in bank.layers})
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
-        # the last ubatch whose routing each layer has seen: a prefetch for it or earlier is too late
-        self.routed = dict.fromkeys(bank.layers, -1)
         self.prefetched: dict[int, set[int]] = {il: set() for il in bank.layers}
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
@@ -189,7 +187,7 @@ class Controller:
             truth = self.oracle.get((self.ubatch, il))
             if truth is not None and self._cached(il, len(truth)):
                 experts = list(dict.fromkeys(truth.ravel().tolist()))
-                self._submit(il, self._prefetch, il, experts, self.ubatch)
+                self.pending[il] = self.executor.submit(self._prefetch, il, experts)
             return
         # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
         # (the last one, in plain generation), so a prefill may still reach the bank there.
@@ -199,25 +197,11 @@ class Controller:
             rows = x[-1:]
         else:
             return
-        self._submit(il, self._predict_and_prefetch, il, np.array(rows, dtype=np.float32), self.ubatch)
+        self.pending[il] = self.executor.submit(
+            self._predict_and_prefetch, il, np.array(rows, dtype=np.float32)
+        )
 
-    def _submit(self, il: int, work, *args) -> None:
-        future = self.executor.submit(work, *args)
-        future.add_done_callback(lambda done: self._check(il, done))
-        self.pending[il] = future
-
-    def _check(self, il: int, done: concurrent.futures.Future) -> None:
-        error = done.exception()
-        if error is not None and il not in self.disabled:
-            self.disabled.add(il)
-            log.warning("predictor for layer %d failed (%r): prediction is off for that layer", il, error)
-
-    def _stale(self, il: int, ubatch: int) -> bool:
-        return self.routed[il] >= ubatch
-
-    def _predict_and_prefetch(self, il: int, x: np.ndarray, ubatch: int) -> None:
-        if self._stale(il, ubatch):
-            return  # the router already chose: predicting now would only cost CPU
+    def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
         counters = self.stats.layers[il]
         started = time.perf_counter()
         scores = self.predictors.scores(il, x)  # [n_tokens, n_expert]
@@ -237,15 +221,13 @@ class Controller:
         candidates = [
             e for e in dict.fromkeys(order.T.ravel().tolist()) if e >= 0
         ]  # best of every token first
-        self._prefetch(il, candidates, ubatch)
+        self._prefetch(il, candidates)
 
-    def _prefetch(self, il: int, candidates: list[int], ubatch: int) -> None:
+    def _prefetch(self, il: int, candidates: list[int]) -> None:
         slots, counters = self.slots[il], self.stats.layers[il]
         protect = set(candidates)
         with self.locks[il]:
             for expert in candidates:
-                if self._stale(il, ubatch):
-                    break  # routing has decided this layer; later uploads would only evict
                 if slots.resident(expert):
                     continue
                 victim = slots.victim(protect)
@@ -305,21 +287,22 @@ class Controller:
         if il == self.first_layer:
             self.stats.cached_tokens += n_tokens
         counters.tokens += n_tokens
-        # Never wait for an unfinished prediction: mark the layer routed (the prefetch stops after the
-        # upload in flight, which the lock below waits for) and serve the misses now.
-        # (oracle, the upper bound, does wait: its uploads are the true experts).
+        waited = False
         future = self.pending.pop(il, None)
-        waited = future is not None and not future.done()
-        started = time.perf_counter()
-        if waited and self.mode == "oracle":
-            concurrent.futures.wait([future])
-        self.routed[il] = self.ubatch
+        if future is not None:
+            started = time.perf_counter()
+            waited = not future.done()
+            try:
+                future.result()
+            except Exception as error:
+                self.disabled.add(il)
+                log.warning("predictor for layer %d failed (%r): prediction is off for that layer", il, error)
+            counters.stall_s += time.perf_counter() - started if waited else 0.0
         ids = routing.ids.astype(np.int64)  # [n_tokens, k]
         experts, rows = np.unique(ids, return_counts=True)
         selected = set(experts.tolist())
         on_cpu = []
         with self.locks[il]:
-            counters.stall_s += time.perf_counter() - started if waited else 0.0
             for expert, count in zip(experts.tolist(), rows.tolist(), strict=True):
                 if slots.resident(expert):
                     if waited and expert in self.prefetched[il]:
