@@ -16,11 +16,12 @@ PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
 
 
-def host_experts_engine(llama_lib, model, n_ctx=256) -> Engine:
+def host_experts_engine(llama_lib, model, n_ctx=256, context_params_hook=None) -> Engine:
     """Experts in host memory as plain bytes: the placement the cache and stock `-ot exps=CPU` share."""
     return Engine(
         llama_lib,
         EngineConfig(str(model), n_ctx=n_ctx, use_extra_bufts=False, overrides=expert_overrides(None)),
+        context_params_hook=context_params_hook,
     )
 
 
@@ -175,8 +176,7 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
         params.cb_eval = record_names
 
     layout = read_layout(moe_ref_a)
-    config = EngineConfig(str(moe_ref_a), n_ctx=128, use_extra_bufts=False, overrides=expert_overrides(None))
-    with Engine(llama_lib, config, context_params_hook=set_cb) as engine:
+    with host_experts_engine(llama_lib, moe_ref_a, n_ctx=128, context_params_hook=set_cb) as engine:
         list(engine.generate(PROMPT, 2))  # a graph built before the cache exists must not be reused
         assert "ffn_moe_topk-0" in names and not any(name.startswith("ffn_moe_slots-") for name in names)
         with CacheRuntime.for_layout(engine, layout, n_slots=8, mode="lru"):

@@ -6,20 +6,15 @@ import numpy as np
 import pytest
 
 from edge_preattn.controller import CacheRuntime, MissCostModel, RandomRanking
-from edge_preattn.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.engine import Engine
 from edge_preattn.layout import read_layout
 from edge_preattn.slots import MissStats, SlotBank, bind_cache_functions
 from edge_preattn.synth import write_synthetic
 
+from .test_cache import host_experts_engine
+
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
-
-
-def host_experts_engine(llama_lib, model, n_ctx=256) -> Engine:
-    return Engine(
-        llama_lib,
-        EngineConfig(str(model), n_ctx=n_ctx, use_extra_bufts=False, overrides=expert_overrides(None)),
-    )
 
 
 def greedy(engine: Engine) -> tuple[list[int], np.ndarray]:
