@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("-n", type=int, default=16)
     args = parser.parse_args()
-    llama_cpp = native.load_llama()
+    llama_cpp = native.load_llama(offload_short_batches=True)
     layout = read_layout(args.model)
     with Engine(llama_cpp, EngineConfig(args.model, n_ctx=256, use_extra_bufts=False)) as engine:
         ref_tokens, ref = logits_of(engine, args.n)

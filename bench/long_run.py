@@ -56,7 +56,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     layout = read_layout(args.model)
-    llama_cpp = native.load_llama()
+    llama_cpp = native.load_llama(offload_short_batches=True)
     gpu = bool(native.NativeApi(llama_cpp).gpus())
     pieces = max(1, args.tokens // args.piece)
     n_ctx = args.piece + 64

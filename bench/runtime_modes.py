@@ -85,7 +85,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     layout = read_layout(args.model)
-    llama_cpp = native.load_llama()
+    llama_cpp = native.load_llama(offload_short_batches=True)
     api = native.NativeApi(llama_cpp)
     gpu = bool(api.gpus())
     predictors = (

@@ -290,7 +290,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
     from .run import run_stats
 
     probe = VramProbe.start()
-    llama_cpp = native.load_llama(native.find_library())
+    llama_cpp = native.load_llama(native.find_library(), offload_short_batches=spec.kind == "edge")
     layout = read_layout(work.model)
     if spec.n_cpu_moe >= layout.n_layer:
         overrides = expert_overrides(None)

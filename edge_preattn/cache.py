@@ -1,61 +1,14 @@
-"""Slot-cache policy: which expert sits in which slot, what to evict, and how many bytes may move.
+"""Slot-cache policy knobs: the eviction policies and how many bytes prefetches may move.
 
-Pure bookkeeping, no native calls: the controller asks it and then performs the uploads. It mirrors
-the C side's residency (slot -> expert) exactly, because every upload goes through the controller;
-the C side's forced uploads (a selected expert the policy failed to make resident) are counted
-there and show up in the statistics as a bug to fix, not as wrong output.
+Residency itself lives in the library (one source of truth, read and written under the layer's lock
+by the routing and by prefetch threads); the controller chooses the policy, and this module holds
+the bandwidth budget that models a slow bus on a fast machine.
 """
 
 import threading
 import time
-from collections import OrderedDict
 
-EVICTION_POLICIES = ("lru", "lfu")
-
-
-class LayerSlots:
-    """Residency of one layer's slots, with recency and frequency for eviction."""
-
-    def __init__(self, n_slots: int, eviction: str = "lru") -> None:
-        if eviction not in EVICTION_POLICIES:
-            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}")
-        self.n_slots = n_slots
-        self.eviction = eviction
-        self.expert_in: list[int] = [-1] * n_slots  # slot -> expert (-1: empty)
-        self.slot_of: dict[int, int] = {}  # expert -> slot
-        self.recency: OrderedDict[int, None] = OrderedDict((s, None) for s in range(n_slots))  # LRU first
-        self.uses: dict[int, int] = {}  # expert -> times selected (LFU)
-
-    def resident(self, expert: int) -> bool:
-        return expert in self.slot_of
-
-    def victim(self, protect: set[int]) -> int | None:
-        """The slot to overwrite: empty first, then LRU (or LFU) among slots not holding `protect`."""
-        candidates = [s for s in self.recency if self.expert_in[s] not in protect]
-        if not candidates:
-            return None
-        empty = [s for s in candidates if self.expert_in[s] < 0]
-        if empty:
-            return empty[0]
-        if self.eviction == "lfu":
-            return min(candidates, key=lambda s: self.uses.get(self.expert_in[s], 0))
-        return candidates[0]
-
-    def assign(self, expert: int, slot: int) -> None:
-        old = self.expert_in[slot]
-        if old >= 0:
-            del self.slot_of[old]
-        self.expert_in[slot] = expert
-        self.slot_of[expert] = slot
-        self.recency.move_to_end(slot)
-
-    def touch(self, experts) -> None:
-        """The router selected these: most recently used, one more use each."""
-        for expert in experts:
-            slot = self.slot_of.get(expert)
-            if slot is not None:
-                self.recency.move_to_end(slot)
-            self.uses[expert] = self.uses.get(expert, 0) + 1
+EVICTION_POLICIES = {"lru": 0, "lfu": 1}  # LLAMA_EDGE_EVICT_LRU / _LFU in llama-edge.h
 
 
 class UploadBudget:
@@ -71,14 +24,21 @@ class UploadBudget:
         self.updated = time.monotonic()
         self.lock = threading.Lock()
 
-    def try_take(self, n_bytes: int) -> bool:
+    def grant(self, n_units: int, unit_bytes: int) -> int:
+        """Take the bytes of as many of `n_units` uploads as the bucket holds now: how many."""
         if self.bytes_per_s is None:
-            return True
+            return n_units
         with self.lock:
             now = time.monotonic()
             self.level = min(self.capacity, self.level + (now - self.updated) * self.bytes_per_s)
             self.updated = now
-            if n_bytes > self.level:
-                return False
-            self.level -= n_bytes
-            return True
+            granted = min(n_units, int(self.level // unit_bytes))
+            self.level -= granted * unit_bytes
+            return granted
+
+    def refund(self, n_bytes: int) -> None:
+        """Return bytes granted but not used (the expert was resident already)."""
+        if self.bytes_per_s is None or n_bytes <= 0:
+            return
+        with self.lock:
+            self.level = min(self.capacity, self.level + n_bytes)

@@ -2,23 +2,25 @@
 
 On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
 releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
-uploaded. On the routing hook each selected expert is a hit (resident), late (its prefetch was
-still running: we wait) or a miss. A miss is uploaded now, synchronously (`miss="upload"`, the
-paper's behaviour), or left to the CPU, which computes it from the host copy while the GPU computes
-the resident experts (`"cpu"`), or either, by a cost model of measured upload and CPU times
-(`"auto"`). The C side re-checks residency before the expert matmuls and sends every selected
-expert to exactly one side, so no decision here can change the output.
+uploaded. The router does not wait for the prediction: a prefetch that has not landed when the
+layer is routed stops there (the library refuses uploads into a bank that expert matmuls may be
+reading), and what it missed is a miss. A miss is uploaded at routing into the eviction policy's
+victim (`miss="upload"`, the paper's behaviour, applied by the library itself), or left to the CPU,
+which computes it from the host copy while the GPU computes the resident experts (`"cpu"`), or
+either, by a cost model of measured upload and CPU times (`"auto"`). The C side checks residency
+before the expert matmuls and sends every selected expert to exactly one side, so no decision here
+can change the output.
 """
 
 import concurrent.futures
+import dataclasses
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import LayerSlots, UploadBudget
+from .cache import EVICTION_POLICIES, UploadBudget
 from .calibration import prefetch_counts
 from .hooks import Hooks, Routing
 from .layout import MoeLayout
@@ -34,14 +36,16 @@ MISS_POLICIES = ("upload", "cpu", "auto")
 @dataclass
 class LayerCounters:
     tokens: int = 0  # tokens whose experts this layer read from the bank
-    hits: int = 0
-    late: int = 0
-    misses: int = 0  # uploaded on the miss, synchronously
+    hits: int = 0  # (token, expert) pairs resident at routing, prefetched or not
+    late: int = 0  # prefetched, but the routing waited for a prefetch upload in flight
+    misses: int = 0  # uploaded at routing
     cpu: int = 0  # missed and computed on the CPU instead
     deferred_uploads: int = 0  # lru with misses on the CPU: uploaded after the layer, for later tokens
     prefetch_issued: int = 0
+    prefetch_hits: int = 0  # of the hits: resident thanks to a prefetch
     prefetch_wasted: int = 0
-    prefetch_dropped: int = 0  # over the bandwidth budget
+    prefetch_late: int = 0  # predicted experts not uploaded: the router had already decided
+    prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
     stall_s: float = 0.0
     predictor_s: float = 0.0
     predictor_calls: int = 0
@@ -61,7 +65,7 @@ class RuntimeStats:
 
 
 class MissCostModel:
-    """`--miss auto`: upload a missed expert or compute it on the CPU, whichever costs less now.
+    """`--miss auto`: upload a layer's missed experts or compute them on the CPU, whichever costs less now.
 
     Both costs come from the C side's clocks: seconds per uploaded byte (every upload, prefetches
     included) and seconds from the routing decision to the CPU side's output per CPU-computed expert
@@ -105,7 +109,13 @@ class MissCostModel:
 
 
 class Controller:
-    """Decides uploads for one engine's slot bank; `on_pre_attn`/`on_routing` are the hook handlers."""
+    """Decides uploads for one engine's slot bank; `on_pre_attn`/`on_routing` are the hook handlers.
+
+    The routing-time rule for a miss under `miss="upload"` (upload into the eviction policy's victim)
+    is a standing rule the library applies itself: Python code at every layer of every token would
+    cost more than most uploads. The routing hook is installed only when this controller has a
+    decision to make there (misses on the CPU, `auto`, or `wait_for_prefetch`).
+    """
 
     def __init__(
         self,
@@ -122,6 +132,7 @@ class Controller:
         eviction: str = "lru",
         oracle: dict[tuple[int, int], np.ndarray] | None = None,
         miss: str = "upload",
+        wait_for_prefetch: bool = False,
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -139,8 +150,12 @@ class Controller:
             mode,
         )
         self.predictors, self.oracle, self.miss = predictors, oracle, miss
+        # routing waits for the layer's prediction and prefetch: slower, but what is resident at
+        # routing no longer depends on thread timing (what the predictor achieves given the time)
+        # (oracle always waits: it is the upper bound on what prefetching can make resident)
+        self.wait_for_prefetch = wait_for_prefetch or mode == "oracle"
         self.cost = MissCostModel(bytes_per_expert) if miss == "auto" else None
-        # lru with misses on the CPU: the missed experts, uploaded once their layer is done
+        # lru with misses on the CPU: the layers' selected experts, uploaded once their layer is done
         self.deferred: list[tuple[int, list[int]]] = []
         self.deferring: dict[int, concurrent.futures.Future] = {}
         self.n_candidates = {
@@ -155,15 +170,19 @@ class Controller:
         calibrated = (getattr(predictors, "manifest", None) or {}).get("calibration", {})
         self.temperatures = {int(il): float(entry["temperature"]) for il, entry in calibrated.items()}
         self.budget = UploadBudget(bandwidth_bytes_per_s)
-        self.slots = {il: LayerSlots(bank.n_slots, eviction) for il in bank.layers}
-        self.locks = {il: threading.Lock() for il in bank.layers}
-        self.stats = RuntimeStats(layers={il: LayerCounters() for il in bank.layers})
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
+        bank.set_eviction(EVICTION_POLICIES[eviction])
+        self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
-        self.prefetched: dict[int, set[int]] = {il: set() for il in bank.layers}
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.ubatch = -1
+
+    @property
+    def needs_routing_hook(self) -> bool:
+        return self.miss != "upload" or self.wait_for_prefetch
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -171,23 +190,44 @@ class Controller:
     def _cached(self, il: int, n_tokens: int) -> bool:
         """The C side's rule for a ubatch reading the bank (else it took the stock path)."""
         return (
-            il in self.slots
+            il in self.python
             and n_tokens <= self.bank.max_batch_tokens
             and n_tokens * self.k <= self.bank.n_slots
         )
+
+    @property
+    def stats(self) -> RuntimeStats:
+        """The library's per-layer counts, with what only the controller knows."""
+        layers = {}
+        for il, mine in self.python.items():
+            native = self.bank.layer_stats(il)
+            layers[il] = dataclasses.replace(
+                mine,
+                tokens=native["tokens"],
+                hits=native["hits"] + native["prefetch_hits"],
+                late=native["late"],
+                misses=native["misses"],
+                cpu=native["cpu"],
+                prefetch_issued=native["prefetch_uploads"],
+                prefetch_hits=native["prefetch_hits"],
+                prefetch_wasted=native["prefetch_wasted"],
+                prefetch_late=native["prefetch_refused"],
+                stall_s=mine.stall_s + native["stall_ns"] * 1e-9,
+            )
+        return RuntimeStats(layers=layers, cached_tokens=layers[self.first_layer].tokens)
 
     # -- pre-attention: start the prefetch and return -------------------------------------------------
 
     def on_pre_attn(self, il: int, x: np.ndarray) -> None:
         if il == 0:
             self.ubatch += 1
-        if self.mode == "lru" or il in self.disabled or il not in self.slots:
+        if self.mode == "lru" or il in self.disabled or il not in self.python:
             return
         if self.mode == "oracle":
             truth = self.oracle.get((self.ubatch, il))
             if truth is not None and self._cached(il, len(truth)):
                 experts = list(dict.fromkeys(truth.ravel().tolist()))
-                self.pending[il] = self.executor.submit(self._prefetch, il, experts)
+                self.pending[il] = self._submit(il, self._prefetch, il, experts)
             return
         # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
         # (the last one, in plain generation), so a prefill may still reach the bank there.
@@ -197,16 +237,29 @@ class Controller:
             rows = x[-1:]
         else:
             return
-        self.pending[il] = self.executor.submit(
-            self._predict_and_prefetch, il, np.array(rows, dtype=np.float32)
-        )
+        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, np.array(rows, dtype=np.float32))
+
+    def _submit(self, il: int, work, *args) -> concurrent.futures.Future:
+        """Run on the prefetch thread; a failure (predictor or upload) switches the layer's prediction
+        off with one warning, since nobody may be waiting for the result."""
+
+        def guarded() -> None:
+            try:
+                work(*args)
+            except Exception as error:
+                self.disabled.add(il)
+                log.warning("prefetch for layer %d failed (%r): prediction is off for that layer", il, error)
+
+        return self.executor.submit(guarded)
 
     def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
-        counters = self.stats.layers[il]
+        counters = self.python[il]
         started = time.perf_counter()
-        scores = self.predictors.scores(il, x)  # [n_tokens, n_expert]
-        counters.predictor_s += time.perf_counter() - started
-        counters.predictor_calls += 1
+        try:
+            scores = self.predictors.scores(il, x)  # [n_tokens, n_expert]
+        finally:
+            counters.predictor_s += time.perf_counter() - started
+            counters.predictor_calls += 1
         if scores.shape != (len(x), self.n_expert):
             raise ValueError(f"predictor gave scores of shape {scores.shape}, not {(len(x), self.n_expert)}")
         if not np.isfinite(scores).all():
@@ -223,25 +276,20 @@ class Controller:
         ]  # best of every token first
         self._prefetch(il, candidates)
 
-    def _prefetch(self, il: int, candidates: list[int]) -> None:
-        slots, counters = self.slots[il], self.stats.layers[il]
-        protect = set(candidates)
-        with self.locks[il]:
-            for expert in candidates:
-                if slots.resident(expert):
-                    continue
-                victim = slots.victim(protect)
-                if victim is None:
-                    break
-                if not self.budget.try_take(self.bytes_per_expert):
-                    counters.prefetch_dropped += 1
-                    break
-                self.bank.upload(il, expert, victim)
-                slots.assign(expert, victim)
-                self.prefetched[il].add(expert)
-                counters.prefetch_issued += 1
+    def _prefetch(self, il: int, candidates: list[int]) -> int:
+        """Upload the candidates that are not resident, within the bandwidth budget: how many."""
+        allowed = self.budget.grant(len(candidates), self.bytes_per_expert)
+        if allowed < len(candidates):
+            self.python[il].prefetch_dropped += 1
+        uploaded = self.bank.prefetch(il, candidates, allowed)
+        self.budget.refund((allowed - uploaded) * self.bytes_per_expert)
+        return uploaded
 
-    # -- routing: make the selected experts resident --------------------------------------------------
+    def _defer_upload(self, il: int, experts: list[int]) -> None:
+        """lru with misses on the CPU: upload a layer's selected experts once its matmuls are done."""
+        self.python[il].deferred_uploads += self._prefetch(il, experts)
+
+    # -- routing: decisions the library cannot make alone -------------------------------------------
 
     def _upload_on_miss(self) -> bool:
         if self.miss == "auto":
@@ -255,76 +303,29 @@ class Controller:
             return self.cost.upload_is_cheaper()
         return self.miss == "upload"
 
-    def _defer_upload(self, il: int, experts: list[int]) -> None:
-        """Upload `experts` of layer il in the background, never evicting the ones its ubatch uses."""
-        slots, counters = self.slots[il], self.stats.layers[il]
-        protect = set(experts)
-        with self.locks[il]:
-            for expert in experts:
-                victim = slots.victim(protect)
-                if victim is None or slots.resident(expert):
-                    continue
-                if not self.budget.try_take(self.bytes_per_expert):
-                    counters.prefetch_dropped += 1
-                    break
-                self.bank.upload(il, expert, victim)
-                slots.assign(expert, victim)
-                counters.deferred_uploads += 1
-
     def on_routing(self, routing: Routing) -> None:
         il = routing.layer
         n_tokens = len(routing.ids)
-        # the layers whose misses were deferred have run their experts by now
+        # the layers whose selected experts were deferred have run their experts by now
         for layer, experts in self.deferred:
-            self.deferring[layer] = self.executor.submit(self._defer_upload, layer, experts)
+            self.deferring[layer] = self._submit(layer, self._defer_upload, layer, experts)
         self.deferred.clear()
         if not self._cached(il, n_tokens):
             return
         previous = self.deferring.pop(il, None)
         if previous is not None:
             previous.result()  # residency settles before this ubatch's decisions
-        counters, slots = self.stats.layers[il], self.slots[il]
-        if il == self.first_layer:
-            self.stats.cached_tokens += n_tokens
-        counters.tokens += n_tokens
-        waited = False
         future = self.pending.pop(il, None)
-        if future is not None:
+        if future is not None and self.wait_for_prefetch:
             started = time.perf_counter()
-            waited = not future.done()
-            try:
-                future.result()
-            except Exception as error:
-                self.disabled.add(il)
-                log.warning("predictor for layer %d failed (%r): prediction is off for that layer", il, error)
-            counters.stall_s += time.perf_counter() - started if waited else 0.0
-        ids = routing.ids.astype(np.int64)  # [n_tokens, k]
-        experts, rows = np.unique(ids, return_counts=True)
-        selected = set(experts.tolist())
-        on_cpu = []
-        with self.locks[il]:
-            for expert, count in zip(experts.tolist(), rows.tolist(), strict=True):
-                if slots.resident(expert):
-                    if waited and expert in self.prefetched[il]:
-                        counters.late += count
-                    else:
-                        counters.hits += count
-                    continue
-                if self.miss != "upload" and not self._upload_on_miss():
-                    counters.cpu += count  # the C side sends it to the CPU: it is not resident
-                    on_cpu.append(expert)
-                    continue
-                started = time.perf_counter()
-                victim = slots.victim(selected)
-                self.bank.upload(il, expert, victim)
-                slots.assign(expert, victim)
-                counters.stall_s += time.perf_counter() - started
-                counters.misses += count
-            counters.prefetch_wasted += len(self.prefetched[il] - selected)
-            self.prefetched[il].clear()
-            slots.touch(ids.ravel().tolist())
-        if on_cpu and self.mode == "lru":
-            self.deferred.append((il, on_cpu))  # lru has no other way to fill the cache
+            future.result()
+            self.python[il].stall_s += time.perf_counter() - started
+        selected = list(dict.fromkeys(routing.ids.ravel().tolist()))
+        if self.miss != "upload" and self._upload_on_miss():
+            # the library counts these as misses; the rest of the misses go to the CPU
+            self.bank.prefetch(il, selected, len(selected), on_miss=True)
+        elif self.miss != "upload" and self.mode == "lru":
+            self.deferred.append((il, selected))  # lru has no other way to fill the cache
 
 
 class RandomRanking:
@@ -371,9 +372,14 @@ class CacheRuntime:
         self.controller = Controller(self.bank, **controller_options)
         if self.controller.miss != "upload":
             self.bank.set_miss_cpu(True)
-        # lru needs no activation; the controller needs only the router's ids (fewer graph splits)
+        # each observed node costs a graph split and a device synchronize: observe only what is used
         on_pre_attn = None if self.controller.mode == "lru" else self.controller.on_pre_attn
-        self.hooks = Hooks(engine.api, engine.ctx, on_pre_attn, self.controller.on_routing, detail=False)
+        on_routing = self.controller.on_routing if self.controller.needs_routing_hook else None
+        self.hooks = (
+            Hooks(engine.api, engine.ctx, on_pre_attn, on_routing, detail=False)
+            if on_pre_attn or on_routing
+            else None
+        )
 
     @classmethod
     def for_layout(
@@ -400,7 +406,8 @@ class CacheRuntime:
         )
 
     def close(self) -> None:
-        self.hooks.close()
+        if self.hooks is not None:
+            self.hooks.close()
         self.controller.close()
 
     def __enter__(self) -> "CacheRuntime":

@@ -14,7 +14,7 @@ from types import ModuleType
 from . import build
 from .errors import UserError
 
-PATCH_VERSION = 4  # what patches/ builds; llama_edge_patch_version() answers it
+PATCH_VERSION = 5  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
@@ -42,8 +42,17 @@ def find_library(preset: str | None = None, stock: bool = False) -> Path:
     return lib_dir
 
 
-def load_llama(lib_dir: Path | None = None) -> ModuleType:
-    """Import llama_cpp bound to our library; refuses to mix two libraries in one process."""
+def load_llama(lib_dir: Path | None = None, offload_short_batches: bool = False) -> ModuleType:
+    """Import llama_cpp bound to our library; refuses to mix two libraries in one process.
+
+    `offload_short_batches`, for processes that run the expert cache: a ubatch too large for the
+    slots (a short prompt) takes the stock path, and with the experts in host memory stock llama.cpp
+    computes it on the CPU unless it has GGML_OP_OFFLOAD_MIN_BATCH (32) tokens. Lowering that to 2
+    has the GPU compute it with the kernels of stock all-on-GPU, whose tokens the cache must give.
+    The backend reads it once, when it registers: it must be set before the import.
+    """
+    if offload_short_batches:
+        os.environ.setdefault("GGML_OP_OFFLOAD_MIN_BATCH", "2")
     lib_dir = Path(lib_dir or find_library()).resolve()
     current = os.environ.get("LLAMA_CPP_LIB_PATH")
     import sys

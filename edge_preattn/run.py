@@ -128,6 +128,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "from host RAM (cpu), or whichever measured cost is lower (auto)",
     )
     cache.add_argument(
+        "--wait-prefetch",
+        action="store_true",
+        help="the router waits for each layer's prediction and prefetch (slower; shows what the "
+        "predictor achieves when it is never late)",
+    )
+    cache.add_argument(
         "--bypass-tokens",
         type=int,
         default=32,
@@ -183,7 +189,9 @@ def main(args: argparse.Namespace) -> int:
         predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.fingerprint)
         predictors.check_fits(layout)
     n_slots = cache_slots(args, layout) if args.mode != "off" else 0
-    llama_cpp = native.load_llama(native.find_library(args.preset, stock=args.stock))
+    llama_cpp = native.load_llama(
+        native.find_library(args.preset, stock=args.stock), offload_short_batches=args.mode != "off"
+    )
     config = EngineConfig(
         model_path=str(model),
         n_ctx=args.ctx_size,
@@ -215,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
                     eviction=args.eviction,
                     oracle=oracle,
                     miss=args.miss,
+                    wait_for_prefetch=args.wait_prefetch,
                 ),
                 n_slots,
                 layout.n_expert_used,
@@ -284,7 +293,9 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                     miss.upload_ns * 1e-6 * expert_bytes / max(1, bank["upload_bytes"]), 4
                 ),
                 "prefetch_issued": total.prefetch_issued,
+                "prefetch_hits": total.prefetch_hits,
                 "prefetch_wasted": total.prefetch_wasted,
+                "prefetch_late": total.prefetch_late,
                 "prefetch_dropped": total.prefetch_dropped,
                 "bytes_uploaded_per_token": round(bank["upload_bytes"] / tokens),
                 "stall_ms_per_token": round(total.stall_s * 1e3 / tokens, 3),
@@ -313,7 +324,8 @@ def format_stats(stats: dict) -> str:
             f"upload {stats['upload_ms_per_expert']:.3f} ms, CPU {stats['cpu_ms_per_expert']:.3f} ms "
             "per expert), "
             f"stall {stats['stall_ms_per_token']:.2f} ms\n"
-            f"prefetches issued {stats['prefetch_issued']}, wasted {stats['prefetch_wasted']}, "
+            f"prefetches issued {stats['prefetch_issued']}, hit {stats['prefetch_hits']}, "
+            f"wasted {stats['prefetch_wasted']}, too late {stats['prefetch_late']}, "
             f"over budget {stats['prefetch_dropped']} | "
             f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
             f"slot banks {format_bytes(stats['bank_bytes'])} | uploads from "
@@ -327,10 +339,10 @@ def format_stats(stats: dict) -> str:
 
 
 def format_layers(stats) -> str:
-    rows = ["layer  tokens   hits   late  misses    cpu  issued  wasted  stall_ms  predictor_ms"]
+    rows = ["layer  tokens   hits   late  misses    cpu  issued  wasted  too_late  stall_ms  predictor_ms"]
     for il, c in sorted(stats.layers.items()):
         rows.append(
             f"{il:5d} {c.tokens:7d} {c.hits:6d} {c.late:6d} {c.misses:7d} {c.cpu:6d} {c.prefetch_issued:7d} "
-            f"{c.prefetch_wasted:7d} {c.stall_s * 1e3:9.2f} {c.predictor_s * 1e3:13.2f}"
+            f"{c.prefetch_wasted:7d} {c.prefetch_late:9d} {c.stall_s * 1e3:9.2f} {c.predictor_s * 1e3:13.2f}"
         )
     return "\n".join(rows)

@@ -1,8 +1,8 @@
-"""The patch's expert slot bank on one llama_context: enable, upload, ask what a slot holds.
+"""The patch's expert slot bank on one llama_context: enable, prefetch, per-layer counters.
 
 The C side guarantees the invariant (every selected expert resident before a cached layer's expert
-matmuls; a missing one is uploaded there and counted as forced, or, with misses on the CPU, computed
-by the CPU from the host copy), so a wrong decision here costs time, never output.
+matmuls; a missing one is uploaded there into the eviction policy's victim, or, with misses on the
+CPU, computed by the CPU from the host copy), so a wrong decision here costs time, never output.
 """
 
 import ctypes
@@ -50,6 +50,29 @@ class MissStats(ctypes.Structure):
         return {name: int(getattr(self, name)) for name, _ in self._fields_}
 
 
+class LayerStats(ctypes.Structure):
+    # struct llama_edge_layer_stats (patch 5)
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in (
+            "runs",
+            "tokens",
+            "hits",
+            "prefetch_hits",
+            "late",
+            "misses",
+            "cpu",
+            "prefetch_uploads",
+            "prefetch_wasted",
+            "prefetch_refused",
+            "stall_ns",
+        )
+    ]
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+
+
 def bind_cache_functions(api: NativeApi) -> None:
     lib = api.lib
     # int32_t llama_edge_cache_enable(struct llama_context * ctx, const int32_t * layers, int32_t n_layers,
@@ -72,14 +95,35 @@ def bind_cache_functions(api: NativeApi) -> None:
     #                                    struct llama_edge_cache_stats * out);
     lib.llama_edge_cache_get_stats.restype = ctypes.c_int32
     lib.llama_edge_cache_get_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(CacheStats)]
-    if api.patch_version() >= 4:
-        # int32_t llama_edge_cache_set_miss_cpu(struct llama_context * ctx, bool enabled);
-        lib.llama_edge_cache_set_miss_cpu.restype = ctypes.c_int32
-        lib.llama_edge_cache_set_miss_cpu.argtypes = [ctypes.c_void_p, ctypes.c_bool]
-        # int32_t llama_edge_cache_get_miss_stats(const struct llama_context * ctx,
-        #                                         struct llama_edge_miss_stats * out);
-        lib.llama_edge_cache_get_miss_stats.restype = ctypes.c_int32
-        lib.llama_edge_cache_get_miss_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(MissStats)]
+    # int32_t llama_edge_cache_set_miss_cpu(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_cache_set_miss_cpu.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_miss_cpu.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    # int32_t llama_edge_cache_get_miss_stats(const struct llama_context * ctx,
+    #                                         struct llama_edge_miss_stats * out);
+    lib.llama_edge_cache_get_miss_stats.restype = ctypes.c_int32
+    lib.llama_edge_cache_get_miss_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(MissStats)]
+    # int32_t llama_edge_cache_set_eviction(struct llama_context * ctx, int32_t policy);
+    lib.llama_edge_cache_set_eviction.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_eviction.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    # int32_t llama_edge_cache_prefetch(struct llama_context * ctx, int32_t il, const int32_t * experts,
+    #                                   int32_t n_experts, int32_t max_uploads, bool on_miss);
+    lib.llama_edge_cache_prefetch.restype = ctypes.c_int32
+    lib.llama_edge_cache_prefetch.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+        ctypes.c_bool,
+    ]
+    # int32_t llama_edge_cache_get_layer_stats(const struct llama_context * ctx, int32_t il,
+    #                                          struct llama_edge_layer_stats * out);
+    lib.llama_edge_cache_get_layer_stats.restype = ctypes.c_int32
+    lib.llama_edge_cache_get_layer_stats.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(LayerStats),
+    ]
 
 
 class SlotAllocationError(UserError):
@@ -119,9 +163,10 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 3:
+        if api.patch_version() < 5:
             raise UserError(
-                "this llama.cpp build has no expert slot cache (patch < 3): run `edge-preattn build`"
+                "this llama.cpp build predates the expert slot cache's routing policy (patch < 5): "
+                "run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -151,6 +196,30 @@ class SlotBank:
         if status != 0:
             raise ValueError(f"upload of expert {expert} to layer {il} slot {slot} refused (status {status})")
 
+    def prefetch(self, il: int, experts: list[int], max_uploads: int, on_miss: bool = False) -> int:
+        """Upload up to `max_uploads` of `experts` that are not resident (victims by the eviction
+        policy, never one of `experts`); a prefetch stops once the layer has been routed. How many."""
+        array = (ctypes.c_int32 * len(experts))(*experts)
+        uploaded = self.api.lib.llama_edge_cache_prefetch(
+            self.ctx, il, array, len(experts), max_uploads, on_miss
+        )
+        if uploaded < 0:
+            raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status {uploaded})")
+        return uploaded
+
+    def set_eviction(self, policy: int) -> None:
+        """LLAMA_EDGE_EVICT_LRU (0) or _LFU (1): the victims of misses and prefetches."""
+        status = self.api.lib.llama_edge_cache_set_eviction(self.ctx, policy)
+        if status != 0:
+            raise ValueError(f"cannot set eviction policy {policy} (status {status})")
+
+    def layer_stats(self, il: int) -> dict[str, int]:
+        out = LayerStats()
+        status = self.api.lib.llama_edge_cache_get_layer_stats(self.ctx, il, ctypes.byref(out))
+        if status != 0:
+            raise ValueError(f"no statistics for layer {il} (status {status})")
+        return out.as_dict()
+
     def slot_expert(self, il: int, slot: int) -> int:
         """The expert a slot holds (-1: empty)."""
         value = self.api.lib.llama_edge_cache_slot_expert(self.ctx, il, slot)
@@ -165,10 +234,6 @@ class SlotBank:
 
     def set_miss_cpu(self, enabled: bool) -> None:
         """Selected experts that are not resident are computed by the CPU from the host copy."""
-        if self.api.patch_version() < 4:
-            raise UserError(
-                "this llama.cpp build cannot compute misses on the CPU (patch < 4): run `edge-preattn build`"
-            )
         status = self.api.lib.llama_edge_cache_set_miss_cpu(self.ctx, enabled)
         if status == LLAMA_EDGE_ERR_BACKEND:
             raise UserError(
@@ -181,6 +246,5 @@ class SlotBank:
     def miss_stats(self) -> MissStats:
         """Counters of CPU-computed experts and the times the controller's cost model reads."""
         out = MissStats()
-        if self.api.patch_version() >= 4:
-            self.api.lib.llama_edge_cache_get_miss_stats(self.ctx, ctypes.byref(out))
+        self.api.lib.llama_edge_cache_get_miss_stats(self.ctx, ctypes.byref(out))
         return out

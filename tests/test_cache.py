@@ -5,12 +5,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.cache import LayerSlots, UploadBudget
+from edge_preattn import baselines
+from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
 from edge_preattn.errors import UserError
 from edge_preattn.layout import read_layout
-from edge_preattn.slots import CacheStats, SlotBank, bind_cache_functions
+from edge_preattn.slots import CacheStats, LayerStats, SlotBank, bind_cache_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
@@ -65,7 +66,7 @@ def test_every_mode_is_bit_identical_to_stock(llama_lib, moe_ref_a, ref, mode, n
     for counters in stats.layers.values():
         assert counters.hits + counters.late + counters.misses == layout.n_expert_used * counters.tokens
     assert stats.cached_tokens == N_PREDICT - 1  # every decode step; the prompt bypassed the cache
-    assert bank["forced_uploads"] == 0  # the controller kept every selected expert resident itself
+    assert bank["forced_uploads"] == total.misses  # one token per decode step: an upload per miss
     assert bank["bypassed_layer_runs"] > 0
     if mode == "oracle":
         assert total.misses == 0
@@ -115,30 +116,66 @@ def test_c_api_refuses_bad_arguments(llama_lib, moe_ref_a):
         for il, expert, slot in [(5, 0, 0), (0, 64, 0), (0, -1, 0), (0, 0, 8), (0, 0, -1)]:
             assert lib.llama_edge_cache_upload(engine.ctx, il, expert, slot) == -1
         assert lib.llama_edge_cache_upload(None, 0, 0, 0) == -1
+        experts = (ctypes.c_int32 * 2)(1, 64)
+        assert lib.llama_edge_cache_prefetch(engine.ctx, 0, experts, 2, 1, False) == -1  # 64 out of range
+        assert lib.llama_edge_cache_prefetch(engine.ctx, 5, experts, 1, 1, False) == -1  # not cached
+        assert lib.llama_edge_cache_prefetch(engine.ctx, 0, None, 1, 1, False) == -1
+        assert lib.llama_edge_cache_prefetch(engine.ctx, 0, experts, 1, -1, False) == -1
+        assert lib.llama_edge_cache_set_eviction(engine.ctx, 2) == -1
+        assert lib.llama_edge_cache_get_layer_stats(engine.ctx, 5, ctypes.byref(LayerStats())) == -1
+        assert lib.llama_edge_cache_get_layer_stats(engine.ctx, 0, None) == -1
         bank.upload(0, 5, 3)
         assert bank.slot_expert(0, 3) == 5 and bank.slot_expert(0, 2) == -1
         assert bank.stats()["uploads"] == 1
 
 
-def test_layer_slots_evict_least_recently_used_and_protect_the_needed():
-    slots = LayerSlots(3)
-    for expert, slot in [(10, 0), (11, 1), (12, 2)]:
-        slots.assign(expert, slot)
-    slots.touch([10])
-    assert slots.victim(protect=set()) == 1  # 11 is least recently used
-    assert slots.victim(protect={11}) == 2
-    assert slots.victim(protect={10, 11, 12}) is None
-    lfu = LayerSlots(2, eviction="lfu")
-    lfu.assign(1, 0)
-    lfu.assign(2, 1)
-    lfu.touch([1, 1, 2])
-    assert lfu.victim(protect=set()) == 1
+def test_the_library_evicts_exactly_like_the_lru_baseline(llama_lib, moe_ref_a):
+    """The native policy's hits per decode token equal `baselines.lru_simulate` on the same routing."""
+    layout, n_slots, n_predict = read_layout(moe_ref_a), 16, 24
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        recorded = record_routing(engine, PROMPT, n_predict, Sampling())
+        with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode="lru") as runtime:
+            list(engine.generate(PROMPT, n_predict))
+            stats = runtime.controller.stats
+    for layer in layout.moe_layers:
+        # the ubatches that read the bank: every decode step, and the prompt's one row in the last layer
+        decode = np.concatenate(
+            [
+                ids
+                for (_, il), ids in sorted(recorded.items())
+                if il == layer.index and len(ids) * layout.n_expert_used <= n_slots
+            ]
+        )
+        hits, _ = baselines.lru_simulate(decode, np.zeros(len(decode)), n_slots)
+        counters = stats.layers[layer.index]
+        assert counters.tokens == len(decode)
+        assert counters.hits == int(hits.sum())  # same victims, so the same hits token after token
+        assert counters.misses == layout.n_expert_used * len(decode) - int(hits.sum())
+
+
+def test_prefetches_protect_their_experts_and_stop_once_the_layer_is_routed(llama_lib, moe_ref_a):
+    layout = read_layout(moe_ref_a)
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=8)
+        assert bank.prefetch(0, list(range(12)), 20) == 8  # 8 slots: the rest have no victim among the 12
+        assert {bank.slot_expert(0, slot) for slot in range(8)} == set(range(8))
+        assert bank.prefetch(0, [3, 40], 1) == 1  # 3 is resident: one upload, and 3 stays
+        held = {bank.slot_expert(0, slot) for slot in range(8)}
+        assert 3 in held and 40 in held
+        list(engine.generate(PROMPT, 2))  # the last decode step routed layer 0: its bank may be in use
+        held = {bank.slot_expert(0, slot) for slot in range(8)}
+        missing = next(e for e in range(layout.n_expert) if e not in held)
+        assert bank.prefetch(0, [missing], 1) == 0
+        assert bank.layer_stats(0)["prefetch_refused"] == 1
+        assert bank.prefetch(0, [missing], 1, on_miss=True) == 1  # the routing's own uploads are not
 
 
 def test_upload_budget_is_a_token_bucket():
-    assert UploadBudget(None).try_take(10**12)
+    assert UploadBudget(None).grant(10**6, 10**6) == 10**6
     budget = UploadBudget(1000.0, burst_s=1.0)  # 1000 bytes of burst
-    assert budget.try_take(900) and not budget.try_take(200)
+    assert budget.grant(5, 300) == 3 and budget.grant(1, 200) == 0
+    budget.refund(300)  # one granted upload was not needed
+    assert budget.grant(1, 300) == 1
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
@@ -154,7 +191,7 @@ def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, p
     options = {"predictors": RandomRanking(layout.n_expert)} if mode == "exact" else {}
     tokens, logits, stats, bank = run_mode(llama_lib, model, layout, mode, layout.n_expert_used, **options)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
-    assert bank["forced_uploads"] == 0
+    assert bank["forced_uploads"] == stats.totals().misses
     for counters in stats.layers.values():
         assert counters.hits + counters.late + counters.misses == layout.n_expert_used * counters.tokens
 

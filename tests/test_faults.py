@@ -106,15 +106,15 @@ def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
 def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, caplog, monkeypatch):
     """The C side makes every selected expert resident itself, so uploads the controller could not
     do (a device error) cost time, never output."""
-    real_upload, calls = SlotBank.upload, {"n": 0}
+    real_prefetch, calls = SlotBank.prefetch, {"n": 0}
 
-    def failing(self, il, expert, slot):
+    def failing(self, il, experts, max_uploads, on_miss=False):
         calls["n"] += 1
         if calls["n"] > 20:
-            raise ValueError(f"upload of expert {expert} to layer {il} slot {slot} refused (status -1)")
-        real_upload(self, il, expert, slot)
+            raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status -1)")
+        return real_prefetch(self, il, experts, max_uploads, on_miss)
 
-    monkeypatch.setattr(SlotBank, "upload", failing)
+    monkeypatch.setattr(SlotBank, "prefetch", failing)
     layout = read_layout(tiny)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
         tokens, logits, _ = greedy(

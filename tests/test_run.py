@@ -68,7 +68,9 @@ def test_cached_run_writes_statistics(llama_lib, tiny, tmp_path, capsys):
     )
     stats = json.loads(stats_file.read_text())
     assert stats["mode"] == "lru" and stats["slots"] == 4 and stats["generated_tokens"] == 12
-    assert stats["forced_uploads"] == 0 and 0 <= stats["hit_rate"] <= 1
+    assert 0 <= stats["hit_rate"] <= 1
+    # the library uploads each miss itself (one token per ubatch: one upload per miss)
+    assert stats["forced_uploads"] == round(stats["misses_per_token"] * stats["cached_tokens"]) > 0
     # k = 4 experts in each of 4 layers per token (+ the prompt's last row, which the last layer caches)
     per_token = stats["hits_per_token"] + stats["late_per_token"] + stats["misses_per_token"]
     assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # values are rounded to 3 decimals
