@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The lead's GPU-machine calls of a session, in order, each one device call while the machine stays
 # warm (files in /tmp survive between warm calls): `source bench/device_env.sh; bash bench/device_calls.sh N`.
-# moe-ref-a travels in three parts (the tree with the packaged model leaves ~47 MB a call):
+# Session 3 (patch 0005) runs 5-8 below in order; 1-4 are how the session-2 results were made.
+# moe-ref-a travels in three parts (the tree with the packaged model leaves ~43 MB a call):
 #   1  carry .carry/whl .carry/llama-src.tgz .carry/p1 : machine facts, builds, synthetic models,
 #      cache-mode equivalence (q3-4l), --miss agreement (q3-4l, tiny), qwen3-30b-a3b bench
 #   2  carry .carry/p2 : deepseek-v2-lite bench, profile
@@ -71,4 +72,53 @@ case "$1" in
         --stock-lib /tmp/stock-fast/lib -o "$OUT/bench" --vram-budget 25%,50%,75% --predictors $P \
         --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,top1,exact,exact+cpu,overprov,adaptive,oracle 2>&1 | grep -v "^$" | tail -12
     ;;
+5)  # session 3, call 1 (after patch 0005); carry .carry/whl .carry/llama-src.tgz .carry/q1 (moe-ref-a part a):
+    # builds; CUDA exactness (q3-4l short prompts, logits at slots = E, packaged model); GPU long run
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    { nvidia-smi; lscpu; } > "$OUT/machine.txt" 2>&1
+    STEP_TIMEOUT=320 SYNTH_MODELS=qwen3-30b-a3b bash bench/device_bench.sh setup 2>&1 | tail -4
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    D=edge_preattn/data/edge-moe-default.gguf
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 40 python3 bench/cuda_logit_diff.py /tmp/q3-4l.gguf --slots 128 -n 12 2>/dev/null | tee -a "$OUT/cuda-logit-diff.jsonl"
+    timeout 90 python3 bench/cache_equivalence.py /tmp/q3-4l.gguf -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -4
+    timeout 45 python3 bench/cache_equivalence.py $D -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -4
+    timeout $((590 - SECONDS)) python3 bench/long_run.py $D --tokens 20000 --piece 800 --out "$OUT" 2>&1 | tail -2
+    ;;
+6)  # call 2, warm; carry .carry/q2 (part b): packaged model and qwen3-30b-a3b benches
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    mkdir -p "$OUT/bench-default" /tmp/bench-results
+    timeout 200 python3 -m edge_preattn.cli bench $D -n 32 --rounds 2 -t "$(nproc)" \
+        --stock-lib /tmp/stock-fast/lib -o "$OUT/bench-default" --vram-budget 25%,50%,75% --predictors $P \
+        --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,top1,exact,overprov,adaptive,oracle 2>&1 | grep -v "^$" | tail -6
+    SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,lru+auto,oracle CAPPED_CONFIGS=lru \
+        SYNTH_MODELS=qwen3-30b-a3b STEP_TIMEOUT=$((585 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -14
+    ;;
+7)  # call 3, warm; carry .carry/q3 (part c + moe-ref-a's int8 predictors): moe-ref-a
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    stock_alias
+    join_ref || exit 1
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    rm -rf /tmp/preds/moe-ref-a && mkdir -p /tmp/preds && cp -r .carry/q3/preds /tmp/preds/moe-ref-a
+    timeout 60 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 64 --slots 16,64 --out "$OUT" 2>&1 | tail -4
+    CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,overprov,adaptive,oracle CAPPED_CONFIGS=lru,exact,oracle \
+        REF_ROUNDS=2 STEP_TIMEOUT=$((500 - SECONDS)) bash bench/device_bench.sh ref 2>&1 | tail -14
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf \
+        --mode exact --predictors /tmp/preds/moe-ref-a --slots 16 -n 8 > "$OUT/memcheck.log" 2>&1
+    echo "memcheck exit $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
+    ;;
+8)  # call 4, warm: deepseek-v2-lite bench and profile
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    python3 -m edge_preattn.cli synth --preset deepseek-v2-lite --type q4_0 -o /tmp/models/deepseek-v2-lite-q4_0.gguf 2>&1 | tail -1
+    SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,oracle CAPPED_CONFIGS=lru SYNTH_MODELS=deepseek-v2-lite \
+        STEP_TIMEOUT=$((420 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -10
+    STEP_TIMEOUT=$((585 - SECONDS)) bash bench/device_bench.sh profile 2>&1 | tail -12
+    ;;
 esac
+# a call returns at most 8 files: everything this call wrote goes back in one archive
+(cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")
