@@ -22,9 +22,9 @@ from edge_preattn.layout import read_layout
 PROMPT = "def fibonacci(n):"
 
 
-def logits_of(engine: Engine, n: int) -> tuple[list[int], np.ndarray]:
+def logits_of(engine: Engine, prompt: str, n: int) -> tuple[list[int], np.ndarray]:
     rows: list[np.ndarray] = []
-    tokens = [t for t, _ in engine.generate(PROMPT, n, Sampling(), on_logits=rows.append)]
+    tokens = [t for t, _ in engine.generate(prompt, n, Sampling(), on_logits=rows.append)]
     return tokens, np.stack(rows)
 
 
@@ -35,18 +35,24 @@ def main() -> int:
     parser.add_argument("model")
     parser.add_argument("--slots", type=int, required=True)
     parser.add_argument("-n", type=int, default=16)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument(
+        "--bypass-tokens", type=int, default=32, help="ubatches above this take the stock path"
+    )
     args = parser.parse_args()
     llama_cpp = native.load_llama(offload_short_batches=True)
     layout = read_layout(args.model)
     with Engine(llama_cpp, EngineConfig(args.model, n_ctx=256, use_extra_bufts=False)) as engine:
-        ref_tokens, ref = logits_of(engine, args.n)
+        ref_tokens, ref = logits_of(engine, args.prompt, args.n)
     host = EngineConfig(args.model, n_ctx=256, use_extra_bufts=False, overrides=expert_overrides(None))
     with (
         Engine(llama_cpp, host) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=args.slots, mode="lru"),
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=args.slots, mode="lru", max_batch_tokens=args.bypass_tokens
+        ),
     ):
-        logits_of(engine, args.n)  # warm-up: every expert it meets becomes resident
-        tokens, got = logits_of(engine, args.n)
+        logits_of(engine, args.prompt, args.n)  # warm-up: every expert it meets becomes resident
+        tokens, got = logits_of(engine, args.prompt, args.n)
     steps = min(len(ref), len(got))
     diff = np.abs(ref[:steps] - got[:steps]).max(axis=1)
     first_token_diff = next(
@@ -57,6 +63,8 @@ def main() -> int:
             {
                 "model": os.path.basename(args.model),
                 "slots": args.slots,
+                "prompt": args.prompt,
+                "bypass_tokens": args.bypass_tokens,
                 "env": {k: v for k, v in os.environ.items() if k.startswith("GGML_")},
                 "max_abs_logit_diff_per_step": [float(f"{d:.3g}") for d in diff],
                 "first_differing_token": first_token_diff,

@@ -290,7 +290,9 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
     from .run import run_stats
 
     probe = VramProbe.start()
-    llama_cpp = native.load_llama(native.find_library(), offload_short_batches=spec.kind == "edge")
+    # (with misses on the CPU, the CPU side's expert matmuls must stay on the CPU)
+    offload = spec.kind == "edge" and edge_mode(spec.name)[1] == "upload"
+    llama_cpp = native.load_llama(native.find_library(), offload_short_batches=offload)
     layout = read_layout(work.model)
     if spec.n_cpu_moe >= layout.n_layer:
         overrides = expert_overrides(None)

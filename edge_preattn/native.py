@@ -49,7 +49,8 @@ def load_llama(lib_dir: Path | None = None, offload_short_batches: bool = False)
     slots (a short prompt) takes the stock path, and with the experts in host memory stock llama.cpp
     computes it on the CPU unless it has GGML_OP_OFFLOAD_MIN_BATCH (32) tokens. Lowering that to 2
     has the GPU compute it with the kernels of stock all-on-GPU, whose tokens the cache must give.
-    The backend reads it once, when it registers: it must be set before the import.
+    The backend reads it once, when it registers: it must be set before the import. Not with misses
+    on the CPU: the scheduler would move the CPU side's expert matmuls (ids of -1 included) to the GPU.
     """
     if offload_short_batches:
         os.environ.setdefault("GGML_OP_OFFLOAD_MIN_BATCH", "2")

@@ -190,7 +190,8 @@ def main(args: argparse.Namespace) -> int:
         predictors.check_fits(layout)
     n_slots = cache_slots(args, layout) if args.mode != "off" else 0
     llama_cpp = native.load_llama(
-        native.find_library(args.preset, stock=args.stock), offload_short_batches=args.mode != "off"
+        native.find_library(args.preset, stock=args.stock),
+        offload_short_batches=args.mode != "off" and args.miss == "upload",  # the CPU side stays there
     )
     config = EngineConfig(
         model_path=str(model),
