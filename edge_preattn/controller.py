@@ -46,6 +46,8 @@ class LayerCounters:
     prefetch_wasted: int = 0
     prefetch_late: int = 0  # predicted experts not uploaded: the router had already decided
     prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
+    lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
+    lookahead_superseded: int = 0  # dropped because this layer's own prediction was already queued
     stall_s: float = 0.0
     predictor_s: float = 0.0
     predictor_calls: int = 0
@@ -133,6 +135,7 @@ class Controller:
         oracle: dict[tuple[int, int], np.ndarray] | None = None,
         miss: str = "upload",
         wait_for_prefetch: bool = False,
+        lookahead: int = 0,
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -176,6 +179,12 @@ class Controller:
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
+        # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
+        if lookahead and mode not in PREDICTION_MODES:
+            raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
+        order = sorted(bank.layers)
+        self.ahead = {il: order[i + 1 : i + 1 + lookahead] for i, il in enumerate(order)}
+        self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.ubatch = -1
@@ -231,13 +240,26 @@ class Controller:
             return
         # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
         # (the last one, in plain generation), so a prefill may still reach the bank there.
+        self.epoch[il] += 1  # a lookahead for this layer still queued is superseded
         if self._cached(il, len(x)):
-            rows = x
+            rows = np.array(x, dtype=np.float32)
         elif il == self.last_layer and self._cached(il, 1):
-            rows = x[-1:]
+            rows = np.array(x[-1:], dtype=np.float32)
         else:
             return
-        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, np.array(rows, dtype=np.float32))
+        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, rows)
+        for target in self.ahead[il]:
+            if target not in self.disabled and self._cached(target, len(rows)):
+                self._submit(target, self._look_ahead, target, rows, self.epoch[target])
+
+    def _look_ahead(self, il: int, x: np.ndarray, epoch: int) -> None:
+        """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
+        (bench/lookahead_accuracy.py measures what that loses), unless il's own prediction came first."""
+        if self.epoch[il] != epoch:
+            self.python[il].lookahead_superseded += 1
+            return
+        self.python[il].lookahead_predictions += 1
+        self._predict_and_prefetch(il, x)
 
     def _submit(self, il: int, work, *args) -> concurrent.futures.Future:
         """Run on the prefetch thread; a failure (predictor or upload) switches the layer's prediction

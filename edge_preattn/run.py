@@ -128,6 +128,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "from host RAM (cpu), or whichever measured cost is lower (auto)",
     )
     cache.add_argument(
+        "--lookahead",
+        type=int,
+        default=0,
+        metavar="N",
+        help="prediction modes: at each layer's pre-attention hook also predict and prefetch the next N "
+        "layers' experts, with their own predictors on this layer's activation (earlier, less accurate)",
+    )
+    cache.add_argument(
         "--wait-prefetch",
         action="store_true",
         help="the router waits for each layer's prediction and prefetch (slower; shows what the "
@@ -171,6 +179,8 @@ def main(args: argparse.Namespace) -> int:
     if args.stats_json and not Path(args.stats_json).parent.is_dir():
         raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
     apply_default_model(args)
+    if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
+        raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
@@ -225,6 +235,7 @@ def main(args: argparse.Namespace) -> int:
                     oracle=oracle,
                     miss=args.miss,
                     wait_for_prefetch=args.wait_prefetch,
+                    lookahead=args.lookahead,
                 ),
                 n_slots,
                 layout.n_expert_used,
@@ -297,6 +308,8 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "prefetch_hits": total.prefetch_hits,
                 "prefetch_wasted": total.prefetch_wasted,
                 "prefetch_late": total.prefetch_late,
+                "lookahead_predictions": total.lookahead_predictions,
+                "lookahead_superseded": total.lookahead_superseded,
                 "prefetch_dropped": total.prefetch_dropped,
                 "bytes_uploaded_per_token": round(bank["upload_bytes"] / tokens),
                 "stall_ms_per_token": round(total.stall_s * 1e3 / tokens, 3),

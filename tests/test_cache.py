@@ -74,6 +74,22 @@ def test_every_mode_is_bit_identical_to_stock(llama_lib, moe_ref_a, ref, mode, n
         assert total.misses <= 64 * n_layers  # after warm-up everything stays
 
 
+def test_lookahead_prefetches_later_layers_and_output_stays(llama_lib, moe_ref_a, ref):
+    layout, ref_tokens, ref_logits = ref
+    tokens, logits, stats, _ = run_mode(
+        llama_lib, moe_ref_a, layout, "exact", 16, predictors=RandomRanking(layout.n_expert), lookahead=2
+    )
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    first = min(stats.layers)
+    assert stats.layers[first].lookahead_predictions + stats.layers[first].lookahead_superseded == 0
+    later = [
+        c.lookahead_predictions + c.lookahead_superseded for il, c in stats.layers.items() if il != first
+    ]
+    assert all(n > 0 for n in later)  # every later layer was looked ahead at, each decode step
+    with pytest.raises(ValueError, match="prediction mode"):
+        run_mode(llama_lib, moe_ref_a, layout, "lru", 16, lookahead=1)
+
+
 @pytest.mark.parametrize("mode", ["exact", "adaptive"])
 def test_a_starved_budget_drops_every_prefetch_and_output_stays(llama_lib, moe_ref_a, ref, mode):
     layout, ref_tokens, ref_logits = ref
