@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_preattn import native
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.files import write_json_atomic
 from edge_preattn.layout import read_layout
 
@@ -45,12 +45,8 @@ def main() -> int:
     llama_cpp = native.load_llama(offload_short_batches=True)
     api = native.NativeApi(llama_cpp)
     gpu = bool(api.gpus())
-    reference_config = EngineConfig(
-        str(args.model), n_ctx=512, use_extra_bufts=False, overrides=() if gpu else expert_overrides(None)
-    )
-    host_config = EngineConfig(
-        str(args.model), n_ctx=512, use_extra_bufts=False, overrides=expert_overrides(None)
-    )
+    reference_config = EngineConfig.host_experts(args.model, 512, host=not gpu)
+    host_config = EngineConfig.host_experts(args.model, 512)
     with Engine(llama_cpp, reference_config) as engine:
         reference = {prompt: generate(engine, prompt, args.n) for prompt in PROMPTS}
     rows = []

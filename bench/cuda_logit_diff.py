@@ -16,7 +16,7 @@ import numpy as np
 
 from edge_preattn import native
 from edge_preattn.controller import CacheRuntime
-from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.layout import read_layout
 
 PROMPT = "def fibonacci(n):"
@@ -44,7 +44,7 @@ def main() -> int:
     layout = read_layout(args.model)
     with Engine(llama_cpp, EngineConfig(args.model, n_ctx=256, use_extra_bufts=False)) as engine:
         ref_tokens, ref = logits_of(engine, args.prompt, args.n)
-    host = EngineConfig(args.model, n_ctx=256, use_extra_bufts=False, overrides=expert_overrides(None))
+    host = EngineConfig.host_experts(args.model, 256)
     with (
         Engine(llama_cpp, host) as engine,
         CacheRuntime.for_layout(

@@ -18,7 +18,7 @@ import psutil
 
 from edge_preattn import native
 from edge_preattn.controller import CacheRuntime, RandomRanking
-from edge_preattn.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig, Sampling, complete
 from edge_preattn.files import write_json_atomic
 from edge_preattn.layout import read_layout
 
@@ -60,15 +60,11 @@ def main() -> int:
     gpu = bool(native.NativeApi(llama_cpp).gpus())
     pieces = max(1, args.tokens // args.piece)
     n_ctx = args.piece + 64
-    stock_config = EngineConfig(
-        str(args.model), n_ctx=n_ctx, use_extra_bufts=False, overrides=() if gpu else expert_overrides(None)
-    )
+    stock_config = EngineConfig.host_experts(args.model, n_ctx, host=not gpu)
     started = time.monotonic()
     with Engine(llama_cpp, stock_config) as engine:
         stock, stock_samples = generate_all(engine, pieces, args.piece)
-    cache_config = EngineConfig(
-        str(args.model), n_ctx=n_ctx, use_extra_bufts=False, overrides=expert_overrides(None)
-    )
+    cache_config = EngineConfig.host_experts(args.model, n_ctx)
     with (
         Engine(llama_cpp, cache_config) as engine,
         CacheRuntime.for_layout(

@@ -73,19 +73,14 @@ def model_path(spec: str, work: Path) -> Path:
 def worker(args: argparse.Namespace) -> int:
     """One configuration in this process (its library is fixed by EDGE_PREATTN_LIB): write arrays."""
     from edge_preattn.controller import CacheRuntime, RandomRanking
-    from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
+    from edge_preattn.engine import Engine, EngineConfig, Sampling
     from edge_preattn.layout import read_layout
 
     _, host, mode, miss = CONFIGS[args.worker]
     prompts = json.loads(Path(args.prompts_json).read_text())
     llama_cpp = native.load_llama(native.find_library())
     layout = read_layout(args.model)
-    config = EngineConfig(
-        str(args.model),
-        n_ctx=args.ctx,
-        use_extra_bufts=False,
-        overrides=expert_overrides(None) if host else (),
-    )
+    config = EngineConfig.host_experts(args.model, args.ctx, host=host)
     generated, forced_logits, forced_targets = [], [], []
     with Engine(llama_cpp, config) as engine:
         runtime = None

@@ -17,7 +17,7 @@ import numpy as np
 
 from edge_preattn import native
 from edge_preattn.controller import CacheRuntime, record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig, Sampling, complete
 from edge_preattn.files import write_json_atomic, write_text_atomic
 from edge_preattn.layout import read_layout
 from edge_preattn.onnx_io import load_predictor_set
@@ -50,9 +50,7 @@ def one_run(
     llama_cpp, model: Path, layout, *, mode: str, n_slots: int, n: int, prompt: str, predictors, gpu: bool
 ):
     host = mode != "off" or not gpu
-    config = EngineConfig(
-        str(model), n_ctx=512, use_extra_bufts=False, overrides=expert_overrides(None) if host else ()
-    )
+    config = EngineConfig.host_experts(model, 512, host=host)
     with Engine(llama_cpp, config) as engine:
         sampling = Sampling()
         if mode == "off":

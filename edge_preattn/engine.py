@@ -43,6 +43,17 @@ class EngineConfig:
     overrides: tuple[tuple[str, str], ...] = ()  # (tensor-name regex, device name such as CPU or CUDA0)
     use_extra_bufts: bool = True  # repacked CPU weights; set False for byte-exact comparisons with uploads
 
+    @classmethod
+    def host_experts(cls, model_path: str, n_ctx: int = 0, host: bool = True) -> "EngineConfig":
+        """Every routed expert in host memory as plain bytes (`host`): the placement the expert cache
+        and stock `-ot exps=CPU` share; else stock all-on-GPU with the same settings."""
+        return cls(
+            str(model_path),
+            n_ctx=n_ctx,
+            use_extra_bufts=False,
+            overrides=expert_overrides(None) if host else (),
+        )
+
 
 @dataclass(frozen=True)
 class Sampling:

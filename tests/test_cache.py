@@ -8,7 +8,7 @@ import pytest
 from edge_preattn import baselines
 from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
 from edge_preattn.layout import read_layout
 from edge_preattn.slots import CacheStats, LayerStats, SlotBank, bind_cache_functions
@@ -21,7 +21,7 @@ def host_experts_engine(llama_lib, model, n_ctx=256, context_params_hook=None) -
     """Experts in host memory as plain bytes: the placement the cache and stock `-ot exps=CPU` share."""
     return Engine(
         llama_lib,
-        EngineConfig(str(model), n_ctx=n_ctx, use_extra_bufts=False, overrides=expert_overrides(None)),
+        EngineConfig.host_experts(model, n_ctx),
         context_params_hook=context_params_hook,
     )
 

@@ -9,7 +9,7 @@ import pytest
 
 from edge_preattn import cli
 from edge_preattn.controller import CacheRuntime, RandomRanking
-from edge_preattn.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.engine import Engine, EngineConfig
 from edge_preattn.layout import read_layout
 from edge_preattn.native import NativeApi
 from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
 def greedy(llama_lib, model, **cache) -> tuple[list[int], np.ndarray, object]:
     """Tokens and logits of a greedy run with experts in host memory; with `cache`, through the slot
     cache (n_slots and controller options), also its controller statistics."""
-    config = EngineConfig(str(model), n_ctx=256, use_extra_bufts=False, overrides=expert_overrides(None))
+    config = EngineConfig.host_experts(model, 256)
     with Engine(llama_lib, config) as engine:
         layout = read_layout(model)
         runtime = CacheRuntime.for_layout(engine, layout, **cache) if cache else None
@@ -177,6 +177,6 @@ def test_out_of_device_memory_shrinks_the_cache_or_falls_back_to_stock(
 def test_direct_enable_failure_is_a_one_line_user_error(llama_lib, tiny, enable_fails_above):
     """SlotBank alone (bench and library users) still says what to do."""
     enable_fails_above(0)
-    config = EngineConfig(str(tiny), n_ctx=64, use_extra_bufts=False, overrides=expert_overrides(None))
+    config = EngineConfig.host_experts(tiny, 64)
     with Engine(llama_lib, config) as engine, pytest.raises(SlotAllocationError, match="lower --slots"):
         SlotBank(engine.api, engine.ctx, (0, 1), n_slots=8)
