@@ -15,6 +15,8 @@ can change the output.
 import concurrent.futures
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 MISS_POLICIES = ("upload", "cpu", "auto")
+WAIT_LIMIT_S = 5.0  # the longest the router waits for a prediction (--wait-prefetch, deferred uploads)
+CLOSE_WAIT_S = 2.0  # the longest closing waits for the prefetch thread
 
 
 @dataclass
@@ -46,6 +50,7 @@ class LayerCounters:
     prefetch_wasted: int = 0
     prefetch_late: int = 0  # predicted experts not uploaded: the router had already decided
     prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
+    backlog_dropped: int = 0  # not predicted: the prefetch thread was still busy with older work
     lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
     lookahead_superseded: int = 0  # dropped because this layer's own prediction was already queued
     stall_s: float = 0.0
@@ -108,6 +113,45 @@ class MissCostModel:
         if self.cpu_s_per_expert is None or self.since_cpu > self.explore_every:
             return False
         return self.upload_s_per_byte * self.bytes_per_expert < self.cpu_s_per_expert
+
+
+class PrefetchWorker:
+    """The controller's one background thread. A daemon, so a predictor that never returns cannot keep
+    the process alive; with a bounded backlog, so it cannot grow memory without end either."""
+
+    def __init__(self, max_backlog: int) -> None:
+        self.max_backlog, self.backlog = max_backlog, 0  # submitted and not finished
+        self.lock = threading.Lock()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self.thread.start()
+
+    def submit(self, work) -> concurrent.futures.Future | None:
+        """None when the backlog is full: the caller goes on without this prediction."""
+        with self.lock:
+            if self.backlog >= self.max_backlog:
+                return None
+            self.backlog += 1
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.queue.put((work, future))
+        return future
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            work, future = item
+            try:
+                future.set_result(work())
+            except BaseException as error:  # delivered to whoever waits on the future
+                future.set_exception(error)
+            finally:
+                with self.lock:
+                    self.backlog -= 1
+
+    def close(self, timeout_s: float) -> bool:
+        """Finish the backlog and stop; False when the thread is still busy after timeout_s."""
+        self.queue.put(None)
+        self.thread.join(timeout_s)
+        return not self.thread.is_alive()
 
 
 class Controller:
@@ -186,7 +230,9 @@ class Controller:
         self.ahead = {il: order[i + 1 : i + 1 + lookahead] for i, il in enumerate(order)}
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
         self.disabled: set[int] = set()  # layers whose predictor failed
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.worker = PrefetchWorker(max_backlog=2 * (1 + lookahead) * len(bank.layers))
+        # native calls from the worker stop once closed: the context may be freed after close()
+        self.native_lock, self.closed = threading.Lock(), False
         self.ubatch = -1
 
     @property
@@ -194,7 +240,14 @@ class Controller:
         return self.miss != "upload" or self.wait_for_prefetch
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        with self.native_lock:
+            self.closed = True
+        if not self.worker.close(CLOSE_WAIT_S):
+            log.warning(
+                "the prefetch thread is still busy after %.0f s (a predictor that does not return?): "
+                "left behind; it makes no more uploads",
+                CLOSE_WAIT_S,
+            )
 
     def _cached(self, il: int, n_tokens: int) -> bool:
         """The C side's rule for a ubatch reading the bank (else it took the stock path)."""
@@ -261,9 +314,10 @@ class Controller:
         self.python[il].lookahead_predictions += 1
         self._predict_and_prefetch(il, x)
 
-    def _submit(self, il: int, work, *args) -> concurrent.futures.Future:
+    def _submit(self, il: int, work, *args) -> concurrent.futures.Future | None:
         """Run on the prefetch thread; a failure (predictor or upload) switches the layer's prediction
-        off with one warning, since nobody may be waiting for the result."""
+        off with one warning, since nobody may be waiting for the result. None: the thread is too far
+        behind (a slow or stuck predictor), and this work is skipped."""
 
         def guarded() -> None:
             try:
@@ -272,7 +326,10 @@ class Controller:
                 self.disabled.add(il)
                 log.warning("prefetch for layer %d failed (%r): prediction is off for that layer", il, error)
 
-        return self.executor.submit(guarded)
+        future = self.worker.submit(guarded)
+        if future is None:
+            self.python[il].backlog_dropped += 1
+        return future
 
     def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
         counters = self.python[il]
@@ -303,7 +360,8 @@ class Controller:
         allowed = self.budget.grant(len(candidates), self.bytes_per_expert)
         if allowed < len(candidates):
             self.python[il].prefetch_dropped += 1
-        uploaded = self.bank.prefetch(il, candidates, allowed)
+        with self.native_lock:
+            uploaded = 0 if self.closed else self.bank.prefetch(il, candidates, allowed)
         self.budget.refund((allowed - uploaded) * self.bytes_per_expert)
         return uploaded
 
@@ -334,14 +392,23 @@ class Controller:
         self.deferred.clear()
         if not self._cached(il, n_tokens):
             return
-        previous = self.deferring.pop(il, None)
-        if previous is not None:
-            previous.result()  # residency settles before this ubatch's decisions
-        future = self.pending.pop(il, None)
-        if future is not None and self.wait_for_prefetch:
-            started = time.perf_counter()
-            future.result()
-            self.python[il].stall_s += time.perf_counter() - started
+        started = time.perf_counter()
+        for future in (
+            self.deferring.pop(il, None),
+            self.pending.pop(il, None) if self.wait_for_prefetch else None,
+        ):
+            try:  # residency settles before this ubatch's decisions (failures were reported already)
+                if future is not None:
+                    future.result(timeout=WAIT_LIMIT_S)
+            except concurrent.futures.TimeoutError:
+                if il not in self.disabled:
+                    self.disabled.add(il)
+                    log.warning(
+                        "prefetch for layer %d took over %.0f s: prediction is off for that layer",
+                        il,
+                        WAIT_LIMIT_S,
+                    )
+        self.python[il].stall_s += time.perf_counter() - started
         selected = list(dict.fromkeys(routing.ids.ravel().tolist()))
         if self.miss != "upload" and self._upload_on_miss():
             # the library counts these as misses; the rest of the misses go to the CPU

@@ -126,6 +126,38 @@ def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, ca
     record("fault", "uploads refused after the 20th (device error)", f"tokens = stock; {warnings[0]}")
 
 
+def test_a_predictor_that_never_returns_neither_stalls_nor_changes_the_run(
+    llama_lib, tiny, stock, caplog, monkeypatch
+):
+    """The router never waits for a prediction: generation goes on at once; closing leaves the stuck
+    thread behind with one warning, and what it does after that touches no freed context."""
+    import threading
+    import time
+
+    from edge_preattn import controller
+
+    monkeypatch.setattr(controller, "CLOSE_WAIT_S", 0.2)
+    release = threading.Event()
+    n_expert = read_layout(tiny).n_expert
+
+    class Stuck:
+        def scores(self, il, x):
+            release.wait()
+            return np.zeros((len(x), n_expert), np.float32)
+
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="edge_preattn"):
+        tokens, logits, stats = greedy(llama_lib, tiny, n_slots=6, mode="exact", predictors=Stuck())
+    elapsed = time.monotonic() - started
+    release.set()  # the stuck call returns now, after the engine is gone: it must upload nothing
+    assert tokens == stock[0] and np.array_equal(logits, stock[1])
+    assert elapsed < 30
+    assert stats.totals().prefetch_issued == 0 and stats.totals().backlog_dropped > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "still busy" in warnings[0], warnings
+    record("fault", "a predictor that never returns", f"tokens = stock in {elapsed:.1f} s; {warnings[0]}")
+
+
 @pytest.fixture
 def enable_fails_above(llama_lib, monkeypatch):
     """Make the C enable report out-of-memory (LLAMA_EDGE_ERR_ALLOC) above a slot count."""
