@@ -17,19 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_preattn import baselines, metrics
-from edge_preattn.evaluate import load_set, validation_prompts
+from edge_preattn.evaluate import load_set, ranked_by, validation_prompts
 from edge_preattn.files import write_json_atomic, write_text_atomic
 from edge_preattn.traces import TraceSet
-
-BATCH_ROWS = 4096
-
-
-def ranked(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
-    parts = [
-        metrics.ranked(pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)), n)
-        for i in range(0, len(x), BATCH_ROWS)
-    ]
-    return np.concatenate(parts)
 
 
 def main() -> int:
@@ -59,7 +49,7 @@ def main() -> int:
             source = il - distance
             if source not in x:
                 continue
-            order = ranked(pset, il, x[source], k + margin)
+            order = ranked_by(pset, il, x[source], k + margin)
             row[f"d{distance}"] = {
                 "recall_at_k": float(metrics.recall_at_k(order, ids[il]).mean()),
                 f"recall_at_k_plus_{margin}": float(

@@ -81,8 +81,8 @@ def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
     return val, layers
 
 
-def _ranked_by(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
-    # x: [N, n_embd] float16 → ranked ids: [N, n], scored in batches of BATCH_ROWS
+def ranked_by(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
+    """x: [N, n_embd] (any float type) → the predictor's ranked ids [N, n], scored in batches."""
     parts = [
         metrics.ranked(pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)), n)
         for i in range(0, len(x), BATCH_ROWS)
@@ -139,7 +139,7 @@ def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
             else:
                 x_pre = traces.layer(il, "x_pre")[held] if x_pre is None else x_pre
                 x = x_pre
-            record(name, metrics.per_token(_ranked_by(pset, il, x, n), true, n_expert))
+            record(name, metrics.per_token(ranked_by(pset, il, x, n), true, n_expert))
         record("popularity", metrics.per_token(baselines.popularity(order, len(true), n), true, n_expert))
         record("prev-token", metrics.per_token(baselines.prev_token(true, prompt, order, n), true, n_expert))
         for c in capacities:
