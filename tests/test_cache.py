@@ -236,3 +236,81 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
             names.clear()
             list(engine.generate(PROMPT, 3))
     assert {f"ffn_moe_slots-{layer.index}" for layer in layout.moe_layers} <= names
+
+
+def two_sequence_logits(engine, first: list[int], second: list[int]) -> np.ndarray:
+    """Both sequences decoded side by side, one token of each per ubatch: [steps, 2, n_vocab]."""
+    llama_cpp, rows = engine.llama_cpp, []
+    for pos, pair in enumerate(zip(first, second, strict=False)):
+        batch = llama_cpp.llama_batch_init(2, 0, 1)
+        try:
+            for i, token in enumerate(pair):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, 1
+                batch.seq_id[i][0] = i
+            batch.n_tokens = 2
+            assert llama_cpp.llama_decode(engine.ctx, batch) == 0
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        rows.append(
+            [
+                np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(engine.ctx, i), shape=(engine.n_vocab,)
+                ).copy()
+                for i in range(2)
+            ]
+        )
+    return np.array(rows)
+
+
+def test_two_sequences_in_one_ubatch_are_bit_identical(llama_lib, moe_ref_a):
+    """Two tokens of different sequences share a ubatch (2 × k = 16 slots): overlapping expert
+    choices are uploaded once, distinct ones each get a slot, and both rows equal stock's."""
+    layout = read_layout(moe_ref_a)
+
+    def two_sequences(params):
+        params.n_seq_max = 2
+
+    with host_experts_engine(llama_lib, moe_ref_a, context_params_hook=two_sequences) as engine:
+        first, second = engine.tokenize(PROMPT), engine.tokenize("import numpy as np\nx = np.arange(10)\n")
+        ref = two_sequence_logits(engine, first, second)
+    with (
+        host_experts_engine(llama_lib, moe_ref_a, context_params_hook=two_sequences) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=2 * layout.n_expert_used, mode="lru") as runtime,
+    ):
+        got = two_sequence_logits(engine, first, second)
+        stats = runtime.controller.stats
+    assert np.array_equal(got, ref)
+    assert stats.cached_tokens == 2 * len(ref)  # every ubatch read the bank
+    total = stats.totals()
+    assert total.hits + total.late + total.misses == layout.n_expert_used * stats.cached_tokens * len(
+        stats.layers
+    )
+
+
+def test_a_context_shift_is_bit_identical(llama_lib, moe_ref_a):
+    """Drop the oldest positions and shift the rest back (what a full context does), then go on."""
+    layout = read_layout(moe_ref_a)
+
+    def shifted_run(engine) -> np.ndarray:
+        llama_cpp, memory = engine.llama_cpp, engine.llama_cpp.llama_get_memory(engine.ctx)
+        engine.reset()
+        engine.decode(engine.tokenize(PROMPT))
+        logits = []
+        for step in range(12):
+            if step == 6:  # forget positions [4, 12) and move the later ones 8 places back
+                assert llama_cpp.llama_memory_seq_rm(memory, 0, 4, 12)
+                llama_cpp.llama_memory_seq_add(memory, 0, 12, -1, -8)
+                engine.n_past -= 8
+            token = int(np.argmax(engine.last_logits()))
+            engine.decode([token])
+            logits.append(engine.last_logits())
+        return np.stack(logits)
+
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        ref = shifted_run(engine)
+    with (
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode="lru"),
+    ):
+        got = shifted_run(engine)
+    assert np.array_equal(got, ref)
