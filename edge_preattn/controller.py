@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 MISS_POLICIES = ("upload", "cpu", "auto")
+# prediction modes give up when predicted uploads keep arriving after the router (a fast GPU): checked
+# every LATE_CHECK_UBATCHES ubatches, over at least LATE_CHECK_MIN predicted experts that were not
+# resident, when at least LATE_SHARE of them were refused as late (H200, packaged model: 0.83-0.84;
+# this 2-core CPU: about 0.02)
+LATE_CHECK_UBATCHES, LATE_CHECK_MIN, LATE_SHARE = 32, 64, 0.5
 WAIT_LIMIT_S = 5.0  # the longest the router waits for a prediction (--wait-prefetch, deferred uploads)
 CLOSE_WAIT_S = 2.0  # the longest closing waits for the prefetch thread
 
@@ -48,7 +53,7 @@ class LayerCounters:
     prefetch_issued: int = 0
     prefetch_hits: int = 0  # of the hits: resident thanks to a prefetch
     prefetch_wasted: int = 0
-    prefetch_late: int = 0  # predicted experts not uploaded: the router had already decided
+    prefetch_late: int = 0  # predicted experts the library refused: the router had already decided
     prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
     backlog_dropped: int = 0  # not predicted: the prefetch thread was still busy with older work
     lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
@@ -180,6 +185,7 @@ class Controller:
         miss: str = "upload",
         wait_for_prefetch: bool = False,
         lookahead: int = 0,
+        late_fallback: bool = True,
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -223,6 +229,11 @@ class Controller:
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
+        # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
+        self.late_fallback = late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch
+        self.prediction_off_at: int | None = None  # the ubatch where that happened
+        self.late_seen = (0, 0)  # prefetched experts (refused as late, uploaded) at the last check
+        self.drop_pre_attn = None  # set by CacheRuntime: removes the pre-attention hook
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and mode not in PREDICTION_MODES:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
@@ -283,7 +294,14 @@ class Controller:
     def on_pre_attn(self, il: int, x: np.ndarray) -> None:
         if il == 0:
             self.ubatch += 1
-        if self.mode == "lru" or il in self.disabled or il not in self.python:
+        if il == self.first_layer and self.late_fallback and self.ubatch % LATE_CHECK_UBATCHES == 0:
+            self._check_lateness()
+        if (
+            self.mode == "lru"
+            or il in self.disabled
+            or il not in self.python
+            or self.prediction_off_at is not None
+        ):
             return
         if self.mode == "oracle":
             truth = self.oracle.get((self.ubatch, il))
@@ -304,6 +322,24 @@ class Controller:
         for target in self.ahead[il]:
             if target not in self.disabled and self._cached(target, len(rows)):
                 self._submit(target, self._look_ahead, target, rows, self.epoch[target])
+
+    def _check_lateness(self) -> None:
+        totals = [self.bank.layer_stats(il) for il in self.python]
+        refused = sum(t["prefetch_refused"] for t in totals)
+        uploaded = sum(t["prefetch_uploads"] for t in totals)
+        late, in_time = refused - self.late_seen[0], uploaded - self.late_seen[1]
+        self.late_seen = (refused, uploaded)
+        if late + in_time < LATE_CHECK_MIN or late < LATE_SHARE * (late + in_time):
+            return
+        self.prediction_off_at = self.ubatch
+        log.warning(
+            "%d of the last %d predicted uploads came after the router had chosen (the device computes a "
+            "layer faster than the predictor answers): prediction is off, the cache runs as lru",
+            late,
+            late + in_time,
+        )
+        if self.drop_pre_attn is not None:
+            self.drop_pre_attn()
 
     def _look_ahead(self, il: int, x: np.ndarray, epoch: int) -> None:
         """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
@@ -469,6 +505,8 @@ class CacheRuntime:
             if on_pre_attn or on_routing
             else None
         )
+        if self.hooks is not None:
+            self.controller.drop_pre_attn = self.hooks.drop_pre_attn
 
     @classmethod
     def for_layout(

@@ -149,6 +149,13 @@ class Hooks:
         except Exception as error:
             self._fail("routing", error)
 
+    def drop_pre_attn(self) -> None:
+        """Stop observing attn_norm (one graph split and device synchronize fewer per layer); safe
+        from inside a handler: the handler's ctypes object stays referenced until close()."""
+        if self.ctx is not None and self.on_pre_attn is not None:
+            self.api.lib.llama_edge_set_hooks(self.ctx, PRE_ATTN_HOOK(), self._routing, None)
+            self.on_pre_attn = None
+
     def stats(self) -> HookStats:
         out = HookStats()
         self.api.lib.llama_edge_get_hook_stats(self.ctx, ctypes.byref(out))

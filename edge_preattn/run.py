@@ -136,6 +136,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "layers' experts, with their own predictors on this layer's activation (earlier, less accurate)",
     )
     cache.add_argument(
+        "--keep-late-predictions",
+        action="store_true",
+        help="prediction modes: keep predicting even when nearly every prediction arrives after the "
+        "router (by default prediction then switches off and the cache runs as lru)",
+    )
+    cache.add_argument(
         "--wait-prefetch",
         action="store_true",
         help="the router waits for each layer's prediction and prefetch (slower; shows what the "
@@ -236,6 +242,7 @@ def main(args: argparse.Namespace) -> int:
                     miss=args.miss,
                     wait_for_prefetch=args.wait_prefetch,
                     lookahead=args.lookahead,
+                    late_fallback=not args.keep_late_predictions,
                 ),
                 n_slots,
                 layout.n_expert_used,
@@ -308,6 +315,7 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "prefetch_hits": total.prefetch_hits,
                 "prefetch_wasted": total.prefetch_wasted,
                 "prefetch_late": total.prefetch_late,
+                "prediction_off_at_ubatch": runtime.controller.prediction_off_at,
                 "lookahead_predictions": total.lookahead_predictions,
                 "lookahead_superseded": total.lookahead_superseded,
                 "prefetch_dropped": total.prefetch_dropped,

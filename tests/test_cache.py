@@ -314,3 +314,39 @@ def test_a_context_shift_is_bit_identical(llama_lib, moe_ref_a):
     ):
         got = shifted_run(engine)
     assert np.array_equal(got, ref)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_prediction_switches_off_when_predictions_come_late(llama_lib, moe_ref_a, caplog, monkeypatch, keep):
+    """Every check finds "too late" (the share is lowered to 0 here; a fast GPU reaches it by itself):
+    the pre-attention hook goes at the first check, the rest runs as lru, the output never changes."""
+    import logging
+
+    from edge_preattn import controller
+
+    monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
+    layout = read_layout(moe_ref_a)
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        ref = greedy(engine, n=48)
+    with (
+        caplog.at_level(logging.WARNING, logger="edge_preattn"),
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(
+            engine,
+            layout,
+            n_slots=16,
+            mode="exact",
+            predictors=RandomRanking(layout.n_expert),
+            late_fallback=not keep,
+        ) as runtime,
+    ):
+        tokens, logits = greedy(engine, n=48)
+        calls = runtime.hooks.stats().pre_attn_calls
+        off_at = runtime.controller.prediction_off_at
+    assert tokens == ref[0] and np.array_equal(logits, ref[1])
+    if keep:
+        assert off_at is None and calls == 48 * layout.n_layer  # every ubatch, every layer
+    else:
+        assert off_at == controller.LATE_CHECK_UBATCHES  # the first check with enough predictions
+        assert calls == off_at * layout.n_layer + 1  # none after the switch (at the first layer)
+        assert any("prediction is off" in r.getMessage() for r in caplog.records)
