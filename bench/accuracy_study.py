@@ -20,18 +20,27 @@ this script, or running one stage at a time, costs only what is missing):
   to the pre-attention activation (as if attention added nothing) and to x_prev, the best set's
   recall on training tokens (the generalization gap), and where its false positives rank in the
   router's order (near misses or not).
-- curve:  validation recall@k (mean over layers) when training on at most N tokens
+- curve:  validation recall@k (mean over layers and per layer) when training on at most N tokens
   (--max-train-samples), seed 0 (same held-out prompts), best arch/loss, --curve-epochs; sizes at or
-  above the available training tokens are replaced by "all".
+  above the available training tokens are replaced by "all". The "all" run goes first, then the
+  sizes from the largest down (the costly points first when time is short); also a PNG plot
+  (recall@k vs training tokens, log x), with --curve-compare another study's curve beside it.
 
-Writes <results>/accuracy-study-<name>.json and .md. Run from the repo root, e.g.:
+Writes <results>/<stem>-<name>.json and .md (stem "accuracy-study" by default). Run from the repo
+root, e.g.:
     nice -n 10 python bench/accuracy_study.py /tmp/traces-ref --runs /tmp/study/runs --epochs 30 \
         --seeds 0 1 2 --seed-epochs 10 --int8
+The data-size curve on a larger trace set, into its own file (bench/results/accuracy-curve-*.md
+gives the collection commands; bench/merge_traces.py joins two collections of the same prompts):
+    nice -n 19 python bench/accuracy_study.py /tmp/traces-ref-big --runs /tmp/curve/runs \
+        --stem accuracy-curve --stages curve --loss wbce --arch 2 --curve-epochs 10 \
+        --curve 10000 30000 100000 --curve-compare bench/results/accuracy-study-moe-ref-a.json
 """
 
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,7 +63,7 @@ class Study:
         self.traces_dir = Path(args.traces)
         self.runs = Path(args.runs)
         self.runs.mkdir(parents=True, exist_ok=True)
-        self.path = Path(args.results) / f"accuracy-study-{args.name}.json"
+        self.path = Path(args.results) / f"{args.stem}-{args.name}.json"
         self.state: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def save(self) -> None:
@@ -71,6 +80,10 @@ class Study:
         )
         write_json_atomic(self.path, self.state)
         write_text_atomic(self.path.with_suffix(".md"), markdown(self.state))
+        if self.state.get("curve", {}).get("points"):
+            png = curve_plot(self.state, self.args.curve_compare)
+            if png:
+                self.path.with_suffix(".png").write_bytes(png)
 
     def run(
         self,
@@ -235,12 +248,20 @@ class Study:
     def curve(self) -> None:
         loss, arch, epochs = self.best_loss(), self.best_arch(), self.args.curve_epochs
         hidden = self.args.curve_hidden
-        everything = self.run(arch=arch, loss=loss, epochs=epochs, hidden=hidden)  # fixes the split
-        available = everything["train_tokens"]
+        if self.args.curve_skip_all:  # only the --curve sizes (the split is the seed's, as in train)
+            from edge_preattn.train import split_by_prompt
+
+            everything = None
+            meta_prompt = TraceSet(self.traces_dir).meta()["prompt"]
+            train_mask, _ = split_by_prompt(meta_prompt, TrainSettings.val_fraction, 0)
+            available = int(train_mask.sum())
+        else:
+            everything = self.run(arch=arch, loss=loss, epochs=epochs, hidden=hidden)  # fixes the split
+            available = everything["train_tokens"]
         sizes = [size for size in sorted(set(self.args.curve)) if size < available]
         skipped = [size for size in sorted(set(self.args.curve)) if size >= available]
         points = []
-        for size in [*sizes, None]:
+        for size in [*([] if everything is None else [None]), *reversed(sizes)]:  # costly ones first
             manifest = (
                 everything
                 if size is None
@@ -256,19 +277,52 @@ class Study:
                     "epochs_run": [
                         len(e["validation"]["recall_at_k_per_epoch"]) for e in manifest["predictors"]
                     ],
+                    "best_epoch": [e["validation"]["best_epoch"] for e in manifest["predictors"]],
                     "train_seconds": manifest["train_seconds"],
+                    "dir": manifest["_dir"],
                 }
             )
-        self.state["curve"] = {
-            "loss": loss,
-            "arch": arch,
-            "epochs": epochs,
-            "seed": 0,
-            "hidden": self.args.curve_hidden or self.args.hidden,
-            "points": points,
-            "sizes_not_reached": skipped,
+            if self.args.curve_also_on:
+                points[-1]["also_on"] = self.heldout_recall(manifest["_dir"], self.args.curve_also_on)
+            points.sort(key=lambda point: point["train_tokens"])
+            self.state["curve"] = {
+                "loss": loss,
+                "arch": arch,
+                "epochs": epochs,
+                "patience": self.args.patience,
+                "seed": 0,
+                "hidden": self.args.curve_hidden or self.args.hidden,
+                "torch_threads": self.args.threads,
+                "validation_prompts": manifest["validation_prompts"],
+                "all_trained": everything is not None,
+                "command": "python bench/accuracy_study.py " + shlex.join(sys.argv[1:]),
+                "also_on": self.args.curve_also_on,
+                "points": points,
+                "sizes_not_reached": skipped,
+            }
+            self.save()
+
+    def heldout_recall(self, directory: str, traces_dir: str) -> dict:
+        """recall@k of a trained set on another trace set of the same model, on the tokens of this
+        set's validation prompts there (e.g. the shorter collection the earlier curve was made on)."""
+        from edge_preattn import metrics
+
+        other = TraceSet(Path(traces_dir))
+        pset = evaluate.load_set(Path(directory), other.fingerprint)
+        held = np.isin(other.meta()["prompt"], pset.manifest["validation_prompts"])
+        per_layer = []
+        for il in other.layers:
+            x = other.layer(il, "x_pre")[held].astype(np.float32)
+            ids = other.layer(il, "ids")[held].astype(np.int64)
+            per_layer.append(
+                float(metrics.recall_at_k(metrics.ranked(pset.scores(il, x), other.k), ids).mean())
+            )
+        return {
+            "traces": traces_dir,
+            "tokens": int(held.sum()),
+            "per_layer": per_layer,
+            "mean": float(np.mean(per_layer)),
         }
-        self.save()
 
     # what limits accuracy -----------------------------------------------------------------------
     def limits(self) -> None:
@@ -375,6 +429,63 @@ def summary(manifest: dict) -> dict:
         ],
         "best_recall_at_k_per_layer": [e["validation"]["best_recall_at_k"] for e in manifest["predictors"]],
     }
+
+
+def curve_plot(state: dict, compare: list[str] | None = None) -> bytes | None:
+    """PNG: best validation recall@k vs training tokens (log x): the layer mean, and each layer thin;
+    with `compare` (other studies' JSON) their curves' means beside it, dashed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    curve, layers = state["curve"], state.get("moe_layers", [])
+    tokens = [point["train_tokens"] for point in curve["points"]]
+    figure = Figure(figsize=(9, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for index, il in enumerate(layers):
+        values = [point["per_layer"][index] for point in curve["points"]]
+        axes.plot(tokens, values, lw=0.8, alpha=0.6, marker=".", label=f"layer {il}")
+    axes.plot(
+        tokens,
+        [point["mean_best_recall_at_k"] for point in curve["points"]],
+        "k-o",
+        lw=2.2,
+        label=f"mean, ≤{curve['epochs']} epochs ({Path(state.get('traces', '')).name})",
+    )
+    for path, style in zip(compare or [], ("k--s", "b--^", "r--v", "g--d"), strict=False):
+        other = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+        if other.get("curve", {}).get("points"):
+            axes.plot(
+                [point["train_tokens"] for point in other["curve"]["points"]],
+                [point["mean_best_recall_at_k"] for point in other["curve"]["points"]],
+                style,
+                lw=1.2,
+                label=f"mean, ≤{other['curve']['epochs']} epochs ({Path(other.get('traces', '')).name})",
+            )
+    if curve.get("also_on"):
+        axes.plot(
+            tokens,
+            [point["also_on"]["mean"] for point in curve["points"]],
+            "k:o",
+            lw=1.5,
+            label=f"mean, same sets on {Path(curve['also_on']).name}'s held-out tokens",
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel(f"best validation recall@{state.get('k')}")
+    axes.set_title(
+        f"{state.get('model')}: arch {curve['arch']}, loss {curve['loss']}, held-out prompts "
+        f"({len(curve.get('validation_prompts', []))})"
+    )
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def _pct(value: float) -> str:
@@ -510,16 +621,42 @@ def markdown(state: dict) -> str:
             f"## Data-size curve: arch {curve['arch']}, loss {curve['loss']}, "
             f"up to {curve['epochs']} epochs, hidden {curve['hidden']}, seed 0 (same held-out prompts)",
             "",
-            "| max train tokens | train tokens | mean best val recall@k | seconds |",
-            "|---|---|---|---|",
+            "| max train tokens | train tokens | held-out tokens | mean best val recall@k | "
+            + " | ".join(f"L{il}" for il in layers)
+            + " | epochs run (per layer) | seconds |",
+            "|---" * (len(layers) + 6) + "|",
         ]
         for point in curve["points"]:
             lines.append(
                 f"| {point['max_train_samples'] or 'all'} | {point['train_tokens']} | "
-                f"{_pct(point['mean_best_recall_at_k'])} | {point['train_seconds']:.0f} |"
+                f"{point['validation_tokens']} | {_pct(point['mean_best_recall_at_k'])} | "
+                + " | ".join(_pct(v) for v in point["per_layer"])
+                + f" | {point['epochs_run']} | {point['train_seconds']:.0f} |"
             )
         if curve.get("sizes_not_reached"):
             lines += ["", f"Not reached (fewer training tokens collected): {curve['sizes_not_reached']}."]
+        if curve.get("all_trained") is False:
+            lines += ["", "No point on all training tokens in this curve (--curve-skip-all)."]
+        if curve.get("also_on"):
+            lines += [
+                "",
+                f"The same predictor sets on the held-out prompts' tokens of `{curve['also_on']}` "
+                "(recall@k, mean and per layer):",
+                "",
+                "| train tokens | held-out tokens | mean | " + " | ".join(f"L{il}" for il in layers) + " |",
+                "|---" * (len(layers) + 3) + "|",
+            ]
+            for point in curve["points"]:
+                also = point["also_on"]
+                lines.append(
+                    f"| {point['train_tokens']} | {also['tokens']} | {_pct(also['mean'])} | "
+                    + " | ".join(_pct(v) for v in also["per_layer"])
+                    + " |"
+                )
+        if curve.get("command"):
+            lines += ["", f"Command: `{curve['command']}`"]
+    if state.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in state["notes"]]
     return "\n".join([*lines, ""])
 
 
@@ -531,6 +668,15 @@ def main() -> int:
     parser.add_argument("--runs", default="runs/study", help="folder for the predictor sets trained here")
     parser.add_argument("--results", default="bench/results", help="where the study's JSON and .md go")
     parser.add_argument("--name", default="moe-ref-a")
+    parser.add_argument("--stem", default="accuracy-study", help="results file name: <stem>-<name>.json")
+    parser.add_argument("--curve-compare", nargs="+", help="other studies' JSON: their curves beside")
+    parser.add_argument(
+        "--curve-skip-all", action="store_true", help="curve: train only the --curve sizes, not 'all'"
+    )
+    parser.add_argument(
+        "--curve-also-on", help="another trace folder: score each curve point on its held-out prompts too"
+    )
+    parser.add_argument("--note", action="append", help="a line for the results' notes (repeatable)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
     parser.add_argument("--epochs", type=int, default=30, help="full training (seed 0)")
     parser.add_argument("--patience", type=int, default=TrainSettings.patience)
@@ -556,6 +702,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     study = Study(args)
+    if args.note:
+        study.state["notes"] = args.note
     started = time.monotonic()
     for stage in STAGES:
         if stage in args.stages:
