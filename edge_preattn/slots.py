@@ -29,7 +29,7 @@ class CacheStats(ctypes.Structure):
             "forced_uploads",
             "upload_bytes",
             "cached_layer_runs",
-            "bypassed_layer_runs",
+            "bypassed_layer_graphs",
             "bank_bytes",
             "pinned_bytes",
         )
