@@ -38,6 +38,9 @@ MISS_POLICIES = ("upload", "cpu", "auto")
 # resident, when at least LATE_SHARE of them were refused as late (H200, packaged model: 0.83-0.84;
 # this 2-core CPU: about 0.02)
 LATE_CHECK_UBATCHES, LATE_CHECK_MIN, LATE_SHARE = 32, 64, 0.5
+# ... or when there is nothing left to prefetch: fewer than IDLE_SHARE non-resident experts per prediction
+# (everything predicted is resident already, e.g. slots = E after warm-up)
+IDLE_SHARE = 0.01
 WAIT_LIMIT_S = 5.0  # the longest the router waits for a prediction (--wait-prefetch, deferred uploads)
 CLOSE_WAIT_S = 2.0  # the longest closing waits for the prefetch thread
 
@@ -232,7 +235,7 @@ class Controller:
         # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
         self.late_fallback = late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch
         self.prediction_off_at: int | None = None  # the ubatch where that happened
-        self.late_seen = (0, 0)  # prefetched experts (refused as late, uploaded) at the last check
+        self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
         self.drop_pre_attn = None  # set by CacheRuntime: removes the pre-attention hook
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and mode not in PREDICTION_MODES:
@@ -324,20 +327,27 @@ class Controller:
                 self._submit(target, self._look_ahead, target, rows, self.epoch[target])
 
     def _check_lateness(self) -> None:
+        """Every LATE_CHECK_UBATCHES: is prediction worth its graph split per layer? Not when most
+        predicted uploads come after the router, nor when nothing predicted needs an upload."""
         totals = [self.bank.layer_stats(il) for il in self.python]
         refused = sum(t["prefetch_refused"] for t in totals)
         uploaded = sum(t["prefetch_uploads"] for t in totals)
-        late, in_time = refused - self.late_seen[0], uploaded - self.late_seen[1]
-        self.late_seen = (refused, uploaded)
-        if late + in_time < LATE_CHECK_MIN or late < LATE_SHARE * (late + in_time):
+        calls = sum(c.predictor_calls for c in self.python.values())
+        late, in_time, predictions = (
+            now - before for now, before in zip((refused, uploaded, calls), self.late_seen, strict=True)
+        )
+        self.late_seen = (refused, uploaded, calls)
+        if late + in_time >= LATE_CHECK_MIN and late >= LATE_SHARE * (late + in_time):
+            reason = (
+                f"{late} of the last {late + in_time} predicted uploads came after the router had chosen "
+                "(the device computes a layer faster than the predictor answers)"
+            )
+        elif predictions >= LATE_CHECK_MIN and late + in_time < IDLE_SHARE * predictions:
+            reason = f"the last {predictions} predictions found their experts resident already"
+        else:
             return
         self.prediction_off_at = self.ubatch
-        log.warning(
-            "%d of the last %d predicted uploads came after the router had chosen (the device computes a "
-            "layer faster than the predictor answers): prediction is off, the cache runs as lru",
-            late,
-            late + in_time,
-        )
+        log.warning("%s: prediction is off, the cache runs as lru", reason)
         if self.drop_pre_attn is not None:
             self.drop_pre_attn()
 

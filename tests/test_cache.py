@@ -365,3 +365,23 @@ def test_bypassed_ubatches_are_not_observed(llama_lib, moe_ref_a):
         observed = runtime.hooks.stats().routing_calls
         runs = sum(runtime.bank.layer_stats(layer.index)["runs"] for layer in layout.moe_layers)
     assert observed == runs == 3 * len(layout.moe_layers) + 1
+
+
+def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_lib, moe_ref_a, caplog):
+    """slots = E: after warm-up nothing is left to prefetch, and the graph split per layer buys nothing."""
+    import logging
+
+    from edge_preattn import controller
+
+    layout = read_layout(moe_ref_a)
+    with (
+        caplog.at_level(logging.WARNING, logger="edge_preattn"),
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert, mode="exact", predictors=RandomRanking(layout.n_expert)
+        ) as runtime,
+    ):
+        list(engine.generate(PROMPT, 100))
+        off_at = runtime.controller.prediction_off_at
+    assert off_at is not None and off_at % controller.LATE_CHECK_UBATCHES == 0
+    assert any("resident already" in r.getMessage() for r in caplog.records)
