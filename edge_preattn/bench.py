@@ -495,6 +495,8 @@ def summarize(
             row[key] = _median([r["stats"].get(key) for r in ok])
         predictor_ms = row.pop("predictor_ms_per_call")
         row["predictor_ms_per_layer"] = predictor_ms if edge_mode(spec.name)[0] in PREDICTION_MODES else None
+        # the ubatch where a prediction mode switched itself off (late or idle predictions), per round
+        row["prediction_off_at_ubatch"] = [r["stats"].get("prediction_off_at_ubatch") for r in ok]
     reference_ok = [r for r in reference if "error" not in r]
     if reference_ok:
         row["tokens_equal_stock"] = all(r["tokens"] == reference_ok[0]["tokens"] for r in ok)
@@ -634,6 +636,13 @@ def markdown(result: dict) -> str:
             "physical limit."
         )
     lines += [f"- {note}" for note in result["notes"]]
+    lines += [
+        f"- {row['name']}: prediction switched itself off (late or idle predictions) at ubatch "
+        + ", ".join("–" if at is None else str(at) for at in row["prediction_off_at_ubatch"])
+        + " of its rounds; it ran as lru from there"
+        for row in result["configs"]
+        if any(at is not None for at in row.get("prediction_off_at_ubatch") or [])
+    ]
     h2d = result["host_to_device"]
     if "error" in h2d:
         lines.append(f"- host → device bandwidth not measured ({h2d['error']}): no physical limits")
