@@ -258,7 +258,7 @@ class Controller:
             self.closed = True
         if not self.worker.close(CLOSE_WAIT_S):
             log.warning(
-                "the prefetch thread is still busy after %.0f s (a predictor that does not return?): "
+                "the prefetch thread is still busy after %g s (a predictor that does not return?): "
                 "left behind; it makes no more uploads",
                 CLOSE_WAIT_S,
             )
