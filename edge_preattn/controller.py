@@ -418,6 +418,7 @@ class Controller:
     # -- routing: decisions the library cannot make alone -------------------------------------------
 
     def _upload_on_miss(self) -> bool:
+        """With misses on the CPU (`cpu`, `auto`): upload this routing's misses instead?"""
         if self.miss == "auto":
             miss_stats = self.bank.miss_stats()
             self.cost.refresh(
@@ -427,7 +428,7 @@ class Controller:
                 miss_stats.cpu_timed_experts,
             )
             return self.cost.upload_is_cheaper()
-        return self.miss == "upload"
+        return False  # "cpu"
 
     def on_routing(self, routing: Routing) -> None:
         il = routing.layer
@@ -455,11 +456,13 @@ class Controller:
                         WAIT_LIMIT_S,
                     )
         self.python[il].stall_s += time.perf_counter() - started
+        if self.miss == "upload":  # the library uploads misses itself
+            return
         selected = list(dict.fromkeys(routing.ids.ravel().tolist()))
-        if self.miss != "upload" and self._upload_on_miss():
+        if self._upload_on_miss():
             # the library counts these as misses; the rest of the misses go to the CPU
             self.bank.prefetch(il, selected, len(selected), on_miss=True)
-        elif self.miss != "upload" and self.mode == "lru":
+        elif self.mode == "lru":
             self.deferred.append((il, selected))  # lru has no other way to fill the cache
 
 

@@ -289,14 +289,15 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
         ),
     }
     if runtime is not None:
-        total = runtime.controller.stats.totals()
+        runtime_stats = runtime.controller.stats  # one read of the library's per-layer counters
+        total = runtime_stats.totals()
         bank, miss = runtime.bank.stats(), runtime.bank.miss_stats()
-        tokens = max(1, runtime.controller.stats.cached_tokens)
+        tokens = max(1, runtime_stats.cached_tokens)
         expert_bytes = runtime.controller.bytes_per_expert
         selected = max(1, total.hits + total.late + total.misses + total.cpu)
         stats.update(
             {
-                "cached_tokens": runtime.controller.stats.cached_tokens,
+                "cached_tokens": runtime_stats.cached_tokens,
                 "miss_policy": runtime.controller.miss,
                 "hits_per_token": round(total.hits / tokens, 3),
                 "late_per_token": round(total.late / tokens, 3),

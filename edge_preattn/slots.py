@@ -20,57 +20,52 @@ T = TypeVar("T")
 LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC, LLAMA_EDGE_ERR_BACKEND = -3, -4, -5  # llama-edge.h
 
 
-class CacheStats(ctypes.Structure):
+class Counters(ctypes.Structure):
+    """A C struct of uint64 counters; a subclass lists their names in the C order."""
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+
+
+def uint64_fields(*names: str) -> list[tuple[str, type]]:
+    return [(name, ctypes.c_uint64) for name in names]
+
+
+class CacheStats(Counters):
     # struct llama_edge_cache_stats
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "uploads",
-            "forced_uploads",
-            "upload_bytes",
-            "cached_layer_runs",
-            "bypassed_layer_graphs",
-            "bank_bytes",
-            "pinned_bytes",
-        )
-    ]
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+    _fields_ = uint64_fields(
+        "uploads",
+        "forced_uploads",
+        "upload_bytes",
+        "cached_layer_runs",
+        "bypassed_layer_graphs",
+        "bank_bytes",
+        "pinned_bytes",
+    )
 
 
-class MissStats(ctypes.Structure):
+class MissStats(Counters):
     # struct llama_edge_miss_stats (patch 4)
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in ("cpu_experts", "cpu_rows", "cpu_bytes", "cpu_timed_experts", "cpu_ns", "upload_ns")
-    ]
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+    _fields_ = uint64_fields(
+        "cpu_experts", "cpu_rows", "cpu_bytes", "cpu_timed_experts", "cpu_ns", "upload_ns"
+    )
 
 
-class LayerStats(ctypes.Structure):
+class LayerStats(Counters):
     # struct llama_edge_layer_stats (patch 5)
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "runs",
-            "tokens",
-            "hits",
-            "prefetch_hits",
-            "late",
-            "misses",
-            "cpu",
-            "prefetch_uploads",
-            "prefetch_wasted",
-            "prefetch_refused",
-            "stall_ns",
-        )
-    ]
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: int(getattr(self, name)) for name, _ in self._fields_}
+    _fields_ = uint64_fields(
+        "runs",
+        "tokens",
+        "hits",
+        "prefetch_hits",
+        "late",
+        "misses",
+        "cpu",
+        "prefetch_uploads",
+        "prefetch_wasted",
+        "prefetch_refused",
+        "stall_ns",
+    )
 
 
 def bind_cache_functions(api: NativeApi) -> None:
