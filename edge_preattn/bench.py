@@ -64,8 +64,9 @@ DEFAULT_PROMPTS = (
     "import numpy as np\n\ndef softmax(x):",
 )
 CAP_NOTE = (
-    "--bandwidth caps prefetch uploads only (the controller's token bucket); uploads on a miss are not "
-    "throttled, so a capped run can beat its limit (measured/limit < 1)"
+    "--bandwidth models a slower bus in the library: every upload, prefetch or miss, takes bytes / rate "
+    "on one shared bus, and a layer's expert matmuls wait until it has delivered their experts; stock "
+    "configurations move no experts per token and are not capped"
 )
 SUMMARY_STATS = (
     "hit_rate",

@@ -2,7 +2,8 @@
 
 Residency itself lives in the library (one source of truth, read and written under the layer's lock
 by the routing and by prefetch threads); the controller chooses the policy, and this module holds
-the bandwidth budget that models a slow bus on a fast machine.
+the budget that decides which predicted uploads are issued on a slow bus. How long each upload takes
+on that bus, misses included, the library models itself (`SlotBank.set_bus_rate`).
 """
 
 import threading
@@ -12,7 +13,7 @@ EVICTION_POLICIES = {"lru": 0, "lfu": 1}  # LLAMA_EDGE_EVICT_LRU / _LFU in llama
 
 
 class UploadBudget:
-    """A token bucket over wall time: how a slow bus (edge devices) is modelled on a fast machine.
+    """A token bucket over wall time: prefetches stay within a slow bus's (edge devices') bandwidth.
 
     `bytes_per_s` None means unlimited. The bucket holds at most `burst_s` seconds of bandwidth.
     """

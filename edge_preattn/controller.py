@@ -225,7 +225,10 @@ class Controller:
         self.target = target
         calibrated = (getattr(predictors, "manifest", None) or {}).get("calibration", {})
         self.temperatures = {int(il): float(entry["temperature"]) for il, entry in calibrated.items()}
+        # the bucket decides which predicted uploads are issued; the library's modelled bus, shared
+        # with the misses, decides when each upload lands
         self.budget = UploadBudget(bandwidth_bytes_per_s)
+        bank.set_bus_rate(bandwidth_bytes_per_s)
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
         bank.set_eviction(EVICTION_POLICIES[eviction])

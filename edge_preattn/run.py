@@ -108,7 +108,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--vram-budget", type=parse_bytes, metavar="SIZE", help="e.g. 6GiB: slots from the plan"
     )
     cache.add_argument(
-        "--bandwidth", type=parse_rate, metavar="RATE", help="cap on prefetch uploads, e.g. 12GB/s"
+        "--bandwidth",
+        type=parse_rate,
+        metavar="RATE",
+        help="model a slower host-to-device bus for every upload (prefetches and misses), e.g. 12GB/s",
     )
     cache.add_argument(
         "--extra", type=int, default=2, help="overprov: experts beyond k to prefetch (default 2)"

@@ -100,6 +100,9 @@ def bind_cache_functions(api: NativeApi) -> None:
     # int32_t llama_edge_cache_set_eviction(struct llama_context * ctx, int32_t policy);
     lib.llama_edge_cache_set_eviction.restype = ctypes.c_int32
     lib.llama_edge_cache_set_eviction.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    # int32_t llama_edge_cache_set_bus_rate(struct llama_context * ctx, double bytes_per_s);
+    lib.llama_edge_cache_set_bus_rate.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_bus_rate.argtypes = [ctypes.c_void_p, ctypes.c_double]
     # int32_t llama_edge_cache_prefetch(struct llama_context * ctx, int32_t il, const int32_t * experts,
     #                                   int32_t n_experts, int32_t max_uploads, bool on_miss);
     lib.llama_edge_cache_prefetch.restype = ctypes.c_int32
@@ -158,9 +161,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 5:
+        if api.patch_version() < 6:
             raise UserError(
-                "this llama.cpp build predates the expert slot cache's routing policy (patch < 5): "
+                "this llama.cpp build predates the expert slot cache's modelled bus (patch < 6): "
                 "run `edge-preattn build`"
             )
         bind_cache_functions(api)
@@ -207,6 +210,13 @@ class SlotBank:
         status = self.api.lib.llama_edge_cache_set_eviction(self.ctx, policy)
         if status != 0:
             raise ValueError(f"cannot set eviction policy {policy} (status {status})")
+
+    def set_bus_rate(self, bytes_per_s: float | None) -> None:
+        """Every upload, prefetch or miss, then takes bytes / rate on one modelled bus (None: the
+        machine's own link), so a fast machine measures what a slow one would."""
+        status = self.api.lib.llama_edge_cache_set_bus_rate(self.ctx, bytes_per_s or 0.0)
+        if status != 0:
+            raise ValueError(f"cannot set a bus rate of {bytes_per_s} bytes/s (status {status})")
 
     def layer_stats(self, il: int) -> dict[str, int]:
         out = LayerStats()

@@ -40,12 +40,12 @@ def ref(llama_lib, moe_ref_a):
     return layout, tokens, logits
 
 
-def run_mode(llama_lib, model, layout, mode, n_slots, **options):
+def run_mode(llama_lib, model, layout, mode, n_slots, n_predict=N_PREDICT, **options):
     with host_experts_engine(llama_lib, model) as engine:
         if mode == "oracle":
-            options["oracle"] = record_routing(engine, PROMPT, N_PREDICT, Sampling())
+            options["oracle"] = record_routing(engine, PROMPT, n_predict, Sampling())
         with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, **options) as runtime:
-            tokens, logits = greedy(engine)
+            tokens, logits = greedy(engine, n=n_predict)
             return tokens, logits, runtime.controller.stats, runtime.bank.stats()
 
 
@@ -90,21 +90,50 @@ def test_lookahead_prefetches_later_layers_and_output_stays(llama_lib, moe_ref_a
         run_mode(llama_lib, moe_ref_a, layout, "lru", 16, lookahead=1)
 
 
+def expert_bytes(layout) -> int:
+    return max(layer.bytes_per_expert for layer in layout.moe_layers)
+
+
 @pytest.mark.parametrize("mode", ["exact", "adaptive"])
 def test_a_starved_budget_drops_every_prefetch_and_output_stays(llama_lib, moe_ref_a, ref, mode):
     layout, ref_tokens, ref_logits = ref
+    # the bucket holds 5 ms of bandwidth, less than one expert: no prefetch fits; each miss takes
+    # 5.4 ms on the modelled bus, so few tokens
+    n = 3
     tokens, logits, stats, _ = run_mode(
         llama_lib,
         moe_ref_a,
         layout,
         mode,
-        8,
+        16,
+        n_predict=n,
         predictors=RandomRanking(layout.n_expert),
-        bandwidth_bytes_per_s=1.0,
+        bandwidth_bytes_per_s=expert_bytes(layout) * 185.0,
     )
-    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert tokens == ref_tokens[:n] and np.array_equal(logits, ref_logits[:n])
     total = stats.totals()
     assert total.prefetch_issued == 0 and total.prefetch_dropped > 0
+
+
+def test_the_modelled_bus_makes_every_upload_wait_and_output_stays(llama_lib, moe_ref_a, ref):
+    """--bandwidth slows the misses too: a routing waits until the bus has carried its experts, and a
+    prefetched expert still on the bus is late, not a prefetch hit."""
+    layout, ref_tokens, ref_logits = ref
+    n, rate = 3, expert_bytes(layout) * 2000.0  # 0.5 ms per expert
+    for mode in ("lru", "oracle"):
+        tokens, logits, stats, _ = run_mode(
+            llama_lib, moe_ref_a, layout, mode, 16, n_predict=n, bandwidth_bytes_per_s=rate
+        )
+        assert tokens == ref_tokens[:n] and np.array_equal(logits, ref_logits[:n])
+        total = stats.totals()
+        assert total.hits + total.late + total.misses == layout.n_expert_used * total.tokens
+        if mode == "lru":
+            # only misses use the bus, and each routing waits for its own: at least their bus time
+            assert total.misses > 0
+            assert total.stall_s >= total.misses * expert_bytes(layout) / rate * 0.999
+        else:
+            # oracle's uploads are queued right before the routing: still on the bus when it comes
+            assert total.late > 0 and total.prefetch_hits < total.prefetch_issued
 
 
 def test_a_broken_predictor_is_switched_off_and_output_stays(llama_lib, moe_ref_a, ref):
@@ -124,6 +153,7 @@ def test_c_api_refuses_bad_arguments(llama_lib, moe_ref_a):
         lib = engine.api.lib
         bind_cache_functions(engine.api)
         assert lib.llama_edge_cache_upload(engine.ctx, 0, 0, 0) == -2  # not enabled yet
+        assert lib.llama_edge_cache_set_bus_rate(engine.ctx, 1e9) == -2
         assert lib.llama_edge_cache_get_stats(engine.ctx, ctypes.byref(CacheStats())) == -2
         with pytest.raises(UserError, match="--slots"):
             SlotBank(engine.api, engine.ctx, (0,), n_slots=4)  # fewer slots than k = 8
@@ -138,6 +168,9 @@ def test_c_api_refuses_bad_arguments(llama_lib, moe_ref_a):
         assert lib.llama_edge_cache_prefetch(engine.ctx, 0, None, 1, 1, False) == -1
         assert lib.llama_edge_cache_prefetch(engine.ctx, 0, experts, 1, -1, False) == -1
         assert lib.llama_edge_cache_set_eviction(engine.ctx, 2) == -1
+        for rate in (-1.0, float("nan"), float("inf")):
+            assert lib.llama_edge_cache_set_bus_rate(engine.ctx, rate) == -1
+        assert lib.llama_edge_cache_set_bus_rate(None, 1e9) == -1
         assert lib.llama_edge_cache_get_layer_stats(engine.ctx, 5, ctypes.byref(LayerStats())) == -1
         assert lib.llama_edge_cache_get_layer_stats(engine.ctx, 0, None) == -1
         bank.upload(0, 5, 3)
