@@ -40,6 +40,11 @@ def main() -> int:
     parser.add_argument("--slots", default="16")
     parser.add_argument("--modes", default="lru,top1,exact,overprov,oracle")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--keep-late-predictions",
+        action="store_true",
+        help="prediction stays on when it is late or idle (measures the prediction path's own cost)",
+    )
     args = parser.parse_args()
     layout = read_layout(args.model)
     llama_cpp = native.load_llama(offload_short_batches=True)
@@ -52,7 +57,7 @@ def main() -> int:
     rows = []
     for n_slots in [int(s) for s in args.slots.split(",")]:
         for mode in args.modes.split(","):
-            agree, rates = 0, []
+            agree, rates, switched_off = 0, [], []
             for prompt in PROMPTS:  # a fresh context per prompt: the cache is enabled once per context
                 with Engine(llama_cpp, host_config) as engine:
                     oracle = record_routing(engine, prompt, args.n, Sampling()) if mode == "oracle" else None
@@ -64,9 +69,11 @@ def main() -> int:
                         predictors=RandomRanking(layout.n_expert),
                         extra=2,
                         oracle=oracle,
+                        late_fallback=not args.keep_late_predictions,
                     ) as runtime:
                         tokens, tok_s = generate(engine, prompt, args.n)
                         forced = runtime.bank.stats()["forced_uploads"]
+                        switched_off.append(runtime.controller.prediction_off_at)
                 agree += tokens == reference[prompt][0]
                 rates.append(tok_s)
             rows.append(
@@ -77,6 +84,7 @@ def main() -> int:
                     "prompts": len(PROMPTS),
                     "decode_tok_s": round(float(np.median(rates)), 1),
                     "forced_uploads_last": forced,
+                    "prediction_off_at_ubatch": switched_off,  # per prompt; None: stayed on
                 }
             )
             print(json.dumps(rows[-1]))
@@ -87,11 +95,14 @@ def main() -> int:
         "reference": "stock, all layers on the GPU" if gpu else "stock, experts in host memory",
         "reference_tok_s": round(float(np.median([r[1] for r in reference.values()])), 1),
         "n_predict": args.n,
+        "late_fallback": not args.keep_late_predictions,
         "command": " ".join(sys.argv),
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / f"cache-equivalence-{args.model.stem}-{result['backend']}.json", result)
+    suffix = "-keep-late" if args.keep_late_predictions else ""
+    name = f"cache-equivalence-{args.model.stem}-{result['backend']}{suffix}.json"
+    write_json_atomic(args.out / name, result)
     return 0 if all(r["prompts_equal"] == r["prompts"] for r in rows) else 1
 
 

@@ -11,7 +11,9 @@ command run again resumes where it stopped.
 
 The physical limit of an edge configuration is, per token, the larger of the all-on-GPU step time
 (every weight resident) and the bytes it uploaded divided by the measured host→device bandwidth
-(capped by --bandwidth): no scheduling of uploads can beat it.
+(capped by --bandwidth): no scheduling of uploads can beat it. Where the time goes: the measured
+step split into that resident compute, the bus time (misses are queued on the compute stream, so
+without prefetch the two add up), and the rest (per-layer graph splits and host work at routing).
 """
 
 import argparse
@@ -520,6 +522,8 @@ def summarize(
             "bus_bytes_per_s": bus,
             "bus": ("pinned" if pinned else "pageable") + (" capped" if spec.bandwidth_bytes_per_s else ""),
             "measured_over_limit": round(row["ms_per_token_p50"] / limit_ms, 3) if limit_ms > 0 else None,
+            # what is left of the step once compute and a bus that never overlaps it are paid
+            "other_ms_per_token": round(row["ms_per_token_p50"] - resident_ms - bus_ms, 4),
         }
     return row
 
@@ -644,6 +648,17 @@ def markdown(result: dict) -> str:
         for row in result["configs"]
         if any(at is not None for at in row.get("prediction_off_at_ubatch") or [])
     ]
+    split = [
+        f"{row['name']} {row['ms_per_token_p50']:.2f} = {limit['resident_ms_per_token']:.2f} compute "
+        f"+ {limit['bus_ms_per_token']:.2f} bus + {limit['other_ms_per_token']:.2f} other"
+        for row in result["configs"]
+        if (limit := row.get("physical_limit")) and "other_ms_per_token" in limit
+    ]
+    if split:
+        lines.append(
+            "- where the time goes, ms/token (p50) = all-on-GPU step + bytes uploaded ÷ bus rate + the "
+            "rest (graph splits, host work; negative: uploads overlapped compute): " + "; ".join(split)
+        )
     h2d = result["host_to_device"]
     if "error" in h2d:
         lines.append(f"- host → device bandwidth not measured ({h2d['error']}): no physical limits")

@@ -65,7 +65,11 @@ def test_bench_writes_the_results_format(lib_dir, tiny, tmp_path, capsys):
         assert config["tokens_equal_stock"]  # the CPU build: the cache gives stock's exact logits
     lru = result["configs"][1]
     assert 0 <= lru["hit_rate"] <= 1 and lru["physical_limit_tok_s"] > 0
-    assert (tmp_path / "bench-tiny-50pct.md").read_text().startswith("# bench: tiny.gguf")
+    limit = lru["physical_limit"]  # the step splits into compute, bus and the rest
+    parts = limit["resident_ms_per_token"] + limit["bus_ms_per_token"] + limit["other_ms_per_token"]
+    assert parts == pytest.approx(lru["ms_per_token_p50"], abs=1e-3)
+    table = (tmp_path / "bench-tiny-50pct.md").read_text()
+    assert table.startswith("# bench: tiny.gguf") and "- where the time goes" in table
     state = next(tmp_path.glob(".bench-tiny-*.state.json"))
     runs_before = json.loads(state.read_text())["runs"]
     assert cli.main(argv) == 0  # the same command again: everything is already measured
