@@ -18,8 +18,9 @@
 # Knobs (environment): N tokens per prompt (32), PROMPTS file (bench's 3 built-in prompts),
 # REF_ROUNDS (2), SYNTH_ROUNDS (1), CONFIGS for moe-ref-a (all), SYNTH_CONFIGS (all but top1 and
 # adaptive, to save device time; the synthetic predictors are uncalibrated anyway), CAPPED_CONFIGS
-# (lru,exact,oracle), SYNTH_MODELS (qwen3-30b-a3b deepseek-v2-lite), STEP_TIMEOUT (560: seconds all
-# the benches of one step may take, so that a call of timeout_s 600 still packs), PRESET (cuda-hopper).
+# (lru,exact,oracle), SYNTH_MODELS (qwen3-30b-a3b deepseek-v2-lite), SYNTH_BUDGETS (6GiB,10GiB,14GiB),
+# STEP_TIMEOUT (560: seconds all the benches of one step may take, so that a call of timeout_s 600
+# still packs), PRESET (cuda-hopper).
 # A bench cut short by STEP_TIMEOUT keeps what it measured; the same step again resumes it.
 set -u
 R=/tmp/bench-results
@@ -30,6 +31,7 @@ CONFIGS=${CONFIGS:-all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,overprov,adapti
 SYNTH_CONFIGS=${SYNTH_CONFIGS:-all-gpu,exps-cpu,n-cpu-moe,ngl,lru,exact,overprov,oracle}
 CAPPED_CONFIGS=${CAPPED_CONFIGS:-lru,exact,oracle}
 SYNTH_MODELS=${SYNTH_MODELS:-qwen3-30b-a3b deepseek-v2-lite}
+SYNTH_BUDGETS=${SYNTH_BUDGETS:-6GiB,10GiB,14GiB}
 STEP_TIMEOUT=${STEP_TIMEOUT:-560}
 PRESET=${PRESET:-cuda-hopper}
 THREADS=$(nproc)
@@ -112,9 +114,10 @@ for step in "$@"; do
     predictors)
         for preset in $SYNTH_MODELS; do
             [ -f "/tmp/preds/$preset/predictors.json" ] && continue
-            edge collect "$M/$preset-q4_0.gguf" --prompts /tmp/train.txt -n "$N" --max-samples 1500 \
-                -o "/tmp/traces/$preset" 2>&1 | tail -1
-            edge train "/tmp/traces/$preset" --epochs 3 -o "/tmp/preds/$preset" 2>&1 | tail -1
+            timeout $((step_end - SECONDS)) python3 -m edge_preattn.cli collect "$M/$preset-q4_0.gguf" \
+                --prompts /tmp/train.txt -n "$N" --max-samples 1500 -o "/tmp/traces/$preset" 2>&1 | tail -1
+            timeout $((step_end - SECONDS)) python3 -m edge_preattn.cli train "/tmp/traces/$preset" --epochs 3 \
+                -o "/tmp/preds/$preset" 2>&1 | tail -1
             stamp "predictors for $preset"
         done
         ;;
@@ -129,9 +132,9 @@ for step in "$@"; do
         for preset in $SYNTH_MODELS; do
             preds=()
             [ -f "/tmp/preds/$preset/predictors.json" ] && preds=(--predictors "/tmp/preds/$preset")
-            bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget 6GiB,10GiB,14GiB \
+            bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget "$SYNTH_BUDGETS" \
                 --bandwidth none "${preds[@]}" --configs "$SYNTH_CONFIGS"
-            bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget 6GiB,10GiB,14GiB \
+            bench "$M/$preset-q4_0.gguf" "$preset" "${SYNTH_ROUNDS:-1}" --vram-budget "$SYNTH_BUDGETS" \
                 --bandwidth 16GB/s "${preds[@]}" --configs "$CAPPED_CONFIGS"
         done
         ;;

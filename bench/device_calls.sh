@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The lead's GPU-machine calls of a session, in order, each one device call while the machine stays
 # warm (files in /tmp survive between warm calls): `source bench/device_env.sh; bash bench/device_calls.sh N`.
-# Session 3 (patch 0005) runs 5-8 below in order; 1-4 are how the session-2 results were made.
+# Session 4 (patch 0006) runs 9-11 in order; session 3 (patch 0005) ran 5-8; 1-4 made the session-2 results.
 # moe-ref-a travels in three parts (the tree with the packaged model leaves ~43 MB a call):
 #   1  carry .carry/whl .carry/llama-src.tgz .carry/p1 : machine facts, builds, synthetic models,
 #      cache-mode equivalence (q3-4l), --miss agreement (q3-4l, tiny), qwen3-30b-a3b bench
@@ -11,6 +11,8 @@
 set -u
 # no predictors for the synthetic models this session (device time): lru, oracle and the miss policies
 SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,lru+auto,oracle,oracle+cpu
+# session 4: the synthetic models have predictors (trained on the device in call 9)
+SESSION4_SYNTH=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,oracle
 mkdir -p "$OUT"
 cp .carry/p*/moe-ref-a.part-* /tmp/ 2>/dev/null
 stock_alias() {  # the fast stock library where find_library(stock=True) looks for it
@@ -118,6 +120,51 @@ case "$1" in
     SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,ngl,lru,lru+cpu,oracle CAPPED_CONFIGS=lru SYNTH_MODELS=deepseek-v2-lite \
         STEP_TIMEOUT=$((420 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -10
     STEP_TIMEOUT=$((585 - SECONDS)) bash bench/device_bench.sh profile 2>&1 | tail -12
+    ;;
+9)  # session 4 (patch 0006, the modelled bus), call 1; carry .carry/whl .carry/llama-src.tgz .carry/q1
+    # .carry/train.txt: builds, both synthetic models, predictors for them, then the qwen3-30b-a3b bench
+    # for the time left
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    { nvidia-smi; lscpu; } > "$OUT/machine.txt" 2>&1
+    STEP_TIMEOUT=330 bash bench/device_bench.sh setup 2>&1 | tail -5
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    STEP_TIMEOUT=$((480 - SECONDS)) bash bench/device_bench.sh predictors 2>&1 | tail -4
+    SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
+        STEP_TIMEOUT=$((570 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -6
+    ;;
+10) # call 2, warm; carry .carry/q2: the synthetic benches with their predictors (resumed where cut)
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
+        STEP_TIMEOUT=$((420 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
+    SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=deepseek-v2-lite SYNTH_BUDGETS=6GiB \
+        STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
+    ;;
+11) # call 3, warm; carry .carry/q3 (part c + moe-ref-a's int8 predictors): moe-ref-a exactness after the
+    # bypass fix, slots = E overhead, the 8 GB/s runs on the modelled bus, memcheck; then what is left
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    stock_alias
+    join_ref || exit 1
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    rm -rf /tmp/preds/moe-ref-a && mkdir -p /tmp/preds && cp -r .carry/q3/preds /tmp/preds/moe-ref-a
+    timeout 60 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 64 --slots 16,64 --out "$OUT" 2>&1 | tail -4
+    mkdir -p "$OUT/slots-e"
+    for keep in "" --keep-late-predictions; do
+        timeout 45 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 256 --slots 64 --modes lru,top1,exact \
+            $keep --out "$OUT/slots-e" 2>&1 | tail -3
+    done
+    CONFIGS=all-gpu CAPPED_CONFIGS=lru,top1,exact,oracle REF_ROUNDS=2 STEP_TIMEOUT=150 \
+        bash bench/device_bench.sh ref 2>&1 | tail -6
+    timeout 60 compute-sanitizer --tool memcheck --print-limit 20 python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf \
+        --mode exact --predictors /tmp/preds/moe-ref-a --slots 16 --bandwidth 8GB/s -n 8 > "$OUT/memcheck.log" 2>&1
+    echo "memcheck exit $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
+    for preset in qwen3-30b-a3b deepseek-v2-lite; do
+        budgets=6GiB,10GiB,14GiB; [ $preset = deepseek-v2-lite ] && budgets=6GiB
+        SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=$preset SYNTH_BUDGETS=$budgets \
+            STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -4
+    done
     ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
