@@ -133,8 +133,10 @@ case "$1" in
     SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
         STEP_TIMEOUT=$((570 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -6
     ;;
-10) # call 2, warm; carry .carry/q2: the synthetic benches with their predictors (resumed where cut)
+10) # call 2, warm; carry .carry/q2 (part b + moe-ref-a's int8 predictors): the synthetic benches with their
+    # predictors (resumed where cut)
     cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    rm -rf /tmp/preds/moe-ref-a && mkdir -p /tmp/preds && cp -r .carry/q2/preds /tmp/preds/moe-ref-a
     stock_alias
     export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
     SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
@@ -142,13 +144,12 @@ case "$1" in
     SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=deepseek-v2-lite SYNTH_BUDGETS=6GiB \
         STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
     ;;
-11) # call 3, warm; carry .carry/q3 (part c + moe-ref-a's int8 predictors): moe-ref-a exactness after the
+11) # call 3, warm; carry .carry/q3 (part c): moe-ref-a exactness after the
     # bypass fix, slots = E overhead, the 8 GB/s runs on the modelled bus, memcheck; then what is left
     cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
     stock_alias
     join_ref || exit 1
     export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
-    rm -rf /tmp/preds/moe-ref-a && mkdir -p /tmp/preds && cp -r .carry/q3/preds /tmp/preds/moe-ref-a
     timeout 60 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 64 --slots 16,64 --out "$OUT" 2>&1 | tail -4
     mkdir -p "$OUT/slots-e"
     for keep in "" --keep-late-predictions; do
