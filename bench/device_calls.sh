@@ -133,16 +133,14 @@ case "$1" in
     SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
         STEP_TIMEOUT=$((570 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -6
     ;;
-10) # call 2, warm; carry .carry/q2 (part b + moe-ref-a's int8 predictors): the synthetic benches with their
-    # predictors (resumed where cut)
+10) # call 2, warm; carry .carry/q2 (part b + moe-ref-a's int8 predictors): call 9's predictor step ran out of
+    # time after qwen3-30b-a3b, so deepseek-v2-lite's predictors first, then the qwen3-30b-a3b bench resumed
     cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
     rm -rf /tmp/preds/moe-ref-a && mkdir -p /tmp/preds && cp -r .carry/q2/preds /tmp/preds/moe-ref-a
-    stock_alias
     export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    STEP_TIMEOUT=240 bash bench/device_bench.sh predictors 2>&1 | grep -v epoch | tail -5
     SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=qwen3-30b-a3b \
-        STEP_TIMEOUT=$((420 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
-    SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=deepseek-v2-lite SYNTH_BUDGETS=6GiB \
-        STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
+        STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -5
     ;;
 11) # call 3, warm; carry .carry/q3 (part c): moe-ref-a exactness after the
     # bypass fix, slots = E overhead, the 8 GB/s runs on the modelled bus, memcheck; then what is left
@@ -161,11 +159,24 @@ case "$1" in
     timeout 60 compute-sanitizer --tool memcheck --print-limit 20 python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf \
         --mode exact --predictors /tmp/preds/moe-ref-a --slots 16 --bandwidth 8GB/s -n 8 > "$OUT/memcheck.log" 2>&1
     echo "memcheck exit $?"; grep -E "ERROR SUMMARY" "$OUT/memcheck.log"
-    for preset in qwen3-30b-a3b deepseek-v2-lite; do
+    for preset in deepseek-v2-lite qwen3-30b-a3b; do
         budgets=6GiB,10GiB,14GiB; [ $preset = deepseek-v2-lite ] && budgets=6GiB
         SYNTH_CONFIGS=$SESSION4_SYNTH CAPPED_CONFIGS=lru,exact SYNTH_MODELS=$preset SYNTH_BUDGETS=$budgets \
-            STEP_TIMEOUT=$((575 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -4
+            STEP_TIMEOUT=$((470 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -4
     done
+    ;;
+12) # call 4, warm: CUDA exactness of the packaged model and the 4-layer qwen3-30b-a3b under patch 0006
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    timeout 60 python3 bench/cache_equivalence.py edge_preattn/data/edge-moe-default.gguf -n 64 --slots 8,32 \
+        --out "$OUT" 2>&1 | tail -6
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 120 python3 bench/cache_equivalence.py /tmp/q3-4l.gguf -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -6
+    ;;
+13) # call 5, warm: the miss policies at 14 GiB (session 3's runs of them aborted on an offload bug). The
+    # bench writes tables of the configurations asked for: keep them apart (*-miss-policies.*)
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    SYNTH_CONFIGS=lru,lru+cpu,lru+auto CAPPED_CONFIGS=lru+auto SYNTH_MODELS=qwen3-30b-a3b SYNTH_BUDGETS=14GiB \
+        STEP_TIMEOUT=200 bash bench/device_bench.sh synth 2>&1 | tail -8
     ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
