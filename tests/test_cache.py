@@ -401,7 +401,8 @@ def test_bypassed_ubatches_are_not_observed(llama_lib, moe_ref_a):
 
 
 def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_lib, moe_ref_a, caplog):
-    """slots = E: after warm-up nothing is left to prefetch, and the graph split per layer buys nothing."""
+    """slots = E: after warm-up nothing is left to prefetch, and the graph split per layer buys nothing.
+    (With misses on the CPU the library keeps observing every layer, so the controller has to notice.)"""
     import logging
 
     from edge_preattn import controller
@@ -411,10 +412,43 @@ def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_l
         caplog.at_level(logging.WARNING, logger="edge_preattn"),
         host_experts_engine(llama_lib, moe_ref_a) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=layout.n_expert, mode="exact", predictors=RandomRanking(layout.n_expert)
+            engine,
+            layout,
+            n_slots=layout.n_expert,
+            mode="exact",
+            predictors=RandomRanking(layout.n_expert),
+            miss="cpu",
         ) as runtime,
     ):
         list(engine.generate(PROMPT, 100))
         off_at = runtime.controller.prediction_off_at
     assert off_at is not None and off_at % controller.LATE_CHECK_UBATCHES == 0
     assert any("resident already" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("mode", ["lru", "exact"])
+def test_settled_layers_are_not_observed(llama_lib, moe_ref_a, ref, mode):
+    """slots = E with every expert resident: no graph split for the routing or, once every layer is
+    settled, for the pre-attention output; the tokens still count, as hits, and the logits stay."""
+    layout, ref_tokens, ref_logits = ref
+    options = {"predictors": RandomRanking(layout.n_expert)} if mode == "exact" else {}
+    with (
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert, mode=mode, **options) as runtime,
+    ):
+        for layer in layout.moe_layers:
+            runtime.bank.prefetch(layer.index, list(range(layout.n_expert)), layout.n_expert)
+        tokens, logits = greedy(engine)
+        stats = runtime.controller.stats
+        pre_attn_calls = runtime.hooks.stats().pre_attn_calls if runtime.hooks else 0
+        stall_ns = [runtime.bank.layer_stats(layer.index)["stall_ns"] for layer in layout.moe_layers]
+        greedy(engine, n=4)  # every layer settled: nothing is observed any more
+        assert (runtime.hooks.stats().pre_attn_calls if runtime.hooks else 0) == pre_attn_calls
+        assert [runtime.bank.layer_stats(layer.index)["stall_ns"] for layer in layout.moe_layers] == stall_ns
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    # a layer settles at its first routing that reads the bank (the prompt bypasses it, but for the last
+    # layer's one row): the pre-attention output is observed in the prompt and the first decode step only
+    assert pre_attn_calls <= 2 * len(layout.moe_layers)
+    total = stats.totals()
+    assert total.tokens == (N_PREDICT - 1) * len(layout.moe_layers) + 1 and total.misses == 0
+    assert total.hits == layout.n_expert_used * total.tokens  # prefetch hits included
