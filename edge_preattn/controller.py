@@ -2,14 +2,16 @@
 
 On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
 releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
-uploaded. The router does not wait for the prediction: a prefetch that has not landed when the
-layer is routed stops there (the library refuses uploads into a bank that expert matmuls may be
-reading), and what it missed is a miss. A miss is uploaded at routing into the eviction policy's
-victim (`miss="upload"`, the paper's behaviour, applied by the library itself), or left to the CPU,
-which computes it from the host copy while the GPU computes the resident experts (`"cpu"`), or
-either, by a cost model of measured upload and CPU times (`"auto"`). The C side checks residency
-before the expert matmuls and sends every selected expert to exactly one side, so no decision here
-can change the output.
+uploaded. Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed
+instead at each cached layer's routing, which splits the graph anyway, and predict the next layer: a
+whole layer ahead, and no pre-attention split. The router does not wait for the prediction: a
+prefetch that has not landed when the layer is routed stops there (the library refuses uploads into
+a bank that expert matmuls may be reading), and what it missed is a miss. A miss is uploaded at
+routing into the eviction policy's victim (`miss="upload"`, the paper's behaviour, applied by the
+library itself), or left to the CPU, which computes it from the host copy while the GPU computes the
+resident experts (`"cpu"`), or either, by a cost model of measured upload and CPU times (`"auto"`).
+The C side checks residency before the expert matmuls and sends every selected expert to exactly one
+side, so no decision here can change the output.
 """
 
 import concurrent.futures
@@ -239,10 +241,17 @@ class Controller:
         self.late_fallback = late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch
         self.prediction_off_at: int | None = None  # the ubatch where that happened
         self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
-        self.drop_pre_attn = None  # set by CacheRuntime: removes the pre-attention hook
+        self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
+        # predictors trained on x_prev read a layer's router input and predict the next layer
+        self.cross_layer = (
+            mode in PREDICTION_MODES
+            and (getattr(predictors, "manifest", None) or {}).get("input", "x_pre") == "x_prev"
+        )
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and mode not in PREDICTION_MODES:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
+        if lookahead and self.cross_layer:
+            raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
         order = sorted(bank.layers)
         self.ahead = {il: order[i + 1 : i + 1 + lookahead] for i, il in enumerate(order)}
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
@@ -329,6 +338,24 @@ class Controller:
             if target not in self.disabled and self._cached(target, len(rows)):
                 self._submit(target, self._look_ahead, target, rows, self.epoch[target])
 
+    def on_router_input(self, il: int, x: np.ndarray) -> None:
+        """Cross-layer: layer il has been routed; its router input is the next layer's x_prev."""
+        if il == self.first_layer:
+            self.ubatch += 1
+            if self.late_fallback and self.ubatch % LATE_CHECK_UBATCHES == 0:
+                self._check_lateness()
+        target = il + 1  # x_prev is the router input of the layer right before
+        if (
+            target not in self.python
+            or target in self.disabled
+            or self.prediction_off_at is not None
+            or not self._cached(target, len(x))
+        ):
+            return
+        self.pending[target] = self._submit(
+            target, self._predict_and_prefetch, target, np.array(x, dtype=np.float32)
+        )
+
     def _check_lateness(self) -> None:
         """Every LATE_CHECK_UBATCHES: is prediction worth its graph split per layer? Not when most
         predicted uploads come after the router, nor when nothing predicted needs an upload."""
@@ -351,8 +378,8 @@ class Controller:
             return
         self.prediction_off_at = self.ubatch
         log.warning("%s: prediction is off, the cache runs as lru", reason)
-        if self.drop_pre_attn is not None:
-            self.drop_pre_attn()
+        if self.drop_prediction_input is not None:
+            self.drop_prediction_input()
 
     def _look_ahead(self, il: int, x: np.ndarray, epoch: int) -> None:
         """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
@@ -514,15 +541,20 @@ class CacheRuntime:
         if self.controller.miss != "upload":
             self.bank.set_miss_cpu(True)
         # each observed node costs a graph split and a device synchronize: observe only what is used
-        on_pre_attn = None if self.controller.mode == "lru" else self.controller.on_pre_attn
+        # (the router input comes at the routing's own split)
+        cross_layer = self.controller.cross_layer
+        on_pre_attn = None if self.controller.mode == "lru" or cross_layer else self.controller.on_pre_attn
         on_routing = self.controller.on_routing if self.controller.needs_routing_hook else None
+        on_router_input = self.controller.on_router_input if cross_layer else None
         self.hooks = (
-            Hooks(engine.api, engine.ctx, on_pre_attn, on_routing, detail=False)
-            if on_pre_attn or on_routing
+            Hooks(
+                engine.api, engine.ctx, on_pre_attn, on_routing, detail=False, on_router_input=on_router_input
+            )
+            if on_pre_attn or on_routing or on_router_input
             else None
         )
         if self.hooks is not None:
-            self.controller.drop_pre_attn = self.hooks.drop_pre_attn
+            self.controller.drop_prediction_input = self.hooks.drop_prediction_input
 
     @classmethod
     def for_layout(

@@ -58,6 +58,11 @@ def bind_hook_functions(api: NativeApi) -> None:
         # int32_t llama_edge_set_routing_detail(struct llama_context * ctx, bool detail);
         lib.llama_edge_set_routing_detail.restype = ctypes.c_int32
         lib.llama_edge_set_routing_detail.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    if api.patch_version() >= 8:
+        # int32_t llama_edge_set_router_input_hook(struct llama_context * ctx, llama_edge_pre_attn_hook hook,
+        #                                          void * user_data);
+        lib.llama_edge_set_router_input_hook.restype = ctypes.c_int32
+        lib.llama_edge_set_router_input_hook.argtypes = [ctypes.c_void_p, PRE_ATTN_HOOK, ctypes.c_void_p]
     # int32_t llama_edge_get_hook_stats(const struct llama_context * ctx, struct llama_edge_hook_stats * out);
     lib.llama_edge_get_hook_stats.restype = ctypes.c_int32
     lib.llama_edge_get_hook_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(HookStats)]
@@ -96,21 +101,30 @@ class Hooks:
         on_pre_attn: PreAttnHandler | None = None,
         on_routing: RoutingHandler | None = None,
         detail: bool = True,
+        *,
+        on_router_input: PreAttnHandler | None = None,
     ) -> None:
-        """`detail=False`: routing handlers get only the ids (one graph split per layer, not four)."""
+        """`detail=False`: routing handlers get only the ids (one graph split per layer, not four).
+        `on_router_input` (layer, x) gets a cached layer's router input after its routing, at no extra
+        graph split: it needs the expert cache enabled on `ctx`."""
         if api.patch_version() < 2:
             raise RuntimeError("this llama.cpp build has no hooks (patch version < 2): rebuild it")
         bind_hook_functions(api)
         self.api, self.ctx = api, ctx
-        self.on_pre_attn, self.on_routing = on_pre_attn, on_routing
+        self.on_pre_attn, self.on_routing, self.on_router_input = on_pre_attn, on_routing, on_router_input
         self.failed: dict[str, str] = {}  # handler name -> the error that switched it off
         self.interrupted = False  # Ctrl-C inside a handler: ctypes would swallow it, the caller re-raises
         # The C side keeps raw pointers: these objects must live as long as the registration.
         self._pre_attn = PRE_ATTN_HOOK(self._call_pre_attn) if on_pre_attn else PRE_ATTN_HOOK()
         self._routing = ROUTING_HOOK(self._call_routing) if on_routing else ROUTING_HOOK()
+        self._router_input = PRE_ATTN_HOOK(self._call_router_input) if on_router_input else None
         status = api.lib.llama_edge_set_hooks(ctx, self._pre_attn, self._routing, None)
         if status == 0 and not detail:
             status = api.lib.llama_edge_set_routing_detail(ctx, False)
+        if status == 0 and self._router_input is not None:
+            if api.patch_version() < 8:
+                raise RuntimeError("this llama.cpp build has no router-input hook (patch < 8): rebuild it")
+            status = api.lib.llama_edge_set_router_input_hook(ctx, self._router_input, None)
         if status != 0:
             raise RuntimeError(f"llama_edge_set_hooks failed with status {status}")
 
@@ -128,6 +142,16 @@ class Hooks:
             self.interrupted = True
         except Exception as error:  # a hook must never unwind through C
             self._fail("pre_attn", error)
+
+    def _call_router_input(self, il, x, n_embd, n_tokens, _user_data) -> None:
+        if "router_input" in self.failed:
+            return
+        try:
+            self.on_router_input(il, _view(x, n_tokens, n_embd))
+        except KeyboardInterrupt:
+            self.interrupted = True
+        except Exception as error:
+            self._fail("router_input", error)
 
     def _call_routing(  # noqa: PLR0917 (the C hook passes everything positionally)
         self, il, n_tokens, ids, k, probs, selection, n_expert, router_input, n_embd, _user_data
@@ -149,12 +173,18 @@ class Hooks:
         except Exception as error:
             self._fail("routing", error)
 
-    def drop_pre_attn(self) -> None:
-        """Stop observing attn_norm (one graph split and device synchronize fewer per layer); safe
-        from inside a handler: the handler's ctypes object stays referenced until close()."""
-        if self.ctx is not None and self.on_pre_attn is not None:
+    def drop_prediction_input(self) -> None:
+        """Stop handing over what predictors read: attn_norm (one graph split and device synchronize
+        fewer per layer) and the router input. Safe from inside a handler: the handlers' ctypes
+        objects stay referenced until close()."""
+        if self.ctx is None:
+            return
+        if self.on_pre_attn is not None:
             self.api.lib.llama_edge_set_hooks(self.ctx, PRE_ATTN_HOOK(), self._routing, None)
             self.on_pre_attn = None
+        if self.on_router_input is not None:
+            self.api.lib.llama_edge_set_router_input_hook(self.ctx, PRE_ATTN_HOOK(), None)
+            self.on_router_input = None
 
     def stats(self) -> HookStats:
         out = HookStats()
@@ -165,6 +195,8 @@ class Hooks:
         if self.ctx is not None:
             if self.api.patch_version() >= 3:
                 self.api.lib.llama_edge_set_routing_detail(self.ctx, True)
+            if self.on_router_input is not None:
+                self.api.lib.llama_edge_set_router_input_hook(self.ctx, PRE_ATTN_HOOK(), None)
             self.api.lib.llama_edge_set_hooks(self.ctx, PRE_ATTN_HOOK(), ROUTING_HOOK(), None)
             self.ctx = None
 

@@ -207,6 +207,11 @@ def main(args: argparse.Namespace) -> int:
 
         predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.fingerprint)
         predictors.check_fits(layout)
+        if args.lookahead and predictors.input == "x_prev":
+            raise UserError(
+                "--lookahead needs pre-attention predictors: these are cross-layer ones (trained on "
+                "x_prev), which predict the next layer already"
+            )
     n_slots = cache_slots(args, layout) if args.mode != "off" else 0
     llama_cpp = native.load_llama(
         native.find_library(args.preset, stock=args.stock),

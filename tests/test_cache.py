@@ -452,3 +452,61 @@ def test_settled_layers_are_not_observed(llama_lib, moe_ref_a, ref, mode):
     total = stats.totals()
     assert total.tokens == (N_PREDICT - 1) * len(layout.moe_layers) + 1 and total.misses == 0
     assert total.hits == layout.n_expert_used * total.tokens  # prefetch hits included
+
+
+class CrossLayerRanking(RandomRanking):
+    """Random rankings from "predictors trained on x_prev": the runtime feeds them router inputs."""
+
+    def __init__(self, n_expert: int) -> None:
+        super().__init__(n_expert)
+        self.manifest = {"input": "x_prev"}
+        self.calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
+        self.calls.append((il, x.shape))
+        return super().scores(il, x)
+
+
+@pytest.mark.parametrize("mode", ["top1", "exact"])
+def test_cross_layer_predictors_read_the_router_input_and_output_stays(llama_lib, moe_ref_a, ref, mode):
+    """Cross-layer predictors get each cached layer's router input at its routing (no pre-attention
+    split) and predict the next layer, a whole layer before it is routed."""
+    layout, ref_tokens, ref_logits = ref
+    predictors = CrossLayerRanking(layout.n_expert)
+    with (
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=16, mode=mode, predictors=predictors, late_fallback=False
+        ) as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        pre_attn_calls = runtime.hooks.stats().pre_attn_calls
+        runtime.controller.worker.close(5.0)  # every queued prediction made
+        total = runtime.controller.stats.totals()
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert pre_attn_calls == 0
+    layers = [layer.index for layer in layout.moe_layers]
+    # decode steps read the bank (one row each); the first layer has no layer before it to predict from
+    assert {il for il, _ in predictors.calls} == set(layers[1:])
+    assert {shape for _, shape in predictors.calls} == {(1, layout.n_embd)}
+    assert total.prefetch_issued > 0
+    with pytest.raises(ValueError, match="cross-layer"):
+        run_mode(llama_lib, moe_ref_a, layout, "exact", 16, predictors=predictors, lookahead=1)
+
+
+def test_cross_layer_prediction_switches_off_like_pre_attention(llama_lib, moe_ref_a, monkeypatch):
+    """The late check drops the router-input hook too: no predictions after the switch."""
+    from edge_preattn import controller
+
+    monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
+    layout = read_layout(moe_ref_a)
+    predictors = CrossLayerRanking(layout.n_expert)
+    with (
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=16, mode="exact", predictors=predictors) as runtime,
+    ):
+        list(engine.generate(PROMPT, 48))
+        off_at = runtime.controller.prediction_off_at
+        dropped = runtime.hooks.on_router_input is None
+    assert off_at == controller.LATE_CHECK_UBATCHES and dropped
+    assert len(predictors.calls) <= off_at * (len(layout.moe_layers) - 1)
