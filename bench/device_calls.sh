@@ -178,6 +178,25 @@ case "$1" in
     SYNTH_CONFIGS=lru,lru+cpu,lru+auto CAPPED_CONFIGS=lru+auto SYNTH_MODELS=qwen3-30b-a3b SYNTH_BUDGETS=14GiB \
         STEP_TIMEOUT=200 bash bench/device_bench.sh synth 2>&1 | tail -8
     ;;
+14) # next session, after moe-ref-a is assembled and the builds exist (calls like 9-11); carry .carry/xprev
+    # (moe-ref-a's cross-layer int8 predictors, trained on x_prev): patch 0007 at slots = E, and patch
+    # 0008's cross-layer prediction against pre-attention prediction and lru
+    join_ref || exit 1
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    rm -rf /tmp/preds/moe-ref-a-xprev && cp -r .carry/xprev /tmp/preds/moe-ref-a-xprev
+    mkdir -p "$OUT/slots-e"
+    for keep in "" --keep-late-predictions; do
+        timeout 45 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 256 --slots 64 --modes lru,top1,exact \
+            $keep --out "$OUT/slots-e" 2>&1 | tail -3
+    done
+    for preds in moe-ref-a moe-ref-a-xprev; do
+        mkdir -p "/tmp/bench-results/$preds"
+        timeout $((300 - SECONDS)) python3 -m edge_preattn.cli bench /tmp/moe-ref-a.gguf -n 32 --rounds 2 \
+            -t "$(nproc)" --stock-lib /tmp/stock-fast/lib -o "/tmp/bench-results/$preds" --vram-budget 25%,50% \
+            --bandwidth none,8GB/s --predictors "/tmp/preds/$preds" --configs lru,top1,exact 2>&1 | tail -4
+    done
+    tar czf "$OUT/bench-xprev.tgz" -C /tmp bench-results/moe-ref-a bench-results/moe-ref-a-xprev
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")
