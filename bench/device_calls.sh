@@ -197,6 +197,40 @@ case "$1" in
     done
     tar czf "$OUT/bench-xprev.tgz" -C /tmp bench-results/moe-ref-a bench-results/moe-ref-a-xprev
     ;;
+15) # fourth session, with 4.6 device minutes left (too few to build there): the cuda-hopper library of patches
+    # 0001-0008 built on the developer machine (same CUDA 13.0, cuBLAS from the nvidia-cublas wheel), carried
+    # as .carry/cudalib/lib.tar.xz with .carry/whl and .carry/preds-default-xprev (cross-layer predictors of
+    # the packaged model, trained on x_prev). Packaged model: patch 0007 at slots = E, and patch 0008's
+    # cross-layer prediction against the shipped pre-attention predictors and lru at 8 of 32 slots
+    mkdir -p /tmp/prebuilt && tar xJf .carry/cudalib/lib.tar.xz -C /tmp/prebuilt
+    export EDGE_PREATTN_LIB=/tmp/prebuilt/lib
+    for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
+        [ -d "$dir" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$dir
+    done
+    export LD_LIBRARY_PATH
+    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -2
+    mkdir -p "$OUT/slots-e" "$OUT/runs"
+    for keep in "" --keep-late-predictions; do
+        timeout 40 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,top1,exact $keep \
+            --out "$OUT/slots-e" 2>&1 | tail -3
+    done
+    prompt="The history of the printing press"
+    for round in 1 2; do
+        for cfg in off: lru: exact:$P top1:$P exact:.carry/preds-default-xprev top1:.carry/preds-default-xprev; do
+            mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
+            args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
+            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
+                --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
+        done
+    done
+    python3 - "$OUT/runs" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    stats = json.loads(path.read_text())
+    print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
+PY
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")
