@@ -115,9 +115,9 @@ class Hooks:
         self.failed: dict[str, str] = {}  # handler name -> the error that switched it off
         self.interrupted = False  # Ctrl-C inside a handler: ctypes would swallow it, the caller re-raises
         # The C side keeps raw pointers: these objects must live as long as the registration.
-        self._pre_attn = PRE_ATTN_HOOK(self._call_pre_attn) if on_pre_attn else PRE_ATTN_HOOK()
+        self._pre_attn = self._activation_hook("pre_attn") if on_pre_attn else PRE_ATTN_HOOK()
         self._routing = ROUTING_HOOK(self._call_routing) if on_routing else ROUTING_HOOK()
-        self._router_input = PRE_ATTN_HOOK(self._call_router_input) if on_router_input else None
+        self._router_input = self._activation_hook("router_input") if on_router_input else None
         status = api.lib.llama_edge_set_hooks(ctx, self._pre_attn, self._routing, None)
         if status == 0 and not detail:
             status = api.lib.llama_edge_set_routing_detail(ctx, False)
@@ -133,25 +133,20 @@ class Hooks:
             self.failed[name] = repr(error)
             log.warning("%s hook raised %r: it is switched off, generation continues unchanged", name, error)
 
-    def _call_pre_attn(self, il, x, n_embd, n_tokens, _user_data) -> None:
-        if "pre_attn" in self.failed:
-            return
-        try:
-            self.on_pre_attn(il, _view(x, n_tokens, n_embd))
-        except KeyboardInterrupt:
-            self.interrupted = True
-        except Exception as error:  # a hook must never unwind through C
-            self._fail("pre_attn", error)
+    def _activation_hook(self, name: str):
+        """The C callable for the (layer, activation) handler `on_<name>`."""
 
-    def _call_router_input(self, il, x, n_embd, n_tokens, _user_data) -> None:
-        if "router_input" in self.failed:
-            return
-        try:
-            self.on_router_input(il, _view(x, n_tokens, n_embd))
-        except KeyboardInterrupt:
-            self.interrupted = True
-        except Exception as error:
-            self._fail("router_input", error)
+        def call(il, x, n_embd, n_tokens, _user_data) -> None:
+            if name in self.failed:
+                return
+            try:
+                getattr(self, f"on_{name}")(il, _view(x, n_tokens, n_embd))
+            except KeyboardInterrupt:
+                self.interrupted = True
+            except Exception as error:  # a hook must never unwind through C
+                self._fail(name, error)
+
+        return PRE_ATTN_HOOK(call)
 
     def _call_routing(  # noqa: PLR0917 (the C hook passes everything positionally)
         self, il, n_tokens, ids, k, probs, selection, n_expert, router_input, n_embd, _user_data
