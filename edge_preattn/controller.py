@@ -225,7 +225,8 @@ class Controller:
         }.get(mode, 0)
         # adaptive: per token, the fewest experts whose calibrated share reaches `target` (eval --calibrate)
         self.target = target
-        calibrated = (getattr(predictors, "manifest", None) or {}).get("calibration", {})
+        manifest = getattr(predictors, "manifest", None) or {}
+        calibrated = manifest.get("calibration", {})
         self.temperatures = {int(il): float(entry["temperature"]) for il, entry in calibrated.items()}
         # the bucket decides which predicted uploads are issued; the library's modelled bus, shared
         # with the misses, decides when each upload lands
@@ -243,10 +244,7 @@ class Controller:
         self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
         self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
         # predictors trained on x_prev read a layer's router input and predict the next layer
-        self.cross_layer = (
-            mode in PREDICTION_MODES
-            and (getattr(predictors, "manifest", None) or {}).get("input", "x_pre") == "x_prev"
-        )
+        self.cross_layer = mode in PREDICTION_MODES and manifest.get("input", "x_pre") == "x_prev"
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and mode not in PREDICTION_MODES:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
@@ -309,7 +307,7 @@ class Controller:
     def on_pre_attn(self, il: int, x: np.ndarray) -> None:
         if il == 0:
             self.ubatch += 1
-        if il == self.first_layer and self.late_fallback and self.ubatch % LATE_CHECK_UBATCHES == 0:
+        if il == self.first_layer:
             self._check_lateness()
         if (
             self.mode == "lru"
@@ -342,8 +340,7 @@ class Controller:
         """Cross-layer: layer il has been routed; its router input is the next layer's x_prev."""
         if il == self.first_layer:
             self.ubatch += 1
-            if self.late_fallback and self.ubatch % LATE_CHECK_UBATCHES == 0:
-                self._check_lateness()
+            self._check_lateness()
         target = il + 1  # x_prev is the router input of the layer right before
         if (
             target not in self.python
@@ -358,7 +355,10 @@ class Controller:
 
     def _check_lateness(self) -> None:
         """Every LATE_CHECK_UBATCHES: is prediction worth its graph split per layer? Not when most
-        predicted uploads come after the router, nor when nothing predicted needs an upload."""
+        predicted uploads come after the router, nor when nothing predicted needs an upload.
+        Called at the first cached layer of every ubatch; acts only at the checks."""
+        if not self.late_fallback or self.ubatch % LATE_CHECK_UBATCHES:
+            return
         totals = [self.bank.layer_stats(il) for il in self.python]
         refused = sum(t["prefetch_refused"] for t in totals)
         uploaded = sum(t["prefetch_uploads"] for t in totals)
