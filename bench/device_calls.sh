@@ -228,6 +228,75 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
 PY
     ;;
+16) # fifth session (patch 0009: quiet ubatches, full banks filled at enable), call 1; carry .carry/whl
+    # .carry/llama-src.tgz .carry/q1: builds; slots = E against stock all-on-GPU on the packaged model
+    # (also without CUDA graphs, to see what they are worth), on the 4-layer and the full-size synthetic
+    # qwen3-30b-a3b; CUDA exactness through the new fill path
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    { nvidia-smi; lscpu; } > "$OUT/machine.txt" 2>&1
+    SYNTH_MODELS=qwen3-30b-a3b STEP_TIMEOUT=330 bash bench/device_bench.sh setup 2>&1 | tail -5
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -1
+    D=edge_preattn/data/edge-moe-default.gguf
+    mkdir -p "$OUT/slots-e" "$OUT/slots-e-nographs" "$OUT/slots-e-q3"
+    timeout 60 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,top1,exact --out "$OUT/slots-e" 2>&1 | tail -4
+    GGML_CUDA_DISABLE_GRAPHS=1 timeout 60 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,exact \
+        --out "$OUT/slots-e-nographs" 2>&1 | tail -3
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 90 python3 bench/cache_equivalence.py /tmp/q3-4l.gguf -n 64 --slots 8,128 --modes lru,exact --out "$OUT" 2>&1 | tail -5
+    timeout $((585 - SECONDS)) python3 bench/cache_equivalence.py /tmp/models/qwen3-30b-a3b-q4_0.gguf -n 64 --slots 128 \
+        --modes lru,exact --out "$OUT/slots-e-q3" 2>&1 | tail -3
+    ;;
+17) # call 2, warm; carry .carry/q2 (now part b alone: its predictors moved to .carry/refpreds, so that every
+    # call fits): the packaged model's slots = E once more (a second sample), then cross-layer against
+    # pre-attention prediction on the packaged model at 8 of 32 slots, two rounds
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    mkdir -p "$OUT/slots-e-2" "$OUT/runs"
+    timeout 60 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,top1,exact --out "$OUT/slots-e-2" 2>&1 | tail -4
+    cp -r .carry/preds-default-xprev /tmp/preds-default-xprev 2>/dev/null
+    prompt="The history of the printing press"
+    for round in 1 2; do
+        for cfg in off: lru: exact:$P top1:$P exact:/tmp/preds-default-xprev top1:/tmp/preds-default-xprev; do
+            mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
+            args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
+            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
+                --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
+        done
+    done
+    python3 - "$OUT/runs" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    stats = json.loads(path.read_text())
+    print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
+PY
+    ;;
+18) # call 3, warm; carry .carry/q3 (part c): moe-ref-a at slots = E (patch 0009) and its attention time per
+    # layer (profile: the window a pre-attention prediction has)
+    cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
+    join_ref || exit 1
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    mkdir -p "$OUT/slots-e" "$OUT/profile"
+    timeout 60 python3 bench/cache_equivalence.py /tmp/moe-ref-a.gguf -n 256 --slots 64 --modes lru,top1,exact \
+        --out "$OUT/slots-e" 2>&1 | tail -4
+    timeout 120 python3 -m edge_preattn.cli profile /tmp/moe-ref-a.gguf -n 32 -o "$OUT/profile" 2>&1 | grep -v "^$" | tail -14
+    ;;
+19) # call 4, warm; carry .carry/refpreds and .carry/xprev (moe-ref-a's int8 predictors: pre-attention, and
+    # cross-layer trained on x_prev): cross-layer against pre-attention prediction and lru, at 25% and 50%
+    # of the experts, uncapped and on the 8 GB/s modelled bus (what call 14 was written for)
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    rm -rf /tmp/preds/moe-ref-a /tmp/preds/moe-ref-a-xprev && mkdir -p /tmp/preds
+    cp -r .carry/refpreds/preds /tmp/preds/moe-ref-a && cp -r .carry/xprev /tmp/preds/moe-ref-a-xprev
+    for preds in moe-ref-a-xprev moe-ref-a; do
+        mkdir -p "/tmp/bench-results/$preds"
+        timeout $((560 - SECONDS)) python3 -m edge_preattn.cli bench /tmp/moe-ref-a.gguf -n 32 --rounds 2 \
+            -t "$(nproc)" --stock-lib /tmp/stock-fast/lib -o "/tmp/bench-results/$preds" --vram-budget 25%,50% \
+            --bandwidth none,8GB/s --predictors "/tmp/preds/$preds" --configs lru,top1,exact 2>&1 | tail -4
+    done
+    tar czf "$OUT/bench-xprev.tgz" -C /tmp bench-results/moe-ref-a bench-results/moe-ref-a-xprev
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")

@@ -41,6 +41,7 @@ class CacheStats(Counters):
         "bypassed_layer_graphs",
         "bank_bytes",
         "pinned_bytes",
+        "quiet_ubatches",
     )
 
 

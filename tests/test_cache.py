@@ -70,8 +70,10 @@ def test_every_mode_is_bit_identical_to_stock(llama_lib, moe_ref_a, ref, mode, n
     assert bank["bypassed_layer_graphs"] > 0  # the prompt's graph takes the stock path
     if mode == "oracle":
         assert total.misses == 0
-    if n_slots == 64 and mode == "lru":
-        assert total.misses <= 64 * n_layers  # after warm-up everything stays
+    if n_slots == layout.n_expert:  # the banks were filled when the cache was enabled
+        assert total.misses == total.late == 0 and bank["upload_bytes"] == 0
+        assert total.hits == layout.n_expert_used * total.tokens
+        assert total.tokens == (N_PREDICT - 1) * n_layers + 1  # the prompt: the last layer's output row
 
 
 def test_lookahead_prefetches_later_layers_and_output_stays(llama_lib, moe_ref_a, ref):
@@ -427,31 +429,43 @@ def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_l
 
 
 @pytest.mark.parametrize("mode", ["lru", "exact"])
-def test_settled_layers_are_not_observed(llama_lib, moe_ref_a, ref, mode):
-    """slots = E with every expert resident: no graph split for the routing or, once every layer is
-    settled, for the pre-attention output; the tokens still count, as hits, and the logits stay."""
+def test_full_banks_are_never_observed(llama_lib, moe_ref_a, ref, mode):
+    """slots = E: the banks are filled when the cache is enabled, so every layer is settled from the first
+    ubatch and nothing is observed: no pre-attention output, no routing, every ubatch computed without
+    the eval callback (quiet). The tokens still count, as hits, and the logits stay."""
     layout, ref_tokens, ref_logits = ref
     options = {"predictors": RandomRanking(layout.n_expert)} if mode == "exact" else {}
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
         CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert, mode=mode, **options) as runtime,
     ):
-        for layer in layout.moe_layers:
-            runtime.bank.prefetch(layer.index, list(range(layout.n_expert)), layout.n_expert)
         tokens, logits = greedy(engine)
-        stats = runtime.controller.stats
+        stats, bank = runtime.controller.stats, runtime.bank.stats()
         pre_attn_calls = runtime.hooks.stats().pre_attn_calls if runtime.hooks else 0
-        stall_ns = [runtime.bank.layer_stats(layer.index)["stall_ns"] for layer in layout.moe_layers]
-        greedy(engine, n=4)  # every layer settled: nothing is observed any more
-        assert (runtime.hooks.stats().pre_attn_calls if runtime.hooks else 0) == pre_attn_calls
-        assert [runtime.bank.layer_stats(layer.index)["stall_ns"] for layer in layout.moe_layers] == stall_ns
+        stall_ns = sum(runtime.bank.layer_stats(layer.index)["stall_ns"] for layer in layout.moe_layers)
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
-    # a layer settles at its first routing that reads the bank (the prompt bypasses it, but for the last
-    # layer's one row): the pre-attention output is observed in the prompt and the first decode step only
-    assert pre_attn_calls <= 2 * len(layout.moe_layers)
+    assert pre_attn_calls == 0 and stall_ns == 0
+    assert bank["quiet_ubatches"] == N_PREDICT  # the prompt's ubatch and every decode step
+    assert bank["upload_bytes"] == 0 and bank["forced_uploads"] == 0
     total = stats.totals()
-    assert total.tokens == (N_PREDICT - 1) * len(layout.moe_layers) + 1 and total.misses == 0
-    assert total.hits == layout.n_expert_used * total.tokens  # prefetch hits included
+    # the prompt bypasses every bank but the last layer's (its one output row)
+    assert total.tokens == (N_PREDICT - 1) * len(layout.moe_layers) + 1
+    assert total.hits == layout.n_expert_used * total.tokens and total.misses == total.late == 0
+
+
+def test_a_routing_hook_keeps_full_banks_observed(llama_lib, moe_ref_a, ref):
+    """A caller that asked to see every routing sees it even when nothing needs an upload."""
+    layout, ref_tokens, ref_logits = ref
+    with (
+        host_experts_engine(llama_lib, moe_ref_a) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert, mode="lru", wait_for_prefetch=True
+        ) as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        routings, bank = runtime.hooks.stats().routing_calls, runtime.bank.stats()
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert bank["quiet_ubatches"] == 0 and routings == (N_PREDICT - 1) * len(layout.moe_layers) + 1
 
 
 class CrossLayerRanking(RandomRanking):
