@@ -297,6 +297,30 @@ PY
     done
     tar czf "$OUT/bench-xprev.tgz" -C /tmp bench-results/moe-ref-a bench-results/moe-ref-a-xprev
     ;;
+20) # fifth session, second machine (patch 0010: no cont for one token's ids, no map at slots = E); carry
+    # .carry/whl .carry/llama-src.tgz: builds; slots = E against stock all-on-GPU (packaged model twice,
+    # full-size synthetic qwen3-30b-a3b); CUDA exactness of every mode (packaged model, 4-layer qwen3-30b-a3b);
+    # then, for the time left, qwen3-30b-a3b at 6 and 14 GiB: lru against the best stock offload
+    { nvidia-smi; lscpu; } > "$OUT/machine.txt" 2>&1
+    SYNTH_MODELS=qwen3-30b-a3b STEP_TIMEOUT=330 bash bench/device_bench.sh setup 2>&1 | tail -5
+    stock_alias
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -1
+    D=edge_preattn/data/edge-moe-default.gguf
+    for i in 1 2; do
+        mkdir -p "$OUT/slots-e-$i"
+        timeout 60 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,top1,exact --out "$OUT/slots-e-$i" 2>&1 | tail -3
+    done
+    mkdir -p "$OUT/slots-e-q3"
+    timeout 150 python3 bench/cache_equivalence.py /tmp/models/qwen3-30b-a3b-q4_0.gguf -n 128 --slots 128 \
+        --modes lru,exact --out "$OUT/slots-e-q3" 2>&1 | tail -3
+    timeout 60 python3 bench/cache_equivalence.py $D -n 64 --slots 8,32 --out "$OUT" 2>&1 | tail -10
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 120 python3 bench/cache_equivalence.py /tmp/q3-4l.gguf -n 64 --slots 8,32,128 --modes lru,top1,exact,oracle \
+        --out "$OUT" 2>&1 | tail -12
+    SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,lru CAPPED_CONFIGS=lru SYNTH_MODELS=qwen3-30b-a3b SYNTH_BUDGETS=6GiB,14GiB \
+        STEP_TIMEOUT=$((560 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")

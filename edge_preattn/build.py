@@ -303,7 +303,9 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
         if not stock:
             apply_patches(source)
         install = work / "install"
-        with open(work / "build.log", "w") as log_file:
+        # beside the cache entry, not in the work tree: a failed build's log outlives the cleanup below
+        log_path = dest.parent / f"{dest.name}.build.log"
+        with open(log_path, "w") as log_file:
             _run_logged(
                 configure_command(preset, work / "build", source, install),
                 root,
@@ -313,7 +315,7 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
             build = ["cmake", "--build", str(work / "build"), "-j", str(jobs or os.cpu_count() or 2)]
             _run_logged(build, root, log_file, f"build {preset}{' (stock)' if stock else ''}")
             _run_logged(["cmake", "--install", str(work / "build")], root, log_file, "install")
-        shutil.copy(work / "build.log", install / "build.log")
+        shutil.move(log_path, install / "build.log")
         _check_shared_libstdcxx(install / "lib" / "libllama.so")
         info = BuildInfo(
             preset=preset,

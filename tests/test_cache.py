@@ -453,6 +453,18 @@ def test_full_banks_are_never_observed(llama_lib, moe_ref_a, ref, mode):
     assert total.hits == layout.n_expert_used * total.tokens and total.misses == total.late == 0
 
 
+def test_a_full_bank_holds_expert_e_in_slot_e(llama_lib, moe_ref_a):
+    """slots = E: the graph reads the bank without a map, so an upload may not move an expert."""
+    layout = read_layout(moe_ref_a)
+    with host_experts_engine(llama_lib, moe_ref_a, n_ctx=64) as engine:
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=layout.n_expert)
+        assert [bank.slot_expert(0, slot) for slot in range(layout.n_expert)] == list(range(layout.n_expert))
+        with pytest.raises(ValueError, match="refused"):
+            bank.upload(0, 5, 3)
+        bank.upload(0, 5, 5)  # the same place: allowed (a reload)
+        assert bank.slot_expert(0, 3) == 3 and bank.slot_expert(0, 5) == 5
+
+
 def test_a_routing_hook_keeps_full_banks_observed(llama_lib, moe_ref_a, ref):
     """A caller that asked to see every routing sees it even when nothing needs an upload."""
     layout, ref_tokens, ref_logits = ref
