@@ -321,6 +321,18 @@ PY
     SYNTH_CONFIGS=all-gpu,exps-cpu,n-cpu-moe,lru CAPPED_CONFIGS=lru SYNTH_MODELS=qwen3-30b-a3b SYNTH_BUDGETS=6GiB,14GiB \
         STEP_TIMEOUT=$((560 - SECONDS)) bash bench/device_bench.sh synth 2>&1 | tail -8
     ;;
+21) # fifth session, third machine; carry .carry/whl .carry/llama-src.tgz: builds, then slots = E against stock
+    # all-on-GPU in interleaved rounds, each context warmed up first (bench/slots_e_overhead.py): the full-size
+    # synthetic qwen3-30b-a3b, the 4-layer one and the packaged model
+    SYNTH_MODELS=qwen3-30b-a3b STEP_TIMEOUT=330 bash bench/device_bench.sh setup 2>&1 | tail -3
+    export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
+    python3 -m edge_preattn.cli synth --preset qwen3-30b-a3b --layers 4 --type q4_0 -o /tmp/q3-4l.gguf 2>&1 | tail -1
+    timeout 60 python3 bench/slots_e_overhead.py edge_preattn/data/edge-moe-default.gguf -n 256 --rounds 3 \
+        --out "$OUT" 2>&1 | grep "^|"
+    timeout 90 python3 bench/slots_e_overhead.py /tmp/q3-4l.gguf -n 256 --rounds 3 --out "$OUT" 2>&1 | grep "^|"
+    timeout $((590 - SECONDS)) python3 bench/slots_e_overhead.py /tmp/models/qwen3-30b-a3b-q4_0.gguf -n 128 --rounds 3 \
+        --modes lru,exact --out "$OUT" 2>&1 | grep "^|\|round"
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")
