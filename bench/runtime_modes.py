@@ -39,6 +39,7 @@ STAT_KEYS = (
     "hit_rate",
     "prefetch_issued",
     "prefetch_wasted",
+    "prefetch_late",  # predicted experts refused: the router had decided before the prediction landed
     "bytes_uploaded_per_token",
     "stall_ms_per_token",
     "predictor_ms_per_call",
