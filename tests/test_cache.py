@@ -273,6 +273,36 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
     assert {f"ffn_moe_slots-{layer.index}" for layer in layout.moe_layers} <= names
 
 
+def test_a_full_bank_reads_no_map_and_cb_eval_still_sees_every_node(llama_lib, lib_dir, moe_ref_a, ref):
+    """slots = E: the graph reads the bank without the expert->slot map (no `ffn_moe_slots` node), and a
+    caller's own cb_eval keeps the scheduler asking about every node (no quiet ubatch); output stays."""
+    ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    ggml.ggml_get_name.restype = ctypes.c_char_p
+    ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+    names: set[str] = set()
+
+    @llama_lib.ggml_backend_sched_eval_callback
+    def record_names(tensor, ask, _user_data):
+        if ask:
+            names.add(ggml.ggml_get_name(tensor).decode())
+        return False
+
+    def set_cb(params):
+        params.cb_eval = record_names
+
+    layout, ref_tokens, ref_logits = ref
+    with (
+        host_experts_engine(llama_lib, moe_ref_a, context_params_hook=set_cb) as engine,
+        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert, mode="lru") as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        quiet = runtime.bank.stats()["quiet_ubatches"]
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    assert quiet == 0
+    assert {f"ffn_moe_ids-{layer.index}" for layer in layout.moe_layers} <= names
+    assert not any(name.startswith("ffn_moe_slots-") for name in names)
+
+
 def two_sequence_logits(engine, first: list[int], second: list[int]) -> np.ndarray:
     """Both sequences decoded side by side, one token of each per ubatch: [steps, 2, n_vocab]."""
     llama_cpp, rows = engine.llama_cpp, []
