@@ -332,6 +332,8 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "stall_ms_per_token": round(total.stall_s * 1e3 / tokens, 3),
                 "predictor_ms_per_call": round(total.predictor_s * 1e3 / max(1, total.predictor_calls), 4),
                 "forced_uploads": bank["forced_uploads"],
+                # computed as stock computes them: every cached layer's bank full, nothing observed
+                "quiet_ubatches": bank["quiet_ubatches"],
                 "bank_bytes": bank["bank_bytes"],
                 "pinned_bytes": bank["pinned_bytes"],
             }
@@ -364,6 +366,11 @@ def format_stats(stats: dict) -> str:
                 f"pinned host memory ({format_bytes(stats['pinned_bytes'])})"
                 if stats["pinned_bytes"]
                 else "pageable memory"
+            )
+            + (
+                f" | {stats['quiet_ubatches']} ubatches with every expert resident ran as stock"
+                if stats["quiet_ubatches"]
+                else ""
             )
         )
     return "\n".join(lines)

@@ -84,3 +84,15 @@ def test_usage_mistakes_are_one_line_too(capsys):
             cli.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and "error:" in err[0] and "--help" in err[0]
+
+
+def test_a_run_with_a_slot_for_every_expert_runs_as_stock(llama_lib, tiny, tmp_path, capsys):
+    """slots = E: every expert resident from the start; no upload, every ubatch computed unobserved."""
+    stats_file = tmp_path / "stats.json"
+    argv = ["run", "-m", str(tiny), "-n", "12", "--mode", "lru", "--slots", "16"]  # E = 16
+    argv += ["--stats-json", str(stats_file)]
+    assert cli.main(argv) == 0
+    stats = json.loads(stats_file.read_text())
+    assert stats["quiet_ubatches"] == 12  # the prompt's ubatch and 11 decode steps
+    assert stats["hit_rate"] == 1 and stats["bytes_uploaded_per_token"] == 0 and stats["forced_uploads"] == 0
+    assert "12 ubatches with every expert resident ran as stock" in capsys.readouterr().err
