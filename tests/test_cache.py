@@ -247,8 +247,9 @@ def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, p
         assert counters.hits + counters.late + counters.misses == layout.n_expert_used * counters.tokens
 
 
-def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
-    """Guards against a cache that counts hits while every graph still reads the host experts."""
+def node_name_recorder(llama_lib, lib_dir):
+    """A caller's own cb_eval that records the name of every node the scheduler asks about: the names
+    seen, and the context-parameters hook that installs it."""
     ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
     ggml.ggml_get_name.restype = ctypes.c_char_p
     ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
@@ -261,8 +262,14 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
         return False
 
     def set_cb(params):
-        params.cb_eval = record_names
+        params.cb_eval = record_names  # the hook's closure keeps the ctypes callback alive
 
+    return names, set_cb
+
+
+def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
+    """Guards against a cache that counts hits while every graph still reads the host experts."""
+    names, set_cb = node_name_recorder(llama_lib, lib_dir)
     layout = read_layout(moe_ref_a)
     with host_experts_engine(llama_lib, moe_ref_a, n_ctx=128, context_params_hook=set_cb) as engine:
         list(engine.generate(PROMPT, 2))  # a graph built before the cache exists must not be reused
@@ -276,20 +283,7 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
 def test_a_full_bank_reads_no_map_and_cb_eval_still_sees_every_node(llama_lib, lib_dir, moe_ref_a, ref):
     """slots = E: the graph reads the bank without the expert->slot map (no `ffn_moe_slots` node), and a
     caller's own cb_eval keeps the scheduler asking about every node (no quiet ubatch); output stays."""
-    ggml = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-    ggml.ggml_get_name.restype = ctypes.c_char_p
-    ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
-    names: set[str] = set()
-
-    @llama_lib.ggml_backend_sched_eval_callback
-    def record_names(tensor, ask, _user_data):
-        if ask:
-            names.add(ggml.ggml_get_name(tensor).decode())
-        return False
-
-    def set_cb(params):
-        params.cb_eval = record_names
-
+    names, set_cb = node_name_recorder(llama_lib, lib_dir)
     layout, ref_tokens, ref_logits = ref
     with (
         host_experts_engine(llama_lib, moe_ref_a, context_params_hook=set_cb) as engine,
