@@ -333,6 +333,32 @@ PY
     timeout $((590 - SECONDS)) python3 bench/slots_e_overhead.py /tmp/models/qwen3-30b-a3b-q4_0.gguf -n 128 --rounds 3 \
         --modes lru,exact --out "$OUT" 2>&1 | grep "^|\|round"
     ;;
+22) # fifth session, last 7.8 device minutes (too few to build there): the cuda-hopper library of patches
+    # 0001-0010 built on the developer machine for sm_90 only (as call 15; .carry/cudalib10/lib.tar.xz), and
+    # moe-ref-a at slots = E in interleaved rounds. Stages, one call each: `22 lib` (carry .carry/cudalib10
+    # .carry/whl), `22 part` (carry .carry/q1, then .carry/q2), `22 ref` (carry .carry/q3)
+    case "${2:-}" in
+    lib)
+        mkdir -p /tmp/prebuilt && tar xJf .carry/cudalib10/lib.tar.xz -C /tmp/prebuilt
+        ;;
+    part)
+        cp .carry/q*/moe-ref-a.part-* /tmp/
+        ;;
+    ref)
+        cp .carry/q*/moe-ref-a.part-* /tmp/
+        join_ref || exit 1
+        ;;
+    esac
+    export EDGE_PREATTN_LIB=/tmp/prebuilt/lib LD_PRELOAD=libcuda.so.1
+    for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib; do
+        [ -d "$dir" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$dir
+    done
+    export LD_LIBRARY_PATH
+    python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -1
+    if [ "${2:-}" = ref ]; then
+        timeout 200 python3 bench/slots_e_overhead.py /tmp/moe-ref-a.gguf -n 256 --rounds 3 --out "$OUT" 2>&1 | grep "^|"
+    fi
+    ;;
 esac
 # a call returns at most 8 files: everything this call wrote goes back in one archive
 (cd "$OUT" && tar czf /tmp/call-out.tgz --exclude=call-out.tgz . && find . -mindepth 1 -delete && mv /tmp/call-out.tgz "$OUT/")
