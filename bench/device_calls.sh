@@ -24,6 +24,34 @@ join_ref() {
     [ -f /tmp/moe-ref-a.gguf ] || cat /tmp/moe-ref-a.part-a /tmp/moe-ref-a.part-b /tmp/moe-ref-a.part-c > /tmp/moe-ref-a.gguf
     echo "e8e4884eb661591b6508a075dc6489de995b4d0b33a352648e443240618033ca  /tmp/moe-ref-a.gguf" | sha256sum -c -
 }
+use_prebuilt() {  # a library built on the developer machine (its tarball, unpacked once), on the device's CUDA
+    [ -f /tmp/prebuilt/lib/libllama.so ] || { mkdir -p /tmp/prebuilt && tar xJf "$1" -C /tmp/prebuilt; }
+    export EDGE_PREATTN_LIB=/tmp/prebuilt/lib LD_PRELOAD=libcuda.so.1  # built against a stub libcuda
+    for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
+        [ -d "$dir" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$dir
+    done
+    export LD_LIBRARY_PATH
+}
+packaged_runs() {  # ROUNDS XPREV: the packaged model at 8 of 32 slots, 256 tokens of one prompt: stock,
+    # lru, and top1/exact with the shipped pre-attention predictors and with the cross-layer ones in XPREV
+    local D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    local prompt="The history of the printing press" round cfg mode preds name args
+    mkdir -p "$OUT/runs"
+    for round in $(seq "$1"); do
+        for cfg in off: lru: exact:$P top1:$P exact:$2 top1:$2; do
+            mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
+            args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
+            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
+                --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
+        done
+    done
+    python3 - "$OUT/runs" <<'PY'
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    stats = json.loads(path.read_text())
+    print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
+PY
+}
 case "$1" in
 1)
     { nvidia-smi; lscpu; grep -o 'avx512[a-z_0-9]*\|amx[a-z_0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' '; } > "$OUT/machine.txt" 2>&1
@@ -202,31 +230,12 @@ case "$1" in
     # for sm_90 only (no PTX: 20.5 MB as .carry/cudalib/lib.tar.xz), with .carry/whl and .carry/preds-default-xprev (cross-layer predictors of
     # the packaged model, trained on x_prev). Packaged model: patch 0007 at slots = E, and patch 0008's
     # cross-layer prediction against the shipped pre-attention predictors and lru at 8 of 32 slots
-    mkdir -p /tmp/prebuilt && tar xJf .carry/cudalib/lib.tar.xz -C /tmp/prebuilt
-    export EDGE_PREATTN_LIB=/tmp/prebuilt/lib
-    for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
-        [ -d "$dir" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$dir
-    done
-    export LD_LIBRARY_PATH
-    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
+    use_prebuilt .carry/cudalib/lib.tar.xz
+    D=edge_preattn/data/edge-moe-default.gguf
     python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -2
-    mkdir -p "$OUT/slots-e" "$OUT/runs"
+    mkdir -p "$OUT/slots-e"
     timeout 40 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,exact --out "$OUT/slots-e" 2>&1 | tail -3
-    prompt="The history of the printing press"
-    for round in 1; do
-        for cfg in off: lru: exact:$P top1:$P exact:.carry/preds-default-xprev top1:.carry/preds-default-xprev; do
-            mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
-            args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
-            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
-                --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
-        done
-    done
-    python3 - "$OUT/runs" <<'PY'
-import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    stats = json.loads(path.read_text())
-    print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
-PY
+    packaged_runs 1 .carry/preds-default-xprev
     ;;
 16) # fifth session (patch 0009: quiet ubatches, full banks filled at enable), call 1; carry .carry/whl
     # .carry/llama-src.tgz .carry/q1: builds; slots = E against stock all-on-GPU on the packaged model
@@ -253,25 +262,11 @@ PY
     # pre-attention prediction on the packaged model at 8 of 32 slots, two rounds
     cp .carry/q*/moe-ref-a.part-* /tmp/ 2>/dev/null
     export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
-    D=edge_preattn/data/edge-moe-default.gguf P=edge_preattn/onnx_models/edge-moe-default
-    mkdir -p "$OUT/slots-e-2" "$OUT/runs"
+    D=edge_preattn/data/edge-moe-default.gguf
+    mkdir -p "$OUT/slots-e-2"
     timeout 60 python3 bench/cache_equivalence.py $D -n 256 --slots 32 --modes lru,top1,exact --out "$OUT/slots-e-2" 2>&1 | tail -4
     cp -r .carry/preds-default-xprev /tmp/preds-default-xprev 2>/dev/null
-    prompt="The history of the printing press"
-    for round in 1 2; do
-        for cfg in off: lru: exact:$P top1:$P exact:/tmp/preds-default-xprev top1:/tmp/preds-default-xprev; do
-            mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
-            args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
-            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
-                --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
-        done
-    done
-    python3 - "$OUT/runs" <<'PY'
-import json, pathlib, sys
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
-    stats = json.loads(path.read_text())
-    print(path.stem, {k: stats.get(k) for k in ("decode_tok_s", "hit_rate", "prefetch_issued", "prefetch_late", "prediction_off_at_ubatch")})
-PY
+    packaged_runs 2 /tmp/preds-default-xprev
     ;;
 18) # call 3, warm; carry .carry/q3 (part c): moe-ref-a at slots = E (patch 0009) and its attention time per
     # layer (profile: the window a pre-attention prediction has)
@@ -337,23 +332,9 @@ PY
     # 0001-0010 built on the developer machine for sm_90 only (as call 15; .carry/cudalib10/lib.tar.xz), and
     # moe-ref-a at slots = E in interleaved rounds. Stages, one call each: `22 lib` (carry .carry/cudalib10
     # .carry/whl), `22 part` (carry .carry/q1, then .carry/q2), `22 ref` (carry .carry/q3)
-    case "${2:-}" in
-    lib)
-        mkdir -p /tmp/prebuilt && tar xJf .carry/cudalib10/lib.tar.xz -C /tmp/prebuilt
-        ;;
-    part)
-        cp .carry/q*/moe-ref-a.part-* /tmp/
-        ;;
-    ref)
-        cp .carry/q*/moe-ref-a.part-* /tmp/
-        join_ref || exit 1
-        ;;
-    esac
-    export EDGE_PREATTN_LIB=/tmp/prebuilt/lib LD_PRELOAD=libcuda.so.1
-    for dir in /usr/local/cuda*/lib64 /usr/local/cuda*/targets/x86_64-linux/lib; do
-        [ -d "$dir" ] && LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}:$dir
-    done
-    export LD_LIBRARY_PATH
+    [ "${2:-}" = lib ] || cp .carry/q*/moe-ref-a.part-* /tmp/
+    [ "${2:-}" = ref ] && { join_ref || exit 1; }
+    use_prebuilt .carry/cudalib10/lib.tar.xz
     python3 -c "from edge_preattn import native; print(native.NativeApi(native.load_llama()).build_info())" 2>&1 | tail -1
     if [ "${2:-}" = ref ]; then
         timeout 200 python3 bench/slots_e_overhead.py /tmp/moe-ref-a.gguf -n 256 --rounds 3 --out "$OUT" 2>&1 | grep "^|"
