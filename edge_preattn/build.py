@@ -131,7 +131,6 @@ def _fetch_sdist(dest_dir: Path) -> Path:
             "--no-deps",
             "--no-binary",
             ":all:",
-            "--no-build-isolation",
             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
             "-d",
             str(dest_dir),
@@ -299,7 +298,8 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
     work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
     try:
         source = work / "llama.cpp"
-        shutil.copytree(pristine_source(), source, ignore=shutil.ignore_patterns(".complete"))
+        # without .git: a submodule checkout's .git file would send `git apply` to a missing repository
+        shutil.copytree(pristine_source(), source, ignore=shutil.ignore_patterns(".complete", ".git"))
         if not stock:
             apply_patches(source)
         install = work / "install"
