@@ -140,7 +140,10 @@ def _fetch_sdist(dest_dir: Path) -> Path:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise UserError(
                 f"could not download the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist ({last}); "
-                f"put {SDIST_NAME} in {dest_dir} or set EDGE_PREATTN_LLAMA_SOURCE to a llama.cpp tree"
+                f"without access to the package index, fetch it on a machine that has it with `pip "
+                f"download --no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}` and "
+                f"copy {SDIST_NAME} into {dest_dir}, or set EDGE_PREATTN_LLAMA_SOURCE to its extracted "
+                "vendor/llama.cpp"
             )
     if _sha256(archive) != SDIST_SHA256:
         raise UserError(
@@ -205,6 +208,18 @@ def apply_patches(tree: Path) -> None:
             )
         subprocess.run(["git", "apply", str(patch)], cwd=tree, env=env, check=True, capture_output=True)
         log.info("applied %s", patch.name)
+
+
+def prepare_source(dest: Path, stock: bool) -> Path:
+    """A copy of the pristine tree at `dest`, patched unless `stock`.
+
+    The copy leaves out `.git`: in a tree taken from the sdist's or a checkout's `vendor/llama.cpp` it is
+    a submodule's `.git` file, and `git apply` would follow it to a repository that is not there.
+    """
+    shutil.copytree(pristine_source(), dest, ignore=shutil.ignore_patterns(".complete", ".git"))
+    if not stock:
+        apply_patches(dest)
+    return dest
 
 
 def detect_preset() -> tuple[str, list[str]]:
@@ -297,11 +312,7 @@ def _build_locked(preset: str, stock: bool, dest: Path, jobs: int | None) -> Bui
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
     try:
-        source = work / "llama.cpp"
-        # without .git: a submodule checkout's .git file would send `git apply` to a missing repository
-        shutil.copytree(pristine_source(), source, ignore=shutil.ignore_patterns(".complete", ".git"))
-        if not stock:
-            apply_patches(source)
+        source = prepare_source(work / "llama.cpp", stock)
         install = work / "install"
         # beside the cache entry, not in the work tree: a failed build's log outlives the cleanup below
         log_path = dest.parent / f"{dest.name}.build.log"

@@ -39,6 +39,18 @@ def test_patch_that_does_not_apply_names_file_and_hunk(tmp_path, monkeypatch):
     assert (tree / "src" / "a.c").read_text() == "int a = 1;\nint b = 2;\n"  # untouched
 
 
+def test_a_submodule_tree_is_patched_without_its_git_file(tmp_path, monkeypatch):
+    """The sdist's vendor/llama.cpp carries a submodule's `.git` file naming a repository that is not
+    there; `git apply` followed it and refused every patch."""
+    tree = tmp_path / "vendor" / "llama.cpp"
+    shutil.copytree(build.pristine_source(), tree, ignore=shutil.ignore_patterns(".complete"))
+    (tree / ".git").write_text("gitdir: ../../.git/modules/vendor/llama.cpp\n")
+    monkeypatch.setenv("EDGE_PREATTN_LLAMA_SOURCE", str(tree))
+    patched = build.prepare_source(tmp_path / "work", stock=False)
+    assert "llama_edge_patch_version" in (patched / "src" / "llama-edge.cpp").read_text()
+    assert not (patched / ".git").exists()
+
+
 def test_patch_hash_follows_patch_content(tmp_path, monkeypatch):
     patch = tmp_path / "0001-x.patch"
     patch.write_text("one")
