@@ -40,6 +40,7 @@ EXAMPLES = """\
   edge-preattn synth --preset qwen3-30b-a3b --layers 4 -o qwen3-4l.gguf
   edge-preattn synth --preset deepseek-v2-lite --type q8_0 --seed 1 -o dsv2-lite.gguf
   edge-preattn synth --preset qwen3-30b-a3b --sparse -o layout-only.gguf   # true size, no disk used
+  edge-preattn synth --widen-from moe-ref-a.gguf --expert-bytes-like qwen3-30b-a3b -o ref-wide.gguf
 """
 
 QT = gguf.GGMLQuantizationType
@@ -479,8 +480,20 @@ def write_synthetic(  # noqa: PLR0917 (the signature other modules call position
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=list(PRESETS), help="the model whose config to copy")
+    source.add_argument(
+        "--widen-from",
+        metavar="MODEL.gguf",
+        help="instead: a trained MoE GGUF whose routed experts are zero-padded (same function, same "
+        "routing, same tokens) until one expert weighs --expert-bytes-like",
+    )
     parser.add_argument(
-        "--preset", required=True, choices=list(PRESETS), help="the model whose config to copy"
+        "--expert-bytes-like",
+        metavar="PRESET|SIZE",
+        default="qwen3-30b-a3b",
+        help="--widen-from: a preset whose expert size to match, or a size (default qwen3-30b-a3b: "
+        "2.65 MB at q4_0)",
     )
     parser.add_argument(
         "--layers", type=int, metavar="N", help="keep the first N layers (deepseek2: the first stays dense)"
@@ -503,6 +516,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.widen_from:
+        from .widen import parse_target, widen
+
+        widened = widen(Path(args.widen_from), parse_target(args.expert_bytes_like), Path(args.output))
+        print(
+            f"wrote {widened.path}: expert width {widened.n_ff_from} -> {widened.n_ff_to}, "
+            f"{format_bytes(widened.expert_bytes_from)} -> {format_bytes(widened.expert_bytes_to)} per "
+            f"expert, {format_bytes(widened.file_bytes)} in {widened.seconds:.1f} s"
+        )
+        return 0
     result = write_synthetic(args.preset, args.output, args.layers, args.qtype, args.seed, args.sparse)
     n = result.params
     params = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
