@@ -35,6 +35,7 @@ import numpy as np
 
 from . import build, native
 from .controller import MODES, PREDICTION_MODES
+from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
 from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
@@ -410,12 +411,15 @@ def _raise_interrupted(_signum, _frame) -> None:
     raise Interrupted
 
 
-def run_worker(job: dict, lib_dir: Path, timeout_s: float) -> dict:
-    """Run one job in a fresh process; its result, or {"error": ...} when it failed."""
+def run_worker(job: dict, lib_dir: Path, timeout_s: float, extra_env: dict[str, str] | None = None) -> dict:
+    """Run one job in a fresh process; its result, or {"error": ...} when it failed.
+
+    `extra_env`: e.g. the MPS client settings of an emulated edge GPU (every CUDA process must get them).
+    """
     with tempfile.TemporaryDirectory(prefix="edge-bench-") as scratch:
         job_path, out_path = Path(scratch) / "job.json", Path(scratch) / "out.json"
         job_path.write_text(json.dumps(job))
-        env = {**os.environ, "EDGE_PREATTN_LIB": str(lib_dir), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(extra_env or {}), "EDGE_PREATTN_LIB": str(lib_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("LLAMA_CPP_LIB_PATH", None)
         command = [sys.executable, "-m", "edge_preattn.bench", str(job_path), str(out_path)]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -843,7 +847,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--run-timeout", type=float, default=900, help="seconds one configuration may take (900)"
     )
     parser.add_argument(
-        "-o", "--output", default=".", help="folder for bench-<model>-<budget>.json/.md/.png (.)"
+        "--emulate",
+        metavar="PROFILE",
+        help="an edge GPU on an NVIDIA data-center card: CUDA MPS caps the SMs, the profile's bus rate "
+        "caps every cache upload and its thread count every configuration; one of " + ", ".join(PROFILES),
+    )
+    parser.add_argument(
+        "-o", "--output", default=".", help="folder for bench-<model>[-<profile>]-<budget>.json/.md/.png (.)"
     )
 
 
@@ -872,6 +882,17 @@ def _matrix(args: argparse.Namespace, layout: MoeLayout, n_ctx: int):
 
 
 def main(args: argparse.Namespace) -> int:
+    profile = get_profile(args.emulate) if args.emulate else None
+    if profile is None:
+        return _bench(args, None, {})
+    if args.threads or args.bandwidth:
+        raise UserError(f"--emulate {profile.name} sets the threads and the bus: drop -t and --bandwidth")
+    args.bandwidth = f"{profile.bus_bytes_per_s / 1e9:g}GB/s"
+    with mps_daemon(profile) as worker_env:
+        return _bench(args, profile, worker_env)
+
+
+def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: dict[str, str]) -> int:
     import psutil
     from tqdm import tqdm
 
@@ -880,14 +901,18 @@ def main(args: argparse.Namespace) -> int:
     layout = read_layout(args.model)
     n_ctx = min(args.ctx_size, layout.n_ctx_train or args.ctx_size)
     names, budgets, bandwidths, prompts = _matrix(args, layout, n_ctx)
-    out_dir, stem = Path(args.output), f"bench-{Path(args.model).stem}"
+    out_dir = Path(args.output)
+    stem = f"bench-{Path(args.model).stem}" + (f"-{profile.name}" if profile else "")
     patched_lib, stock_lib = library_dirs(args.stock_lib)
     work = Workload(
         model=str(Path(args.model).resolve()),
         prompts=prompts,
         n_predict=args.n_predict,
         n_ctx=n_ctx,
-        threads=args.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        threads=(profile.cpu_threads if profile else args.threads)
+        or psutil.cpu_count(logical=False)
+        or os.cpu_count()
+        or 1,
         predictors=str(Path(args.predictors).resolve()) if args.predictors else None,
         extra=args.extra,
         target=args.target,
@@ -899,6 +924,7 @@ def main(args: argparse.Namespace) -> int:
         "fingerprint": layout.fingerprint,
         "workload": dataclasses.asdict(work),
         "libraries": [str(patched_lib), str(stock_lib)],
+        "emulate": profile.name if profile else None,
     }
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:12]
     state_path = out_dir / f".{stem}-{digest}.state.json"
@@ -908,7 +934,7 @@ def main(args: argparse.Namespace) -> int:
     if state["runs"]:
         log.info("reusing the runs already in %s", state_path)
     if "error" in state.get("bandwidth", {"error": ""}):  # also says whether the build has a GPU
-        state["bandwidth"] = run_worker({"task": "bandwidth"}, patched_lib, args.run_timeout)
+        state["bandwidth"] = run_worker({"task": "bandwidth"}, patched_lib, args.run_timeout, worker_env)
         if "gpu" not in state["bandwidth"]:
             raise UserError(
                 f"the library in {patched_lib} failed ({state['bandwidth']['error']}):\n"
@@ -940,6 +966,7 @@ def main(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "reference": reference_key,
         "libraries": {"patched": str(patched_lib), "stock": str(stock_lib)},
+        "emulate": dataclasses.asdict(profile) if profile else None,
     }
 
     def results_now() -> list[dict]:
@@ -981,7 +1008,8 @@ def main(args: argparse.Namespace) -> int:
                     continue
                 spec = runs[key]
                 job = {"task": "run", "spec": dataclasses.asdict(spec), "workload": dataclasses.asdict(work)}
-                record = run_worker(job, stock_lib if spec.kind == "stock" else patched_lib, args.run_timeout)
+                lib = stock_lib if spec.kind == "stock" else patched_lib
+                record = run_worker(job, lib, args.run_timeout, worker_env)
                 done.append(record)
                 write_json_atomic(state_path, state)
                 progress.update()

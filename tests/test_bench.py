@@ -130,3 +130,19 @@ def test_stock_placements_are_sized_to_the_budget(tmp_path):
     assert bench.stock_vram_bytes(layout, weights, 4096, ngl + 1, 0) > budget
     capped = [runs[key] for key in tables[(budget, 16e9)] if runs[key].kind == "edge"]
     assert capped[0].bandwidth_bytes_per_s == 16e9 and capped[0].slots == by_name["lru"].slots > 0
+
+
+def test_emulate_refuses_unknown_profiles_and_conflicting_flags(tiny, tmp_path, capsys):
+    base = ["bench", str(tiny), "--vram-budget", "25%", "-o", str(tmp_path)]
+    assert cli.main([*base, "--emulate", "rtx9090"]) == 2
+    assert "unknown --emulate profile 'rtx9090'" in capsys.readouterr().err
+    assert cli.main([*base, "--emulate", "rtx4070-pcie4", "--bandwidth", "8GB/s"]) == 2
+    assert "sets the threads and the bus" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_emulate_without_mps_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control to be found
+    assert cli.main(["bench", str(tiny), "--vram-budget", "25%", "--emulate", "laptop-pcie4x8"]) == 2
+    assert "--emulate needs CUDA MPS" in capsys.readouterr().err
+
