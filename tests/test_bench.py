@@ -145,4 +145,3 @@ def test_emulate_without_mps_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control to be found
     assert cli.main(["bench", str(tiny), "--vram-budget", "25%", "--emulate", "laptop-pcie4x8"]) == 2
     assert "--emulate needs CUDA MPS" in capsys.readouterr().err
-
