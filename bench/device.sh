@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The GPU machine (no network): `bash bench/device.sh STEP [ARGS...]` from the repository root.
+# Each step fits one device call; /tmp survives between calls while the machine is warm. Results and
+# logs go to $OUT (at most 8 files come back: each step packs its folder into one archive).
+#
+#   setup            wheels, the llama.cpp source, the patched cuda-hopper build and a stock libllama
+#                    on that build's ggml (carry: .carry/whl .carry/llama-src.tgz)
+#   part FILE...     keep carried model parts in /tmp/parts (a model over 64 MiB travels in parts)
+#   join NAME SHA256 join /tmp/parts/NAME.part-* into /tmp/models/NAME and check its sha256
+#   widen MODEL      synth --widen-from MODEL --expert-bytes-like qwen3-30b-a3b -> /tmp/models/<stem>-wide.gguf
+#   mps-probe        SMs, device copy and host-to-device rate under MPS shares (carry: .carry/mps_probe.sh)
+#   bench MODEL ARGS `edge-preattn bench MODEL ARGS -o /tmp/results/<model>`, packed into $OUT
+#   test ARGS        pytest on the GPU build (EDGE_PREATTN_TEST_PRESET=cuda-hopper)
+set -u
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGE_PREATTN_CACHE=/tmp/edge-cache EDGE_PREATTN_LLAMA_SOURCE=/tmp/llsrc
+# The image's CC/CXX link libstdc++ statically into each shared library: two copies crash at model load.
+unset CC CXX
+PRESET=${PRESET:-cuda-hopper}
+mkdir -p /tmp/models /tmp/results /tmp/parts "${OUT:-/tmp/out}"
+edge() { python3 -m edge_preattn.cli "$@"; }
+patched_lib() { ls -d /tmp/edge-cache/builds/"$PRESET"-*-patched-*/lib 2>/dev/null | tail -1; }
+pack() { tar czf "$OUT/$1.tgz" -C "$(dirname "$2")" "$(basename "$2")"; }
+
+step=${1:?step}; shift
+case $step in
+setup)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .carry/whl/*.whl || exit 1
+    mkdir -p /tmp/llsrc && tar xzf .carry/llama-src.tgz -C /tmp/llsrc
+    nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
+    edge build --preset "$PRESET" 2>&1 | tail -2
+    patched=$(patched_lib)
+    # stock llama.cpp: the unpatched libllama compiled against the patched build's ggml (the patches
+    # touch libllama only, and ggml's sources are the same), so both load the very same ggml files
+    out=/tmp/edge-cache/builds/stock-on-$PRESET
+    cmake -S /tmp/llsrc -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
+        -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$patched/cmake/ggml" -DLLAMA_BUILD_COMMON=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DLLAMA_CURL=OFF > /tmp/stock-build.log 2>&1 &&
+        cmake --build "$out/build" --target llama -j "$(nproc)" >> /tmp/stock-build.log 2>&1 || {
+        tail -20 /tmp/stock-build.log
+        exit 1
+    }
+    mkdir -p "$out/lib" && ln -sf "$patched"/libggml*.so* "$out/lib/" && cp -a "$out/build/bin"/libllama.so* "$out/lib/"
+    echo "patched $patched; stock $out/lib"
+    ;;
+part) cp "$@" /tmp/parts/ && ls -la /tmp/parts ;;
+join)
+    cat /tmp/parts/"$1".part-* > /tmp/models/"$1"
+    echo "$2  /tmp/models/$1" | sha256sum -c - || exit 1
+    ;;
+widen)
+    stem=$(basename "$1" .gguf)
+    [ -f "/tmp/models/$stem-wide.gguf" ] ||
+        edge synth --widen-from "$1" --expert-bytes-like qwen3-30b-a3b -o "/tmp/models/$stem-wide.gguf"
+    ;;
+mps-probe) bash .carry/mps_probe.sh 2>&1 | tee "$OUT/mps-probe.log" ;;  # carried from shared/tools/device
+bench)
+    model=$1; shift
+    name=$(basename "$model" .gguf)
+    mkdir -p "/tmp/results/$name"
+    EDGE_PREATTN_LIB=$(patched_lib) edge bench "$model" --stock-lib /tmp/edge-cache/builds/stock-on-$PRESET/lib -o "/tmp/results/$name" "$@" \
+        2>&1 | tee -a "/tmp/results/$name/bench.log" | grep -v "^bench:"
+    pack "results-$name" "/tmp/results/$name"
+    ;;
+test)
+    EDGE_PREATTN_LIB=$(patched_lib) python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest-gpu.log" |
+        tail -15
+    ;;
+*) echo "unknown step $step" >&2; exit 2 ;;
+esac
