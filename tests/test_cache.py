@@ -414,7 +414,7 @@ def test_prediction_switches_off_when_predictions_come_late(llama_lib, moe_ref_a
 def test_bypassed_ubatches_are_not_observed(llama_lib, moe_ref_a):
     """A prompt ubatch that takes the stock path runs without a graph split at the router: on CUDA a
     split at ffn_moe_topk cuts the fused top-k/weights kernel that stock all-on-GPU runs, and the
-    routing weights round differently (moe-ref-a, bench/results/gpu-2026-11-29b)."""
+    routing weights round differently (moe-ref-a, bench/results/exactness-cuda/README.md)."""
     layout = read_layout(moe_ref_a)
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
