@@ -41,7 +41,7 @@ packaged_runs() {  # ROUNDS XPREV: the packaged model at 8 of 32 slots, 256 toke
         for cfg in off: lru: exact:$P top1:$P exact:$2 top1:$2; do
             mode=${cfg%%:*} preds=${cfg#*:} name=${cfg%%:*}-$(basename "${preds:-none}")-r$round
             args=(--mode "$mode"); [ "$mode" != off ] && args+=(--slots 8); [ -n "$preds" ] && args+=(--predictors "$preds")
-            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" -n 256 -p "$prompt" \
+            timeout 30 python3 -m edge_preattn.cli run -m $D "${args[@]}" --temp 0 -n 256 -p "$prompt" \
                 --stats-json "$OUT/runs/$name.json" > /dev/null 2>> "$OUT/runs/errors.log"
         done
     done

@@ -13,6 +13,6 @@ compute-sanitizer --tool memcheck --print-limit 20 python3 -m edge_preattn.cli r
     --mode lru --slots 16 -n 8 > "$OUT/memcheck.log" 2>&1
 echo "memcheck exit $?"; grep -E "ERROR SUMMARY|Invalid" "$OUT/memcheck.log" | head -5
 for mode in off lru oracle; do
-    python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf --mode $mode --slots 16 -n 128 --stats-json "$OUT/run-$mode.json" \
+    python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf --mode $mode --slots 16 --temp 0 -n 128 --stats-json "$OUT/run-$mode.json" \
         2>&1 | tail -3
 done

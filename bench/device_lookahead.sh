@@ -9,7 +9,7 @@ P=edge_preattn/onnx_models/edge-moe-default
 for round in 1 2; do
   for config in "lru" "exact" "exact --lookahead 1" "exact --lookahead 2" "top1 --lookahead 1" "exact --wait-prefetch"; do
     name=$(echo "$config" | tr ' ' '_')
-    python3 -m edge_preattn.cli run --mode $config --predictors $P --slots 8 -n 256 -t 8 \
+    python3 -m edge_preattn.cli run --mode $config --predictors $P --slots 8 --temp 0 -n 256 -t 8 \
         -p "def quicksort(items):" --stats-json "$OUT/run-$name-$round.json" > /dev/null 2>&1 || echo "$config failed"
   done
 done

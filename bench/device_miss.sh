@@ -23,7 +23,7 @@ speed)
     export EDGE_PREATTN_LIB=$(ls -d /tmp/edge-cache/builds/cuda-hopper-*-patched-*/lib | tail -1)
     for slots in 8 32; do
         for miss in upload cpu auto; do
-            python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf --mode lru --slots $slots --miss $miss \
+            python3 -m edge_preattn.cli run -m /tmp/moe-ref-a.gguf --mode lru --slots $slots --miss $miss --temp 0 \
                 -n 128 --stats-json "$OUT/miss-speed-lru-$slots-$miss.json" 2>&1 | tail -3
         done
     done
