@@ -468,6 +468,8 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "quiet_ubatches": bank["quiet_ubatches"],
                 "bank_bytes": bank["bank_bytes"],
                 "pinned_bytes": bank["pinned_bytes"],
+                # without a GPU the slot banks are host memory too: an "upload" is a memcpy in RAM
+                "uploads_are_memory_copies": not engine.api.gpus(),
             }
         )
     return stats
@@ -493,12 +495,8 @@ def format_stats(stats: dict) -> str:
             f"wasted {stats['prefetch_wasted']}, too late {stats['prefetch_late']}, "
             f"over budget {stats['prefetch_dropped']} | "
             f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
-            f"slot banks {format_bytes(stats['bank_bytes'])} | uploads from "
-            + (
-                f"pinned host memory ({format_bytes(stats['pinned_bytes'])})"
-                if stats["pinned_bytes"]
-                else "pageable memory"
-            )
+            f"slot banks {format_bytes(stats['bank_bytes'])} | "
+            + upload_source(stats)
             + (
                 f" | {stats['quiet_ubatches']} ubatches with every expert resident ran as stock"
                 if stats["quiet_ubatches"]
@@ -506,6 +504,16 @@ def format_stats(stats: dict) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def upload_source(stats: dict) -> str:
+    """What an upload is on this build: a copy within host RAM on the CPU build, else which host memory
+    the device copies from."""
+    if stats["uploads_are_memory_copies"]:
+        return "CPU build: the slot banks are in RAM and an upload is a memory copy"
+    if stats["pinned_bytes"]:
+        return f"uploads from pinned host memory ({format_bytes(stats['pinned_bytes'])})"
+    return "uploads from pageable host memory"
 
 
 def format_layers(stats) -> str:

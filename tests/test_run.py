@@ -7,6 +7,7 @@ import re
 import pytest
 
 from edge_preattn import cli
+from edge_preattn.native import NativeApi
 from edge_preattn.synth import write_synthetic
 
 
@@ -83,7 +84,12 @@ def test_cached_run_writes_statistics(llama_lib, tiny, tmp_path, capsys):
     per_token = stats["hits_per_token"] + stats["late_per_token"] + stats["misses_per_token"]
     assert 16 - 0.002 <= per_token <= 16 + 4 / 11 + 0.002  # values are rounded to 3 decimals
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically
-    assert "hit rate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "hit rate" in err
+    # the summary says what an upload is on this build: a memory copy without a GPU
+    assert stats["uploads_are_memory_copies"] == (not NativeApi(llama_lib).gpus())
+    memcpy = "CPU build: the slot banks are in RAM and an upload is a memory copy"
+    assert (memcpy in err) == stats["uploads_are_memory_copies"] and "pageable memory" not in err
 
 
 def test_usage_mistakes_are_one_line_too(capsys):
