@@ -22,6 +22,7 @@ VERBS = {
     "train": "edge_preattn.train",
     "eval": "edge_preattn.evaluate",
     "run": "edge_preattn.run",
+    "serve": "edge_preattn.serve",
     "bench": "edge_preattn.bench",
     "profile": "edge_preattn.profile",
 }

@@ -213,8 +213,9 @@ def cache_slots(args: argparse.Namespace, layout: MoeLayout) -> int:
     return max(k, layout.n_expert // 4)  # about a quarter of each layer's experts
 
 
-def check_sampling(values: dict) -> None:
-    """Sampling values as llama.cpp's samplers accept them; `values` holds Sampling's field names."""
+def check_sampling(values: dict, names: dict[str, str] | None = None) -> None:
+    """Sampling values as llama.cpp's samplers accept them; `values` holds Sampling's field names, and
+    errors call them by `names` (default: the command-line flags)."""
     rules = {
         "temperature": (lambda v: v >= 0, "0 or more (0: greedy)"),
         "top_k": (lambda v: v >= 0, "0 or more (0: off)"),
@@ -226,7 +227,7 @@ def check_sampling(values: dict) -> None:
     for name, value in values.items():
         ok, expected = rules[name]
         if not ok(value):  # NaN fails every comparison, so it is refused too
-            raise UserError(f"{SAMPLING_FLAGS[name]} {value} must be {expected}")
+            raise UserError(f"{(names or SAMPLING_FLAGS)[name]} {value} must be {expected}")
 
 
 SAMPLING_FLAGS = {
@@ -251,12 +252,14 @@ def sampling_args(args: argparse.Namespace) -> dict:
     return {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in SAMPLING_FLAGS.items()}
 
 
-def describe_sampling(sampling: Sampling) -> str:
+def describe_sampling(sampling: Sampling, seed: str | None = None) -> str:
+    """Greedy, or the sampler settings with the seed (or `seed`, words in its place)."""
     if sampling.temperature <= 0:
         return "greedy"
     return (
         f"sampled: temp {sampling.temperature:g}, top-k {sampling.top_k}, top-p {sampling.top_p:g}, "
-        f"min-p {sampling.min_p:g}, repeat penalty {sampling.repeat_penalty:g}, seed {sampling.seed}"
+        f"min-p {sampling.min_p:g}, repeat penalty {sampling.repeat_penalty:g}, "
+        f"{seed or f'seed {sampling.seed}'}"
     )
 
 
