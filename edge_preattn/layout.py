@@ -613,8 +613,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vram-budget",
         metavar="SIZE",
-        default=DEFAULT_PLAN_BUDGET,
-        help="plan expert slots for this much VRAM",
+        help=f"plan expert slots for this much VRAM (default {DEFAULT_PLAN_BUDGET})",
     )
     parser.add_argument("-c", "--ctx-size", type=int, default=4096, help="context for the KV cache")
     parser.add_argument("--json", metavar="FILE", help="also write the layout (and plan) as JSON")
@@ -629,9 +628,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
     layout = read_layout(model)
     try:
-        plan = plan_slots(layout, parse_bytes(args.vram_budget), args.ctx_size)
+        plan = plan_slots(layout, parse_bytes(args.vram_budget or DEFAULT_PLAN_BUDGET), args.ctx_size)
     except UserError:
-        if args.vram_budget != DEFAULT_PLAN_BUDGET:
+        if args.vram_budget is not None or args.ctx_size <= 0:
             raise
         plan = None  # the default budget is too small for this model: the table says so, not an error
     print(format_table(layout, plan))

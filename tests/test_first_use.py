@@ -52,7 +52,7 @@ def test_inspect_prints_the_slot_plan_by_default(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(layout, "DEFAULT_PLAN_BUDGET", "1KiB")  # a default too small: a note, no error
     assert cli.main(["inspect", str(path)]) == 0
     assert "no slot plan: 1KiB (the default --vram-budget)" in capsys.readouterr().out
-    assert cli.main(["inspect", str(path), "--vram-budget", "2KiB"]) == 2  # asked for: an error
+    assert cli.main(["inspect", str(path), "--vram-budget", "1KiB"]) == 2  # asked for: an error
 
 
 def test_the_train_and_test_extras_agree_on_torch():
