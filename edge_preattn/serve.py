@@ -166,7 +166,9 @@ class Service:
         self.n_ctx = engine.llama_cpp.llama_n_ctx(engine.ctx)
         template = engine.llama_cpp.llama_model_chat_template(engine.model, None)
         self.chat_template = template.decode(errors="replace") if template else None
+        self.special_texts = _token_text(engine, "bos"), _token_text(engine, "eos")  # templates write them
         self.engine_lock = threading.Lock()  # one generation at a time: the cache serves one sequence
+        self.vocab_lock = threading.Lock()  # tokenizing runs beside a generation, never after close()
         self.totals_lock = threading.Lock()
         self.totals = Totals()
         self.waiting = 0
@@ -181,7 +183,7 @@ class Service:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise BadRequest("'prompt' is empty")
-            tokens = self.loaded.engine.tokenize(prompt)
+            tokens = self._tokenize(prompt, add_special=True)
         elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
             n_vocab = self.loaded.engine.n_vocab
             if not all(0 <= t < n_vocab for t in prompt):
@@ -196,12 +198,15 @@ class Service:
         if not isinstance(messages, list) or not messages:
             raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
         checked = [self._message(message, i) for i, message in enumerate(messages)]
-        engine = self.loaded.engine
-        prompt, has_specials = render_chat(
-            self.chat_template, checked, _token_text(engine, "bos"), _token_text(engine, "eos")
-        )
-        tokens = engine.tokenize(prompt, add_special=not has_specials)
+        prompt, has_specials = render_chat(self.chat_template, checked, *self.special_texts)
+        tokens = self._tokenize(prompt, add_special=not has_specials)
         return self._job(body, tokens, chat=True, stops=[] if has_specials else [PLAIN_CHAT_STOP])
+
+    def _tokenize(self, text: str, add_special: bool) -> list[int]:
+        with self.vocab_lock:
+            if self.closing.is_set():
+                raise BadRequest("the server is shutting down", HTTPStatus.SERVICE_UNAVAILABLE)
+            return self.loaded.engine.tokenize(text, add_special=add_special)
 
     @staticmethod
     def _message(message: object, index: int) -> dict:
@@ -355,7 +360,7 @@ class Service:
     def close(self) -> None:
         """Stop the generation in progress at its next token and wait for it, so the engine can go."""
         self.closing.set()
-        with self.engine_lock:
+        with self.engine_lock, self.vocab_lock:
             pass
 
 

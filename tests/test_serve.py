@@ -144,15 +144,39 @@ def test_the_stop_scanner_never_sends_part_of_a_stop():
     assert scanner.feed("s>tail") == ("", True)
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def test_a_model_template_renders_the_chat():
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    prompt, has_specials = serve.render_chat(template, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+    prompt, has_specials = serve.render_chat(CHATML, [{"role": "user", "content": "hi"}], "<s>", "</s>")
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" and has_specials
     prompt, has_specials = serve.render_chat(None, [{"role": "user", "content": "hi"}], "<s>", "</s>")
     assert prompt == "user: hi\nassistant:" and not has_specials
+
+
+def test_a_gguf_with_a_chat_template_gets_its_own_prompt(llama_lib, tmp_path, monkeypatch):
+    import gguf
+
+    from edge_preattn.synth import write_synthetic
+
+    add_eos = gguf.GGUFWriter.add_add_eos_token
+
+    def add_eos_and_template(writer, value):  # the synthetic model's header, with a chat template
+        add_eos(writer, value)
+        writer.add_chat_template(CHATML)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_add_eos_token", add_eos_and_template)
+    path = tmp_path / "tiny-chat.gguf"
+    write_synthetic("tiny", path, progress=False)
+    args = cli.build_parser("serve").parse_args(["serve", "-m", str(path), "--port", "0", "--temp", "0"])
+    with serve.serving(args) as (_, service):
+        job = service.chat_job({"messages": [{"role": "user", "content": "hi"}]})
+        rendered = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        assert job.prompt_tokens == service.loaded.engine.tokenize(rendered, add_special=False)
+        assert job.stops == []  # the model ends its turn with its end-of-generation token
 
 
 BAD_REQUESTS = {
