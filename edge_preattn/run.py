@@ -44,7 +44,8 @@ DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edg
 DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
 DEFAULT_MODEL_MODE = "top1"
 RANDOM_SEED = -1  # llama.cpp's LLAMA_DEFAULT_SEED (0xFFFFFFFF) as its CLI prints it: draw a seed
-MAX_SEED = 0xFFFFFFFE  # llama.cpp's seeds are uint32, and 0xFFFFFFFF means "random"
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # the same, as llama.cpp's uint32
+MAX_SEED = LLAMA_DEFAULT_SEED - 1
 
 
 def apply_default_model(args: argparse.Namespace) -> None:
@@ -222,7 +223,10 @@ def check_sampling(values: dict, names: dict[str, str] | None = None) -> None:
         "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
         "min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0: off)"),
         "repeat_penalty": (lambda v: v > 0, "positive (1: off)"),
-        "seed": (lambda v: v == RANDOM_SEED or 0 <= v <= MAX_SEED, f"{RANDOM_SEED} (random) or 0-{MAX_SEED}"),
+        "seed": (
+            lambda v: v == RANDOM_SEED or 0 <= v <= LLAMA_DEFAULT_SEED,
+            f"{RANDOM_SEED} (random) or 0-{MAX_SEED}",
+        ),
     }
     for name, value in values.items():
         ok, expected = rules[name]
@@ -243,8 +247,13 @@ SAMPLING_FLAGS = {
 def sampling_from(values: dict) -> Sampling:
     """A Sampling with a concrete seed: a random one is drawn here (not by llama.cpp), so it can be
     printed, and oracle mode's recorded run samples exactly what the cached run samples."""
-    seed = values["seed"] if values["seed"] != RANDOM_SEED else random.SystemRandom().randint(0, MAX_SEED)
+    seed = random.SystemRandom().randint(0, MAX_SEED) if is_random_seed(values["seed"]) else values["seed"]
     return Sampling(**{**values, "seed": seed})
+
+
+def is_random_seed(seed: int) -> bool:
+    """-1, or llama.cpp's LLAMA_DEFAULT_SEED itself: draw a seed."""
+    return seed in (RANDOM_SEED, LLAMA_DEFAULT_SEED)
 
 
 def sampling_args(args: argparse.Namespace) -> dict:

@@ -34,8 +34,8 @@ EXAMPLES = """\
   edge-preattn serve -m model.gguf --mode top1 --predictors preds/ --vram-budget 6GiB --port 9000
   edge-preattn serve -m model.gguf --n-cpu-moe 20    # stock placement
   curl -s localhost:8080/v1/completions -d '{"prompt": "def add(a, b):", "max_tokens": 32}'
-  curl -sN localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}],
-                                                   "stream": true}'
+  curl -N localhost:8080/v1/completions -d '{"prompt": "def f(x):", "stream": true}'  # server-sent events
+  curl localhost:8080/v1/chat/completions -d '{"messages": [{"role": "user", "content": "hi"}]}'
   curl -s localhost:8080/metrics                     # requests, tokens/s, cache hit rate
 """
 
@@ -558,7 +558,10 @@ def serving(args: argparse.Namespace) -> Iterator[tuple[ThreadingHTTPServer, Ser
     try:
         with run.open_engine(args, setup) as loaded:
             server.service = Service(
-                setup, loaded, args.n_predict, None if args.seed == run.RANDOM_SEED else args.seed
+                setup,
+                loaded,
+                args.n_predict,
+                None if run.is_random_seed(args.seed) else args.seed,
             )
             try:
                 yield server, server.service
