@@ -161,7 +161,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=0.95,
         help="adaptive: expected recall each token's prefetch aims at (default 0.95)",
     )
-    cache.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru", help="(default lru)")
+    cache.add_argument(
+        "--eviction",
+        choices=EVICTION_POLICIES,
+        default="lru",
+        help="which resident expert a new one replaces",
+    )
     cache.add_argument(
         "--miss",
         choices=MISS_POLICIES,
@@ -214,6 +219,17 @@ def cache_slots(args: argparse.Namespace, layout: MoeLayout) -> int:
     return max(k, layout.n_expert // 4)  # about a quarter of each layer's experts
 
 
+# Sampling field -> its flag (and the request field of `serve`, which is the field name)
+SAMPLING_FLAGS = {
+    "temperature": "--temp",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repeat_penalty": "--repeat-penalty",
+    "seed": "--seed",
+}
+
+
 def check_sampling(values: dict, names: dict[str, str] | None = None) -> None:
     """Sampling values as llama.cpp's samplers accept them; `values` holds Sampling's field names, and
     errors call them by `names` (default: the command-line flags)."""
@@ -232,16 +248,6 @@ def check_sampling(values: dict, names: dict[str, str] | None = None) -> None:
         ok, expected = rules[name]
         if not ok(value):  # NaN fails every comparison, so it is refused too
             raise UserError(f"{(names or SAMPLING_FLAGS)[name]} {value} must be {expected}")
-
-
-SAMPLING_FLAGS = {
-    "temperature": "--temp",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "min_p": "--min-p",
-    "repeat_penalty": "--repeat-penalty",
-    "seed": "--seed",
-}
 
 
 def sampling_from(values: dict) -> Sampling:

@@ -44,15 +44,8 @@ MAX_STOPS = 4  # as OpenAI's API
 # Chat without a template in the model: a role-labelled transcript, ended where the model would
 # start the user's next turn.
 PLAIN_CHAT_STOP = "\nuser:"
-# Request fields (OpenAI's names; llama.cpp's server names for the ones OpenAI lacks) -> Sampling fields.
-SAMPLING_FIELDS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repeat_penalty": "repeat_penalty",
-    "seed": "seed",
-}
+# Request fields that set sampling carry Sampling's own names (OpenAI's, and llama.cpp server's for
+# top_k, min_p and repeat_penalty): run.SAMPLING_FLAGS lists them.
 INTEGER_FIELDS = {"top_k", "seed"}
 
 
@@ -249,18 +242,18 @@ class Service:
         return Job(tokens, n_predict, self._sampling(body), stream, stops + stop, chat)
 
     def _sampling(self, body: dict) -> Sampling:
-        values = {name: getattr(self.setup.sampling, name) for name in SAMPLING_FIELDS.values()}
+        values = {name: getattr(self.setup.sampling, name) for name in run.SAMPLING_FLAGS}
         values["seed"] = run.RANDOM_SEED if self.seed is None else self.seed
-        for key, name in SAMPLING_FIELDS.items():
-            value = body.get(key)
+        for name in run.SAMPLING_FLAGS:
+            value = body.get(name)
             if value is None:
                 continue
-            if not (_is_int(value) if key in INTEGER_FIELDS else _is_number(value)):
-                kind = "an integer" if key in INTEGER_FIELDS else "a number"
-                raise BadRequest(f"'{key}' must be {kind}; got {json.dumps(value)}")
+            if not (_is_int(value) if name in INTEGER_FIELDS else _is_number(value)):
+                kind = "an integer" if name in INTEGER_FIELDS else "a number"
+                raise BadRequest(f"'{name}' must be {kind}; got {json.dumps(value)}")
             values[name] = value
         try:
-            run.check_sampling(values, names={name: f"'{key}'" for key, name in SAMPLING_FIELDS.items()})
+            run.check_sampling(values, names={name: f"'{name}'" for name in run.SAMPLING_FLAGS})
         except UserError as error:
             raise BadRequest(str(error)) from error
         return run.sampling_from(values)
