@@ -310,7 +310,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
         overrides=overrides,
         use_extra_bufts=spec.kind == "stock",  # the cache reads experts as the file's plain bytes
     )
-    sampling = Sampling()
+    sampling = Sampling(temperature=0.0)  # greedy: every configuration must give stock's tokens
     started = time.perf_counter()
     with Engine(llama_cpp, config) as engine, contextlib.ExitStack() as stack:
         load_s = time.perf_counter() - started

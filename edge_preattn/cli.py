@@ -6,6 +6,7 @@ Heavy imports (llama_cpp, torch) stay inside those functions so that `edge-preat
 """
 
 import argparse
+import copy
 import importlib
 import logging
 import sys
@@ -22,9 +23,14 @@ VERBS = {
     "train": "edge_preattn.train",
     "eval": "edge_preattn.evaluate",
     "run": "edge_preattn.run",
+    "serve": "edge_preattn.serve",
     "bench": "edge_preattn.bench",
     "profile": "edge_preattn.profile",
 }
+
+
+# modules of an optional extra (pyproject.toml) -> that extra
+EXTRA_MODULES = {"torch": "train", "onnx": "train", "matplotlib": "train"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,6 +38,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines, and every option with a default value shows it (unless its help
+    already says what the default is), so --help answers "what happens if I leave this out"."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default, text = action.default, action.help or ""
+        unset = default is None or default is False or default in ([], argparse.SUPPRESS)
+        if action.option_strings and not unset and text != argparse.SUPPRESS and "default" not in text:
+            action = copy.copy(action)  # the parser's own action keeps its help
+            action.help = f"{text} (default %(default)s)".lstrip()
+        return super()._format_action(action)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -52,7 +71,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             help=module.HELP,
             description=module.HELP,
             epilog="examples:\n" + module.EXAMPLES,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         verb_parser.add_argument("--verbose", action="store_true", help="log details (llama.cpp's too)")
         module.add_args(verb_parser)
@@ -89,6 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except UserError as error:
         print(f"edge-preattn: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        extra = EXTRA_MODULES.get((error.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"edge-preattn: error: {verb} needs {error.name}, which is not installed: run "
+            f"pip install -e '.[{extra}]' in the repository (CPU-only torch: see the README's "
+            '"Training your own predictors")',
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped

@@ -57,9 +57,20 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 0.95
+    """llama.cpp's sampler chain: penalties → top-k → top-p → min-p → temperature → a seeded draw.
+
+    The defaults are greedy with every filter off, so library callers (tests, benchmarks, collection)
+    that compare tokens with stock stay deterministic; the CLI passes llama.cpp's own defaults.
+    Sampling only picks among the logits: it never changes what is computed, cached or predicted.
+    """
+
+    temperature: float = 0.0  # 0 or less: greedy
+    top_p: float = 0.95  # 1.0: off
     seed: int = 0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0.0: off
+    repeat_penalty: float = 1.0  # 1.0: off
+    repeat_last_n: int = 64  # tokens the repeat penalty looks back over (llama.cpp's default)
 
 
 @dataclass
@@ -261,15 +272,30 @@ class Engine:
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
 
     def make_sampler(self, sampling: Sampling):
-        """A llama.cpp sampler chain (free it with llama_sampler_free): greedy, or top-p → temp → dist."""
+        """A llama.cpp sampler chain (free it with llama_sampler_free) in the order of llama.cpp's
+        common sampler; filters that are off are left out, so greedy is exactly argmax."""
         llama_cpp = self.llama_cpp
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+
+        def add(sampler) -> None:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+
+        if sampling.repeat_penalty != 1.0:
+            add(
+                llama_cpp.llama_sampler_init_penalties(
+                    self.n_vocab, sampling.repeat_last_n, sampling.repeat_penalty, 0.0, 0.0
+                )
+            )
         if sampling.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
+            add(llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if sampling.top_k > 0:
+            add(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+        add(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+        if sampling.min_p > 0:
+            add(llama_cpp.llama_sampler_init_min_p(sampling.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+        add(llama_cpp.llama_sampler_init_dist(sampling.seed))
         return chain
 
     def generate(
@@ -293,6 +319,9 @@ class Engine:
         self.reset()
         record = Generation(prompt_tokens=prompt_tokens)
         sampler = self.make_sampler(sampling)
+        if sampling.repeat_penalty != 1.0:  # the penalty counts the prompt, as llama.cpp's CLI does
+            for token in prompt_tokens:
+                self.llama_cpp.llama_sampler_accept(sampler, token)
         try:
             # llama_decode returns before a GPU has finished: each interval ends after sampling,
             # which waits for the logits, and excludes what the caller does between tokens.

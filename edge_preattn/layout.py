@@ -604,11 +604,18 @@ def format_table(layout: MoeLayout, plan: SlotPlan | None = None) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_PLAN_BUDGET = "8GiB"  # a common consumer GPU: the plan `inspect` prints without --vram-budget
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL.gguf", help="the GGUF model to inspect")
     parser.add_argument("-m", "--model", dest="model_flag", metavar="MODEL.gguf", help="the same, as a flag")
-    parser.add_argument("--vram-budget", metavar="SIZE", help="plan expert slots for this much VRAM (8GiB)")
-    parser.add_argument("-c", "--ctx-size", type=int, default=4096, help="context for the KV cache (4096)")
+    parser.add_argument(
+        "--vram-budget",
+        metavar="SIZE",
+        help=f"plan expert slots for this much VRAM (default {DEFAULT_PLAN_BUDGET})",
+    )
+    parser.add_argument("-c", "--ctx-size", type=int, default=4096, help="context for the KV cache")
     parser.add_argument("--json", metavar="FILE", help="also write the layout (and plan) as JSON")
 
 
@@ -620,8 +627,18 @@ def main(args: argparse.Namespace) -> int:
     if json_path is not None and not json_path.parent.is_dir():
         raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
     layout = read_layout(model)
-    plan = plan_slots(layout, parse_bytes(args.vram_budget), args.ctx_size) if args.vram_budget else None
+    try:
+        plan = plan_slots(layout, parse_bytes(args.vram_budget or DEFAULT_PLAN_BUDGET), args.ctx_size)
+    except UserError:
+        if args.vram_budget is not None or args.ctx_size <= 0:
+            raise
+        plan = None  # the default budget is too small for this model: the table says so, not an error
     print(format_table(layout, plan))
+    if plan is None:
+        print(
+            f"\n  no slot plan: {DEFAULT_PLAN_BUDGET} (the default --vram-budget) does not hold this model's "
+            "non-expert part, KV cache and k experts per layer; pass a larger --vram-budget"
+        )
     if json_path is not None:
         payload = {"layout": dataclasses.asdict(layout), "plan": plan and dataclasses.asdict(plan)}
         write_json_atomic(json_path, payload)

@@ -6,8 +6,12 @@ can reproduce any stock offload configuration here and compare it with the exper
 
 import argparse
 import contextlib
+import dataclasses
+import random
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -23,8 +27,9 @@ from .units import format_bytes, parse_bytes, parse_rate
 
 HELP = "generate text from a MoE GGUF (default: the packaged model), streaming, with timing statistics"
 EXAMPLES = """\
-  edge-preattn run                                   # packaged default model
-  edge-preattn run -m model.gguf -p "def quicksort(xs):" -n 128
+  edge-preattn run                                   # packaged default model, sampled (a random seed)
+  edge-preattn run --temp 0                          # greedy: the same text on every run
+  edge-preattn run -m model.gguf -p "def quicksort(xs):" -n 128 --seed 42
   edge-preattn run -m model.gguf --cpu-moe           # stock: all routed experts in host RAM (-ot exps=CPU)
   edge-preattn run -m model.gguf --n-cpu-moe 20 -ngl 99 --stats-json stats.json
   edge-preattn run -m model.gguf --mode lru --slots 32            # expert cache, load on demand
@@ -38,6 +43,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edge-moe-default.md
 DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
 DEFAULT_MODEL_MODE = "top1"
+RANDOM_SEED = -1  # llama.cpp's LLAMA_DEFAULT_SEED (0xFFFFFFFF) as its CLI prints it: draw a seed
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # the same, as llama.cpp's uint32
+MAX_SEED = LLAMA_DEFAULT_SEED - 1
 
 
 def apply_default_model(args: argparse.Namespace) -> None:
@@ -62,9 +70,15 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-m", "--model", help="GGUF file (default: the packaged default model)")
     parser.add_argument("-p", "--prompt", default=DEFAULT_PROMPT, help="prompt text")
-    parser.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    parser.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--stats-json", metavar="FILE", help="write the run's statistics as JSON")
+    add_engine_args(parser)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The model, placement, sampling and expert-cache options that `run` and `serve` share."""
+    parser.add_argument("-m", "--model", help="GGUF file (default: the packaged default model)")
     parser.add_argument(
         "-c", "--ctx-size", type=int, default=0, help="context size (default min(4096, trained))"
     )
@@ -85,12 +99,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATTERN=DEVICE",
         help="place tensors matching PATTERN on DEVICE (CPU, CUDA0, ...); repeatable",
     )
-    parser.add_argument("--temp", type=float, default=0.0, help="temperature (default 0: greedy)")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", choices=build.PRESETS, help="which build to load (default: detected)")
     parser.add_argument("--stock", action="store_true", help="load the unpatched build (for comparisons)")
-    parser.add_argument("--stats-json", metavar="FILE", help="write the run's statistics as JSON")
+    sampling = parser.add_argument_group(
+        "sampling (llama.cpp's defaults; it picks among the logits, never changes the cache or prediction)"
+    )
+    sampling.add_argument("--temp", type=float, default=0.8, help="temperature; 0: greedy (default 0.8)")
+    sampling.add_argument("--top-k", type=int, default=40, help="top-k sampling, 0: off (default 40)")
+    sampling.add_argument("--top-p", type=float, default=0.95, help="top-p sampling, 1.0: off (default 0.95)")
+    sampling.add_argument("--min-p", type=float, default=0.05, help="min-p sampling, 0.0: off (default 0.05)")
+    sampling.add_argument(
+        "--repeat-penalty",
+        type=float,
+        default=1.0,
+        help="penalize the last 64 tokens' repeats, 1.0: off (default 1.0)",
+    )
+    sampling.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        default=RANDOM_SEED,
+        help=f"RNG seed (default {RANDOM_SEED}: a random one, printed so the text can be repeated)",
+    )
     cache = parser.add_argument_group("expert cache (modes other than off)")
     cache.add_argument(
         "--mode",
@@ -100,10 +130,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "of a recorded run (upper bound)",
     )
     cache.add_argument(
-        "--predictors", metavar="DIR", help="predictors made by `edge-preattn train` for this model"
+        "--predictors",
+        metavar="DIR",
+        help="predictors made by `edge-preattn train` for this model (default: the packaged model's "
+        "own, for the packaged model)",
     )
     sizing = cache.add_mutually_exclusive_group()
-    sizing.add_argument("--slots", type=int, help="expert slots per MoE layer (at least the router's k)")
+    sizing.add_argument(
+        "--slots",
+        type=int,
+        help="expert slots per MoE layer, at least the router's k (default: a quarter of a layer's "
+        "experts, or what --vram-budget fits)",
+    )
     sizing.add_argument(
         "--vram-budget", type=parse_bytes, metavar="SIZE", help="e.g. 6GiB: slots from the plan"
     )
@@ -111,7 +149,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--bandwidth",
         type=parse_rate,
         metavar="RATE",
-        help="model a slower host-to-device bus for every upload (prefetches and misses), e.g. 12GB/s",
+        help="model a slower host-to-device bus for every upload (prefetches and misses), e.g. 12GB/s "
+        "(default: the real bus)",
     )
     cache.add_argument(
         "--extra", type=int, default=2, help="overprov: experts beyond k to prefetch (default 2)"
@@ -122,7 +161,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=0.95,
         help="adaptive: expected recall each token's prefetch aims at (default 0.95)",
     )
-    cache.add_argument("--eviction", choices=EVICTION_POLICIES, default="lru")
+    cache.add_argument(
+        "--eviction",
+        choices=EVICTION_POLICIES,
+        default="lru",
+        help="which resident expert a new one replaces",
+    )
     cache.add_argument(
         "--miss",
         choices=MISS_POLICIES,
@@ -136,7 +180,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="N",
         help="prediction modes: at each layer's pre-attention hook also predict and prefetch the next N "
-        "layers' experts, with their own predictors on this layer's activation (earlier, less accurate)",
+        "layers' experts, with their own predictors on this layer's activation (earlier, less "
+        "accurate; default 0)",
     )
     cache.add_argument(
         "--keep-late-predictions",
@@ -174,19 +219,99 @@ def cache_slots(args: argparse.Namespace, layout: MoeLayout) -> int:
     return max(k, layout.n_expert // 4)  # about a quarter of each layer's experts
 
 
-def main(args: argparse.Namespace) -> int:
+# Sampling field -> its flag (and the request field of `serve`, which is the field name)
+SAMPLING_FLAGS = {
+    "temperature": "--temp",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repeat_penalty": "--repeat-penalty",
+    "seed": "--seed",
+}
+
+
+def check_sampling(values: dict, names: dict[str, str] | None = None) -> None:
+    """Sampling values as llama.cpp's samplers accept them; `values` holds Sampling's field names, and
+    errors call them by `names` (default: the command-line flags)."""
+    rules = {
+        "temperature": (lambda v: v >= 0, "0 or more (0: greedy)"),
+        "top_k": (lambda v: v >= 0, "0 or more (0: off)"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1: off)"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1] (0: off)"),
+        "repeat_penalty": (lambda v: v > 0, "positive (1: off)"),
+        "seed": (
+            lambda v: v == RANDOM_SEED or 0 <= v <= LLAMA_DEFAULT_SEED,
+            f"{RANDOM_SEED} (random) or 0-{MAX_SEED}",
+        ),
+    }
+    for name, value in values.items():
+        ok, expected = rules[name]
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise UserError(f"{(names or SAMPLING_FLAGS)[name]} {value} must be {expected}")
+
+
+def sampling_from(values: dict) -> Sampling:
+    """A Sampling with a concrete seed: a random one is drawn here (not by llama.cpp), so it can be
+    printed, and oracle mode's recorded run samples exactly what the cached run samples."""
+    seed = random.SystemRandom().randint(0, MAX_SEED) if is_random_seed(values["seed"]) else values["seed"]
+    return Sampling(**{**values, "seed": seed})
+
+
+def is_random_seed(seed: int) -> bool:
+    """-1, or llama.cpp's LLAMA_DEFAULT_SEED itself: draw a seed."""
+    return seed in (RANDOM_SEED, LLAMA_DEFAULT_SEED)
+
+
+def sampling_args(args: argparse.Namespace) -> dict:
+    """The sampling flags' values under Sampling's field names."""
+    return {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in SAMPLING_FLAGS.items()}
+
+
+def describe_sampling(sampling: Sampling, seed: str | None = None) -> str:
+    """Greedy, or the sampler settings with the seed (or `seed`, words in its place)."""
+    if sampling.temperature <= 0:
+        return "greedy"
+    return (
+        f"sampled: temp {sampling.temperature:g}, top-k {sampling.top_k}, top-p {sampling.top_p:g}, "
+        f"min-p {sampling.min_p:g}, repeat penalty {sampling.repeat_penalty:g}, "
+        f"{seed or f'seed {sampling.seed}'}"
+    )
+
+
+@dataclasses.dataclass
+class Setup:
+    """What `run` and `serve` settle before loading the model: checked options, placement, predictors."""
+
+    model: Path
+    layout: MoeLayout
+    llama_cpp: ModuleType
+    config: EngineConfig
+    predictors: object | None
+    n_slots: int
+    sampling: Sampling
+
+
+@dataclasses.dataclass
+class Loaded:
+    """An engine with its expert cache (None: stock placement) and the slots the device granted."""
+
+    engine: Engine
+    runtime: CacheRuntime | None
+    n_slots: int
+    mode: str
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Check the shared options, resolve the default model, and load predictors and the library."""
     if args.n_predict <= 0:
         raise UserError(f"-n must be at least 1 (got {args.n_predict})")
-    if not args.prompt.strip():
-        raise UserError("the prompt is empty: give some text with -p")
     if args.bandwidth is not None and args.bandwidth <= 0:
         raise UserError("--bandwidth must be positive")
     if not 0 < args.target <= 1:
         raise UserError("--target is an expected recall: a number in (0, 1]")
     if args.extra < 0 or args.bypass_tokens < 1:
         raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
-    if args.stats_json and not Path(args.stats_json).parent.is_dir():
-        raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
+    check_sampling(sampling_args(args))
     apply_default_model(args)
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
@@ -225,23 +350,28 @@ def main(args: argparse.Namespace) -> int:
         overrides=overrides,
         use_extra_bufts=args.mode == "off",
     )
-    sampling = Sampling(temperature=args.temp, top_p=args.top_p, seed=args.seed)
-    with Engine(llama_cpp, config) as engine, contextlib.ExitStack() as stack:
-        runtime = None
-        if args.mode != "off":
-            oracle = (
-                record_routing(engine, args.prompt, args.n_predict, sampling)
-                if args.mode == "oracle"
-                else None
-            )
+    sampling = sampling_from(sampling_args(args))
+    return Setup(model, layout, llama_cpp, config, predictors, n_slots, sampling)
+
+
+@contextlib.contextmanager
+def open_engine(
+    args: argparse.Namespace, setup: Setup, record_oracle: Callable[[Engine], dict] | None = None
+) -> Iterator[Loaded]:
+    """The engine and, in a cache mode, its expert cache (fewer slots, or stock placement, when the
+    device runs out of memory). `record_oracle(engine)` records the routing mode oracle prefetches."""
+    with Engine(setup.llama_cpp, setup.config) as engine, contextlib.ExitStack() as stack:
+        runtime, n_slots, mode = None, setup.n_slots, args.mode
+        if mode != "off":
+            oracle = record_oracle(engine) if mode == "oracle" and record_oracle else None
             runtime, n_slots = shrink_until_allocated(  # out of device memory: fewer slots, or stock
                 lambda slots: CacheRuntime.for_layout(
                     engine,
-                    layout,
+                    setup.layout,
                     n_slots=slots,
-                    mode=args.mode,
+                    mode=mode,
                     max_batch_tokens=args.bypass_tokens,
-                    predictors=predictors,
+                    predictors=setup.predictors,
                     extra=args.extra,
                     target=args.target,
                     bandwidth_bytes_per_s=args.bandwidth,
@@ -253,32 +383,52 @@ def main(args: argparse.Namespace) -> int:
                     late_fallback=not args.keep_late_predictions,
                 ),
                 n_slots,
-                layout.n_expert_used,
+                setup.layout.n_expert_used,
             )
             if runtime is None:
-                args.mode = "off"
+                mode = "off"
             else:
                 stack.enter_context(runtime)
+        yield Loaded(engine, runtime, n_slots, mode)
+
+
+def describe(setup: Setup, loaded: Loaded, miss: str) -> str:
+    """The header line: model, build, mode and cache size."""
+    return f"[{setup.model.name}] {loaded.engine.api.build_info()} · mode {loaded.mode}" + (
+        f", {loaded.n_slots} slots per layer, misses: {miss}" if loaded.runtime else ""
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty: give some text with -p")
+    if args.stats_json and not Path(args.stats_json).parent.is_dir():
+        raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
+    setup = prepare(args)
+    sampling = setup.sampling
+
+    def record_oracle(engine: Engine) -> dict:
+        return record_routing(engine, args.prompt, args.n_predict, sampling)
+
+    with open_engine(args, setup, record_oracle) as loaded:
         record = None
         sys.stdout.write(args.prompt)
-        for text, current in stream_text(engine, engine.generate(args.prompt, args.n_predict, sampling)):
+        for text, current in stream_text(
+            loaded.engine, loaded.engine.generate(args.prompt, args.n_predict, sampling)
+        ):
             sys.stdout.write(text)
             sys.stdout.flush()
             record = current
         sys.stdout.write("\n")
-        stats = run_stats(record, engine, runtime)
-    print(
-        f"[{model.name}] {engine.api.build_info()} · mode {args.mode}"
-        + (f", {n_slots} slots per layer, misses: {args.miss}" if runtime else ""),
-        file=sys.stderr,
-    )
-    print(format_stats(stats), file=sys.stderr)
-    if args.verbose and runtime:
-        print(format_layers(runtime.controller.stats), file=sys.stderr)
+        stats = run_stats(record, loaded.engine, loaded.runtime)
+        print(f"{describe(setup, loaded, args.miss)} · {describe_sampling(sampling)}", file=sys.stderr)
+        print(format_stats(stats), file=sys.stderr)
+        if args.verbose and loaded.runtime:
+            print(format_layers(loaded.runtime.controller.stats), file=sys.stderr)
     if args.stats_json:
-        write_json_atomic(
-            Path(args.stats_json), {"model": str(model), "mode": args.mode, "slots": n_slots, **stats}
-        )
+        payload = {"model": str(setup.model), "mode": loaded.mode, "slots": loaded.n_slots}
+        payload["sampling"] = dataclasses.asdict(sampling)
+        write_json_atomic(Path(args.stats_json), {**payload, **stats})
     return 0
 
 
@@ -336,6 +486,8 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "quiet_ubatches": bank["quiet_ubatches"],
                 "bank_bytes": bank["bank_bytes"],
                 "pinned_bytes": bank["pinned_bytes"],
+                # without a GPU the slot banks are host memory too: an "upload" is a memcpy in RAM
+                "uploads_are_memory_copies": not engine.api.gpus(),
             }
         )
     return stats
@@ -361,12 +513,8 @@ def format_stats(stats: dict) -> str:
             f"wasted {stats['prefetch_wasted']}, too late {stats['prefetch_late']}, "
             f"over budget {stats['prefetch_dropped']} | "
             f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
-            f"slot banks {format_bytes(stats['bank_bytes'])} | uploads from "
-            + (
-                f"pinned host memory ({format_bytes(stats['pinned_bytes'])})"
-                if stats["pinned_bytes"]
-                else "pageable memory"
-            )
+            f"slot banks {format_bytes(stats['bank_bytes'])} | "
+            + upload_source(stats)
             + (
                 f" | {stats['quiet_ubatches']} ubatches with every expert resident ran as stock"
                 if stats["quiet_ubatches"]
@@ -374,6 +522,16 @@ def format_stats(stats: dict) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def upload_source(stats: dict) -> str:
+    """What an upload is on this build: a copy within host RAM on the CPU build, else which host memory
+    the device copies from."""
+    if stats["uploads_are_memory_copies"]:
+        return "CPU build: the slot banks are in RAM and an upload is a memory copy"
+    if stats["pinned_bytes"]:
+        return f"uploads from pinned host memory ({format_bytes(stats['pinned_bytes'])})"
+    return "uploads from pageable host memory"
 
 
 def format_layers(stats) -> str:

@@ -505,7 +505,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="type of the weight matrices (default: q4_0 for the real-model presets, q8_0 for the tiny "
         "ones); norms, biases and routers stay F32",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--sparse",
         action="store_true",

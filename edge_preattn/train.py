@@ -344,7 +344,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="prompts held out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--max-train-samples", type=int, help="train on at most this many tokens")
+    parser.add_argument(
+        "--max-train-samples", type=int, help="train on at most this many tokens (default: all)"
+    )
     parser.add_argument("--int8", action="store_true", help="also write int8 models (dynamic quantization)")
     parser.add_argument("--device", help="torch device (default cuda when available, else cpu)")
 

@@ -183,7 +183,8 @@ def run_cli(capsys, caplog, tiny, *extra: str) -> tuple[str, list[str], dict]:
     stats_file = tiny.parent / "stats.json"
     stats_file.unlink(missing_ok=True)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
-        argv = ["run", "-m", str(tiny), "-p", PROMPT, "-n", str(N_PREDICT), "--stats-json", str(stats_file)]
+        argv = ["run", "-m", str(tiny), "-p", PROMPT, "-n", str(N_PREDICT), "--temp", "0"]
+        argv += ["--stats-json", str(stats_file)]
         assert cli.main([*argv, *extra]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     caplog.clear()

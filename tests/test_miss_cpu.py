@@ -142,7 +142,8 @@ def test_run_reports_cpu_computed_experts(llama_lib, tmp_path, capsys):
     path = tmp_path / "tiny.gguf"
     write_synthetic("tiny", path, progress=False)
     stats_file = tmp_path / "stats.json"
-    argv = ["run", "-m", str(path), "-n", "12", "--mode", "lru", "--slots", "4", "--miss", "cpu"]
+    argv = ["run", "-m", str(path), "-n", "12", "--temp", "0", "--mode", "lru", "--slots", "4"]
+    argv += ["--miss", "cpu"]
     assert cli.main([*argv, "--stats-json", str(stats_file)]) == 0
     stats = json.loads(stats_file.read_text())
     assert stats["miss_policy"] == "cpu" and stats["misses_per_token"] == 0 and stats["cpu_per_token"] > 0
