@@ -263,6 +263,7 @@ def _run_logged(command: list[str], cwd: Path, log_file, what: str) -> None:
         tqdm(total=None, desc=what, unit="step", disable=None) as bar,
     ):
         assert proc.stdout is not None
+        reported_tenths = 0  # without a terminal (CI, a log file) the bar is off: a line per 10 % instead
         for line in proc.stdout:
             log_file.write(line)
             match = re.match(r"\[(\d+)/(\d+)\]", line)
@@ -270,6 +271,10 @@ def _run_logged(command: list[str], cwd: Path, log_file, what: str) -> None:
                 bar.total = int(match.group(2))
                 bar.n = int(match.group(1))
                 bar.refresh()
+                tenths = 10 * bar.n // bar.total
+                if bar.disable and tenths > reported_tenths:
+                    reported_tenths = tenths
+                    log.info("%s: %d/%d steps (%d%%)", what, bar.n, bar.total, 10 * tenths)
     if proc.returncode != 0:
         log_file.flush()
         tail = Path(log_file.name).read_text(errors="replace").splitlines()[-25:]
