@@ -322,7 +322,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
             if mode in PREDICTION_MODES:
                 from .onnx_io import load_predictor_set
 
-                predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.fingerprint)
+                predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.routing_fingerprint)
             oracle = (
                 record_oracle(engine, work.prompts, work.n_predict, sampling) if mode == "oracle" else None
             )

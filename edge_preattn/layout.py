@@ -42,6 +42,7 @@ MAX_LAYERS = 512  # LLAMA_MAX_LAYERS: a larger block_count is a corrupt header, 
 GGUF_VERSIONS = (2, 3)  # what llama.cpp's gguf.cpp reads
 COMPUTE_UBATCH_TOKENS = 512  # llama.cpp's default n_ubatch, which sizes its compute buffer
 COMPUTE_SLACK_BYTES = 64 * 1024**2
+ROUTING_FINGERPRINT_KEY = "edge_preattn.routing_fingerprint"  # see MoeLayout.routing_fingerprint
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class MoeLayout:
     total_params: int
     expert_params_per_expert_per_layer: int
     fingerprint: str
+    # what traces and predictors are tied to: the fingerprint, or for a model widened from another (zero
+    # padded experts, same routing) the original's, which `synth --widen-from` records in the header
+    routing_fingerprint: str
     file_bytes: int
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
@@ -485,8 +489,16 @@ def read_layout(path: str | os.PathLike[str]) -> MoeLayout:
         expert_params_per_expert_per_layer=max(
             sum(t.shape[0] * t.shape[1] for t in layer.tensors) for layer in moe_layers
         ),
-        fingerprint=header.fingerprint, file_bytes=header.file_bytes,
+        fingerprint=header.fingerprint, routing_fingerprint=_routing_fingerprint(header),
+        file_bytes=header.file_bytes,
     ))  # fmt: skip
+
+
+def _routing_fingerprint(header: _Header) -> str:
+    recorded = header.metadata.get(ROUTING_FINGERPRINT_KEY)
+    if isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded):
+        return recorded
+    return header.fingerprint
 
 
 # --- VRAM budget → expert slots ---------------------------------------------------------------------

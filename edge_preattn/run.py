@@ -330,7 +330,7 @@ def prepare(args: argparse.Namespace) -> Setup:
             raise UserError(f"--mode {args.mode} needs --predictors DIR (made by `edge-preattn train`)")
         from .onnx_io import load_predictor_set
 
-        predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.fingerprint)
+        predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.routing_fingerprint)
         predictors.check_fits(layout)
         if args.lookahead and predictors.input == "x_prev":
             raise UserError(

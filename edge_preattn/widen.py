@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import temporary_path
+from .layout import ROUTING_FINGERPRINT_KEY, read_layout
 from .synth import PRESETS, QTYPES
 from .units import format_bytes, parse_bytes
 
@@ -95,10 +96,16 @@ def _pad_widths(tensor: gguf.ReaderTensor, n_ff_to: int) -> list[tuple[int, int]
     return pad
 
 
-def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, arch: str, n_ff_to: int) -> None:
+def _copy_metadata(
+    reader: gguf.GGUFReader, writer: gguf.GGUFWriter, arch: str, n_ff_to: int, routing_fingerprint: str
+) -> None:
     width_key = f"{arch}.expert_feed_forward_length"
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in ("general.architecture", "general.name"):
+        if key.startswith("GGUF.") or key in (
+            "general.architecture",
+            "general.name",
+            ROUTING_FINGERPRINT_KEY,
+        ):
             continue  # the architecture is written by GGUFWriter itself, the name below
         value_type = field.types[0]
         if key == width_key:
@@ -107,6 +114,8 @@ def _copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, arch: str, 
             writer.add_key_value(key, field.contents(), value_type, sub_type=field.types[-1])
         else:
             writer.add_key_value(key, field.contents(), value_type)
+    # predictors trained on the original serve this file: same routing
+    writer.add_key_value(ROUTING_FINGERPRINT_KEY, routing_fingerprint, gguf.GGUFValueType.STRING)
     name = reader.fields.get("general.name")
     label = f"{name.contents() if name else arch} (experts zero-padded to width {n_ff_to})"
     writer.add_key_value("general.name", label, gguf.GGUFValueType.STRING)
@@ -161,7 +170,7 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     temporary = temporary_path(output)
     writer = gguf.GGUFWriter(temporary, arch)
     try:
-        _copy_metadata(reader, writer, arch, n_ff_to)
+        _copy_metadata(reader, writer, arch, n_ff_to, read_layout(source).routing_fingerprint)
         for tensor in reader.tensors:
             shape = shapes.get(tensor.name, tensor.data.shape)
             nbytes = int(np.prod(shape)) * tensor.data.itemsize

@@ -10,7 +10,8 @@ from edge_preattn.controller import record_routing
 from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
 from edge_preattn.layout import read_layout
-from edge_preattn.run import DEFAULT_MODEL
+from edge_preattn.onnx_io import load_predictor_set
+from edge_preattn.run import DEFAULT_MODEL, DEFAULT_PREDICTORS
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n"
 N_PREDICT = 12
@@ -60,6 +61,14 @@ def test_a_widened_model_gives_the_originals_tokens_logits_and_routing(llama_lib
     assert routing.keys() == wide_routing.keys()
     for key, ids in routing.items():
         np.testing.assert_array_equal(wide_routing[key], ids)
+
+
+def test_the_originals_predictors_serve_the_widened_model(widened):
+    original, wide = read_layout(DEFAULT_MODEL), read_layout(widened.path)
+    assert wide.fingerprint != original.fingerprint  # a different file layout...
+    assert wide.routing_fingerprint == original.routing_fingerprint == original.fingerprint  # ...same routing
+    predictors = load_predictor_set(DEFAULT_PREDICTORS, fingerprint=wide.routing_fingerprint)
+    assert sorted(predictors.layers) == [layer.index for layer in wide.moe_layers]
 
 
 def test_expert_bytes_like_a_preset():
