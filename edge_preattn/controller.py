@@ -59,6 +59,7 @@ class LayerCounters:
     prefetch_hits: int = 0  # of the hits: resident thanks to a prefetch
     prefetch_wasted: int = 0
     prefetch_late: int = 0  # predicted experts the library refused: the router had already decided
+    prediction_stale: int = 0  # predictions dropped whole: their ubatch past, or their layer routed in it
     prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
     backlog_dropped: int = 0  # not predicted: the prefetch thread was still busy with older work
     lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
@@ -207,11 +208,10 @@ class Controller:
             bytes_per_expert,
             mode,
         )
-        self.predictors, self.oracle, self.miss = predictors, oracle, miss
+        self.predictors, self.miss = predictors, miss
         # routing waits for the layer's prediction and prefetch: slower, but what is resident at
         # routing no longer depends on thread timing (what the predictor achieves given the time)
-        # (oracle always waits: it is the upper bound on what prefetching can make resident)
-        self.wait_for_prefetch = wait_for_prefetch or mode == "oracle"
+        self.wait_for_prefetch = wait_for_prefetch
         self.cost = MissCostModel(bytes_per_expert) if miss == "auto" else None
         # lru with misses on the CPU: the layers' selected experts, uploaded once their layer is done
         self.deferred: list[tuple[int, list[int]]] = []
@@ -220,7 +220,6 @@ class Controller:
             "top1": 1,
             "exact": k,
             "overprov": k + extra,
-            "oracle": k,
             "adaptive": n_expert,
         }.get(mode, 0)
         # adaptive: per token, the fewest experts whose calibrated share reaches `target` (eval --calibrate)
@@ -255,9 +254,24 @@ class Controller:
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.worker = PrefetchWorker(max_backlog=2 * (1 + lookahead) * len(bank.layers))
+        if oracle is not None and mode == "oracle":
+            self._give_oracle(oracle)
         # native calls from the worker stop once closed: the context may be freed after close()
         self.native_lock, self.closed = threading.Lock(), False
         self.ubatch = -1
+
+    def _give_oracle(self, recorded: dict[tuple[int, int], np.ndarray]) -> None:
+        """Each layer's true routing of the runs that will read its bank, in order, to the library:
+        it prefetches them itself at each pre-attention and evicts by Belady (no Python per token)."""
+        for il in self.bank.layers:
+            runs = [ids for (_, layer), ids in sorted(recorded.items()) if layer == il]
+            runs = [ids for ids in runs if self._cached(il, len(ids))]
+            self.bank.set_oracle(il, runs)
+
+    @property
+    def needs_pre_attn_hook(self) -> bool:
+        """The Python predictor reads the pre-attention activation (the oracle's prefetch is native)."""
+        return self.mode in PREDICTION_MODES and not self.cross_layer
 
     @property
     def needs_routing_hook(self) -> bool:
@@ -298,6 +312,7 @@ class Controller:
                 prefetch_hits=native["prefetch_hits"],
                 prefetch_wasted=native["prefetch_wasted"],
                 prefetch_late=native["prefetch_refused"],
+                prediction_stale=native["prediction_stale"],
                 stall_s=mine.stall_s + native["stall_ns"] * 1e-9,
             )
         return RuntimeStats(layers=layers, cached_tokens=layers[self.first_layer].tokens)
@@ -305,22 +320,10 @@ class Controller:
     # -- pre-attention: start the prefetch and return -------------------------------------------------
 
     def on_pre_attn(self, il: int, x: np.ndarray) -> None:
-        if il == 0:
-            self.ubatch += 1
+        self.ubatch = self.bank.ubatch()  # what this activation's predictions are for
         if il == self.first_layer:
             self._check_lateness()
-        if (
-            self.mode == "lru"
-            or il in self.disabled
-            or il not in self.python
-            or self.prediction_off_at is not None
-        ):
-            return
-        if self.mode == "oracle":
-            truth = self.oracle.get((self.ubatch, il))
-            if truth is not None and self._cached(il, len(truth)):
-                experts = list(dict.fromkeys(truth.ravel().tolist()))
-                self.pending[il] = self._submit(il, self._prefetch, il, experts)
+        if il in self.disabled or il not in self.python or self.prediction_off_at is not None:
             return
         # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
         # (the last one, in plain generation), so a prefill may still reach the bank there.
@@ -331,15 +334,15 @@ class Controller:
             rows = np.array(x[-1:], dtype=np.float32)
         else:
             return
-        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, rows)
+        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, rows, self.ubatch)
         for target in self.ahead[il]:
             if target not in self.disabled and self._cached(target, len(rows)):
-                self._submit(target, self._look_ahead, target, rows, self.epoch[target])
+                self._submit(target, self._look_ahead, target, rows, self.epoch[target], self.ubatch)
 
     def on_router_input(self, il: int, x: np.ndarray) -> None:
         """Cross-layer: layer il has been routed; its router input is the next layer's x_prev."""
+        self.ubatch = self.bank.ubatch()
         if il == self.first_layer:
-            self.ubatch += 1
             self._check_lateness()
         target = il + 1  # x_prev is the router input of the layer right before
         if (
@@ -350,7 +353,7 @@ class Controller:
         ):
             return
         self.pending[target] = self._submit(
-            target, self._predict_and_prefetch, target, np.array(x, dtype=np.float32)
+            target, self._predict_and_prefetch, target, np.array(x, dtype=np.float32), self.ubatch
         )
 
     def _check_lateness(self) -> None:
@@ -381,14 +384,14 @@ class Controller:
         if self.drop_prediction_input is not None:
             self.drop_prediction_input()
 
-    def _look_ahead(self, il: int, x: np.ndarray, epoch: int) -> None:
+    def _look_ahead(self, il: int, x: np.ndarray, epoch: int, ubatch: int) -> None:
         """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
         (bench/lookahead_accuracy.py measures what that loses), unless il's own prediction came first."""
         if self.epoch[il] != epoch:
             self.python[il].lookahead_superseded += 1
             return
         self.python[il].lookahead_predictions += 1
-        self._predict_and_prefetch(il, x)
+        self._predict_and_prefetch(il, x, ubatch)
 
     def _submit(self, il: int, work, *args) -> concurrent.futures.Future | None:
         """Run on the prefetch thread; a failure (predictor or upload) switches the layer's prediction
@@ -407,7 +410,7 @@ class Controller:
             self.python[il].backlog_dropped += 1
         return future
 
-    def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
+    def _predict_and_prefetch(self, il: int, x: np.ndarray, ubatch: int) -> None:
         counters = self.python[il]
         started = time.perf_counter()
         try:
@@ -429,15 +432,21 @@ class Controller:
         candidates = [
             e for e in dict.fromkeys(order.T.ravel().tolist()) if e >= 0
         ]  # best of every token first
-        self._prefetch(il, candidates)
+        self._prefetch(il, candidates, ubatch)
 
-    def _prefetch(self, il: int, candidates: list[int]) -> int:
-        """Upload the candidates that are not resident, within the bandwidth budget: how many."""
+    def _prefetch(self, il: int, candidates: list[int], ubatch: int | None = None) -> int:
+        """Upload the candidates that are not resident, within the bandwidth budget: how many. With
+        `ubatch`, they are that ubatch's prediction (pending until the layer's routing; dropped if late)."""
         allowed = self.budget.grant(len(candidates), self.bytes_per_expert)
         if allowed < len(candidates):
             self.python[il].prefetch_dropped += 1
         with self.native_lock:
-            uploaded = 0 if self.closed else self.bank.prefetch(il, candidates, allowed)
+            if self.closed:
+                uploaded = 0
+            elif ubatch is None:
+                uploaded = self.bank.prefetch(il, candidates, allowed)
+            else:
+                uploaded = self.bank.predict(il, ubatch, candidates, allowed)
         self.budget.refund((allowed - uploaded) * self.bytes_per_expert)
         return uploaded
 
@@ -543,7 +552,7 @@ class CacheRuntime:
         # each observed node costs a graph split and a device synchronize: observe only what is used
         # (the router input comes at the routing's own split)
         cross_layer = self.controller.cross_layer
-        on_pre_attn = None if self.controller.mode == "lru" or cross_layer else self.controller.on_pre_attn
+        on_pre_attn = self.controller.on_pre_attn if self.controller.needs_pre_attn_hook else None
         on_routing = self.controller.on_routing if self.controller.needs_routing_hook else None
         on_router_input = self.controller.on_router_input if cross_layer else None
         self.hooks = (

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
+
 from .errors import UserError
 from .native import NativeApi
 
@@ -66,6 +68,7 @@ class LayerStats(Counters):
         "prefetch_wasted",
         "prefetch_refused",
         "stall_ns",
+        "prediction_stale",  # patch 11
     )
 
 
@@ -123,6 +126,31 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         ctypes.POINTER(LayerStats),
     ]
+    # int64_t llama_edge_cache_ubatch(const struct llama_context * ctx);
+    lib.llama_edge_cache_ubatch.restype = ctypes.c_int64
+    lib.llama_edge_cache_ubatch.argtypes = [ctypes.c_void_p]
+    # int32_t llama_edge_cache_predict(struct llama_context * ctx, int32_t il, int64_t ubatch,
+    #                                  const int32_t * experts, int32_t n_experts, int32_t max_uploads);
+    lib.llama_edge_cache_predict.restype = ctypes.c_int32
+    lib.llama_edge_cache_predict.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    # int32_t llama_edge_cache_set_oracle(struct llama_context * ctx, int32_t il, const int32_t * ids,
+    #                                     const int32_t * n_rows, int32_t n_runs, int32_t k);
+    lib.llama_edge_cache_set_oracle.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_oracle.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
 
 
 class SlotAllocationError(UserError):
@@ -162,9 +190,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 6:
+        if api.patch_version() < 11:
             raise UserError(
-                "this llama.cpp build predates the expert slot cache's modelled bus (patch < 6): "
+                "this llama.cpp build predates prediction-aware eviction (patch < 11): "
                 "run `edge-preattn build`"
             )
         bind_cache_functions(api)
@@ -205,6 +233,39 @@ class SlotBank:
         if uploaded < 0:
             raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status {uploaded})")
         return uploaded
+
+    def ubatch(self) -> int:
+        """The serial of the ubatch being computed: a prediction made now is for this one."""
+        return int(self.api.lib.llama_edge_cache_ubatch(self.ctx))
+
+    def predict(self, il: int, ubatch: int, experts: list[int], max_uploads: int) -> int:
+        """Layer il's predicted experts for `ubatch`: pending (no prefetch evicts them) until the layer's
+        routing there, and up to `max_uploads` uploaded; dropped whole once that routing has happened
+        or the ubatch is past (counted as stale). How many were uploaded."""
+        array = (ctypes.c_int32 * len(experts))(*experts)
+        uploaded = self.api.lib.llama_edge_cache_predict(
+            self.ctx, il, ubatch, array, len(experts), max_uploads
+        )
+        if uploaded < 0:
+            raise ValueError(f"prediction {experts} for layer {il} refused (status {uploaded})")
+        return uploaded
+
+    def set_oracle(self, il: int, runs: list[np.ndarray]) -> None:
+        """The true routing of layer il in each of its coming runs ([n_tokens, k] ids each): the layer
+        then evicts by Belady and prefetches each run's experts itself, at its pre-attention."""
+        k = runs[0].shape[1] if runs else 1
+        ids = np.ascontiguousarray(np.concatenate(runs) if runs else np.zeros((0, k)), np.int32)
+        n_rows = np.array([len(run) for run in runs], np.int32)
+        status = self.api.lib.llama_edge_cache_set_oracle(
+            self.ctx,
+            il,
+            ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            n_rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            len(runs),
+            k,
+        )
+        if status != 0:
+            raise ValueError(f"the oracle's routing of layer {il} was refused (status {status})")
 
     def set_eviction(self, policy: int) -> None:
         """LLAMA_EDGE_EVICT_LRU (0) or _LFU (1): the victims of misses and prefetches."""
