@@ -1,8 +1,13 @@
 """The runtime: hooks → predictor → cache policy → uploads, with per-token statistics.
 
-On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
-releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
-uploaded. Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed
+Pre-attention predictors the library can read (the exported MLPs of `train`) are handed to it, and it
+evaluates them itself at each cached layer's pre-attention output, on the decode thread, and
+prefetches what they name (`--lookahead D`: layers l..l+D from layer l's activation); `oracle` gives it
+the recorded routing instead. Then a decode token calls no Python at all. Otherwise (onnxruntime:
+another graph, int8, `--predictor-engine onnxruntime`, or a test's stand-in), on a cached layer's
+pre-attention hook the activation goes to a predictor thread (onnxruntime releases the GIL) and the
+hook returns at once, so attention runs while the predicted experts are uploaded; each prediction
+names the ubatch it was made for, and the library drops it if it arrives after its layer's routing. Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed
 instead at each cached layer's routing, which splits the graph anyway, and predict the next layer: a
 whole layer ahead, and no pre-attention split. The router does not wait for the prediction: a
 prefetch that has not landed when the layer is routed stops there (the library refuses uploads into
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 MISS_POLICIES = ("upload", "cpu", "auto")
+PREDICTOR_ENGINES = ("native", "onnxruntime")  # who evaluates pre-attention predictors
 # prediction modes give up when predicted uploads keep arriving after the router (a fast GPU): checked
 # every LATE_CHECK_UBATCHES ubatches, over at least LATE_CHECK_MIN predicted experts that were not
 # resident, when at least LATE_SHARE of them were refused as late (H200, packaged model: 0.83-0.84;
@@ -192,6 +198,7 @@ class Controller:
         wait_for_prefetch: bool = False,
         lookahead: int = 0,
         late_fallback: bool = True,
+        predictor_engine: str = "native",
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -201,6 +208,8 @@ class Controller:
             raise ValueError(f"mode {mode} needs predictors")
         if mode == "oracle" and oracle is None:
             raise ValueError("mode oracle needs a recorded routing")
+        if predictor_engine not in PREDICTOR_ENGINES:
+            raise ValueError(f"predictor_engine must be one of {PREDICTOR_ENGINES}")
         self.bank, self.k, self.n_expert, self.bytes_per_expert, self.mode = (
             bank,
             k,
@@ -237,11 +246,6 @@ class Controller:
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
-        # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
-        self.late_fallback = late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch
-        self.prediction_off_at: int | None = None  # the ubatch where that happened
-        self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
-        self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
         # predictors trained on x_prev read a layer's router input and predict the next layer
         self.cross_layer = mode in PREDICTION_MODES and manifest.get("input", "x_pre") == "x_prev"
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
@@ -249,6 +253,21 @@ class Controller:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
+        # pre-attention predictors the library can evaluate itself: no Python per token
+        self.native = (
+            mode in PREDICTION_MODES
+            and not self.cross_layer
+            and predictor_engine == "native"
+            and self._predict_natively(lookahead)
+        )
+        # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
+        # (the library's own predictions are made on the decode thread, before the routing: never late)
+        self.late_fallback = (
+            late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch and not self.native
+        )
+        self.prediction_off_at: int | None = None  # the ubatch where that happened
+        self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
+        self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
         order = sorted(bank.layers)
         self.ahead = {il: order[i + 1 : i + 1 + lookahead] for i, il in enumerate(order)}
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
@@ -268,14 +287,40 @@ class Controller:
             runs = [ids for ids in runs if self._cached(il, len(ids))]
             self.bank.set_oracle(il, runs)
 
+    def _predict_natively(self, lookahead: int) -> bool:
+        """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
+        and onnxruntime predicts, on the prefetch thread)."""
+        from .predictor_weights import Unsupported, read_predictor_set
+
+        if getattr(self.predictors, "directory", None) is None:
+            return False  # not an exported predictor set (a test's stand-in): Python only
+        try:
+            weights = read_predictor_set(self.predictors)
+        except (Unsupported, ImportError) as why:
+            log.warning("the predictors run in onnxruntime, not in the library: %s", why)
+            return False
+        for il in self.bank.layers:
+            if il in weights:
+                adaptive = self.mode == "adaptive"
+                self.bank.set_predictor(
+                    il,
+                    weights[il],
+                    min(self.n_candidates, self.n_expert),
+                    temperature=self.temperatures.get(il, 1.0),
+                    target=self.target if adaptive else 0.0,
+                )
+        self.bank.set_lookahead(lookahead)
+        return True
+
     @property
     def needs_pre_attn_hook(self) -> bool:
-        """The Python predictor reads the pre-attention activation (the oracle's prefetch is native)."""
-        return self.mode in PREDICTION_MODES and not self.cross_layer
+        """The Python predictor reads the pre-attention activation (the library's own predictor and
+        the oracle's prefetch need no hook)."""
+        return self.mode in PREDICTION_MODES and not self.cross_layer and not self.native
 
     @property
     def needs_routing_hook(self) -> bool:
-        return self.miss != "upload" or self.wait_for_prefetch
+        return self.miss != "upload" or (self.wait_for_prefetch and not self.native)
 
     def close(self) -> None:
         with self.native_lock:

@@ -13,7 +13,14 @@ import numpy as np
 
 from . import build, native
 from .cache import EVICTION_POLICIES
-from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, CacheRuntime, record_routing
+from .controller import (
+    MISS_POLICIES,
+    MODES,
+    PREDICTION_MODES,
+    PREDICTOR_ENGINES,
+    CacheRuntime,
+    record_routing,
+)
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
 from .files import write_json_atomic
@@ -139,6 +146,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "layers' experts, with their own predictors on this layer's activation (earlier, less accurate)",
     )
     cache.add_argument(
+        "--predictor-engine",
+        choices=PREDICTOR_ENGINES,
+        default="native",
+        help="who evaluates pre-attention predictors: the library itself on the decode thread, no Python "
+        "per token (default; falls back to onnxruntime, with a warning, for graphs it cannot read), or "
+        "onnxruntime on a Python prefetch thread",
+    )
+    cache.add_argument(
         "--keep-late-predictions",
         action="store_true",
         help="prediction modes: keep predicting even when nearly every prediction arrives after the "
@@ -251,6 +266,7 @@ def main(args: argparse.Namespace) -> int:
                     wait_for_prefetch=args.wait_prefetch,
                     lookahead=args.lookahead,
                     late_fallback=not args.keep_late_predictions,
+                    predictor_engine=args.predictor_engine,
                 ),
                 n_slots,
                 layout.n_expert_used,

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .native import NativeApi
+from .predictor_weights import ACTIVATIONS, MlpWeights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -151,6 +152,22 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         ctypes.c_int32,
     ]
+    floats = ctypes.POINTER(ctypes.c_float)
+    # int32_t llama_edge_predictor_set(struct llama_context * ctx, int32_t il, int32_t n_embd,
+    #     int32_t n_hidden, int32_t n_expert, int32_t activation, const float * w1, const float * b1,
+    #     const float * w2, const float * b2, int32_t n_candidates, float temperature, float target);
+    lib.llama_edge_predictor_set.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set.argtypes = [
+        ctypes.c_void_p,
+        *[ctypes.c_int32] * 5,
+        *[floats] * 4,
+        ctypes.c_int32,
+        ctypes.c_float,
+        ctypes.c_float,
+    ]
+    # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
+    lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]
 
 
 class SlotAllocationError(UserError):
@@ -190,9 +207,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 11:
+        if api.patch_version() < 12:
             raise UserError(
-                "this llama.cpp build predates prediction-aware eviction (patch < 11): "
+                "this llama.cpp build predates the predictor in the library (patch < 12): "
                 "run `edge-preattn build`"
             )
         bind_cache_functions(api)
@@ -266,6 +283,40 @@ class SlotBank:
         )
         if status != 0:
             raise ValueError(f"the oracle's routing of layer {il} was refused (status {status})")
+
+    def set_predictor(
+        self, il: int, mlp: MlpWeights, n_candidates: int, temperature: float = 1.0, target: float = 0.0
+    ) -> None:
+        """Layer il predicts its experts in the library, at its pre-attention output, and prefetches
+        the `n_candidates` best per token (with `target` > 0: adaptive, as `calibration.prefetch_counts`)."""
+
+        def pointer(array: np.ndarray):
+            return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+        n_hidden, n_embd = mlp.w1.shape
+        status = self.api.lib.llama_edge_predictor_set(
+            self.ctx,
+            il,
+            n_embd,
+            n_hidden,
+            mlp.w2.shape[0],
+            ACTIVATIONS[mlp.activation],
+            pointer(mlp.w1),
+            pointer(mlp.b1),
+            pointer(mlp.w2),
+            pointer(mlp.b2),
+            n_candidates,
+            temperature,
+            target,
+        )
+        if status != 0:
+            raise ValueError(f"the library refused layer {il}'s predictor (status {status})")
+
+    def set_lookahead(self, depth: int) -> None:
+        """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""
+        status = self.api.lib.llama_edge_predictor_set_lookahead(self.ctx, depth)
+        if status != 0:
+            raise ValueError(f"cannot set a lookahead of {depth} (status {status})")
 
     def set_eviction(self, policy: int) -> None:
         """LLAMA_EDGE_EVICT_LRU (0) or _LFU (1): the victims of misses and prefetches."""
