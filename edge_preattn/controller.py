@@ -7,8 +7,9 @@ the recorded routing instead. Then a decode token calls no Python at all. Otherw
 another graph, int8, `--predictor-engine onnxruntime`, or a test's stand-in), on a cached layer's
 pre-attention hook the activation goes to a predictor thread (onnxruntime releases the GIL) and the
 hook returns at once, so attention runs while the predicted experts are uploaded; each prediction
-names the ubatch it was made for, and the library drops it if it arrives after its layer's routing. Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed
-instead at each cached layer's routing, which splits the graph anyway, and predict the next layer: a
+names the ubatch it was made for, and the library drops it if it arrives after its layer's routing.
+Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed instead at
+each cached layer's routing, which splits the graph anyway, and predict the next layer: a
 whole layer ahead, and no pre-attention split. The router does not wait for the prediction: a
 prefetch that has not landed when the layer is routed stops there (the library refuses uploads into
 a bank that expert matmuls may be reading), and what it missed is a miss. A miss is uploaded at
@@ -633,6 +634,25 @@ class CacheRuntime:
             bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
             **controller_options,
         )
+
+    def engine_counters(self) -> dict:
+        """The decode thread's costs, per ubatch (a decode step's ubatch is one token; the prompt's
+        ubatches count too): host synchronizations the library caused, Python callbacks, predictions
+        made natively, stale predictions dropped, and the copy engine's busy time where the host sees it
+        (synchronous uploads; uploads queued on a device stream are counted, not timed)."""
+        engine = self.bank.engine_stats()
+        ubatches = max(1, engine["ubatches"])
+        return {
+            "ubatches": engine["ubatches"],
+            "host_syncs_per_token": round(engine["host_syncs"] / ubatches, 3),
+            "eval_splits_per_token": round(engine["eval_splits"] / ubatches, 3),
+            "python_callbacks_per_token": round(engine["callbacks"] / ubatches, 3),
+            "native_predictions_per_token": round(engine["native_predictions"] / ubatches, 3),
+            "native_predictor_ms_per_token": round(engine["native_predict_ns"] * 1e-6 / ubatches, 4),
+            "stale_predictions": engine["stale_predictions"],
+            "copy_busy_ms_per_token": round(engine["sync_upload_ns"] * 1e-6 / ubatches, 4),
+            "async_uploads": engine["async_uploads"],
+        }
 
     def close(self) -> None:
         if self.hooks is not None:

@@ -352,6 +352,7 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "quiet_ubatches": bank["quiet_ubatches"],
                 "bank_bytes": bank["bank_bytes"],
                 "pinned_bytes": bank["pinned_bytes"],
+                **runtime.engine_counters(),
             }
         )
     return stats
@@ -388,6 +389,14 @@ def format_stats(stats: dict) -> str:
                 if stats["quiet_ubatches"]
                 else ""
             )
+            + f"\nper token: {stats['host_syncs_per_token']:.1f} host synchronizations "
+            f"({stats['eval_splits_per_token']:.1f} graph splits), "
+            f"{stats['python_callbacks_per_token']:.1f} Python callbacks, "
+            f"{stats['native_predictions_per_token']:.1f} predictions in the library "
+            f"({stats['native_predictor_ms_per_token']:.3f} ms), "
+            f"copies busy {stats['copy_busy_ms_per_token']:.3f} ms"
+            + (f" (+{stats['async_uploads']} queued, not timed)" if stats["async_uploads"] else "")
+            + f" | stale predictions dropped {stats['stale_predictions']}"
         )
     return "\n".join(lines)
 

@@ -73,6 +73,21 @@ class LayerStats(Counters):
     )
 
 
+class EngineStats(Counters):
+    # struct llama_edge_engine_stats (patch 13)
+    _fields_ = uint64_fields(
+        "ubatches",
+        "host_syncs",
+        "eval_splits",
+        "callbacks",
+        "native_predictions",
+        "native_predict_ns",
+        "stale_predictions",
+        "sync_upload_ns",
+        "async_uploads",
+    )
+
+
 def bind_cache_functions(api: NativeApi) -> None:
     lib = api.lib
     # int32_t llama_edge_cache_enable(struct llama_context * ctx, const int32_t * layers, int32_t n_layers,
@@ -165,6 +180,10 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_float,
         ctypes.c_float,
     ]
+    # int32_t llama_edge_get_engine_stats(const struct llama_context * ctx,
+    #                                     struct llama_edge_engine_stats * out);
+    lib.llama_edge_get_engine_stats.restype = ctypes.c_int32
+    lib.llama_edge_get_engine_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(EngineStats)]
     # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
     lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]
@@ -207,10 +226,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 12:
+        if api.patch_version() < 13:
             raise UserError(
-                "this llama.cpp build predates the predictor in the library (patch < 12): "
-                "run `edge-preattn build`"
+                "this llama.cpp build predates the engine counters (patch < 13): run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -348,6 +366,12 @@ class SlotBank:
     def stats(self) -> dict[str, int]:
         out = CacheStats()
         self.api.lib.llama_edge_cache_get_stats(self.ctx, ctypes.byref(out))
+        return out.as_dict()
+
+    def engine_stats(self) -> dict[str, int]:
+        """What the decode thread spent on the library: host synchronizations, callbacks, predictions."""
+        out = EngineStats()
+        self.api.lib.llama_edge_get_engine_stats(self.ctx, ctypes.byref(out))
         return out.as_dict()
 
     def set_miss_cpu(self, enabled: bool) -> None:
