@@ -200,6 +200,7 @@ class Controller:
         lookahead: int = 0,
         late_fallback: bool = True,
         predictor_engine: str = "native",
+        copy_queue: bool = False,
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -244,6 +245,10 @@ class Controller:
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
         bank.set_eviction(EVICTION_POLICIES[eviction])
+        # prefetches on their own stream, which the routing's compute stream waits for per slot
+        self.copy_queue = copy_queue and bank.set_copy_queue(True)
+        if copy_queue and not self.copy_queue:
+            log.info("this device has no asynchronous copies or events: uploads stay synchronous")
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}

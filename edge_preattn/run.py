@@ -154,6 +154,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "onnxruntime on a Python prefetch thread",
     )
     cache.add_argument(
+        "--copy-queue",
+        action="store_true",
+        help="prefetch uploads on a second stream of the GPU, with an event per slot that the routing's "
+        "compute stream waits for, so the host never waits for a copy (devices without events: ignored)",
+    )
+    cache.add_argument(
         "--keep-late-predictions",
         action="store_true",
         help="prediction modes: keep predicting even when nearly every prediction arrives after the "
@@ -267,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
                     lookahead=args.lookahead,
                     late_fallback=not args.keep_late_predictions,
                     predictor_engine=args.predictor_engine,
+                    copy_queue=args.copy_queue,
                 ),
                 n_slots,
                 layout.n_expert_used,

@@ -184,6 +184,9 @@ def bind_cache_functions(api: NativeApi) -> None:
     #                                     struct llama_edge_engine_stats * out);
     lib.llama_edge_get_engine_stats.restype = ctypes.c_int32
     lib.llama_edge_get_engine_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(EngineStats)]
+    # int32_t llama_edge_cache_set_copy_queue(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_cache_set_copy_queue.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_copy_queue.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
     lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]
@@ -226,9 +229,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 13:
+        if api.patch_version() < 14:
             raise UserError(
-                "this llama.cpp build predates the engine counters (patch < 13): run `edge-preattn build`"
+                "this llama.cpp build predates the copy queue (patch < 14): run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -367,6 +370,20 @@ class SlotBank:
         out = CacheStats()
         self.api.lib.llama_edge_cache_get_stats(self.ctx, ctypes.byref(out))
         return out.as_dict()
+
+    def set_copy_queue(self, enabled: bool) -> bool:
+        """Prefetch uploads on a second stream of the device, each slot with an event the routing's
+        compute stream waits for (the host does not). False where the device has no asynchronous
+        copies or events (the CPU): uploads stay synchronous."""
+        status = self.api.lib.llama_edge_cache_set_copy_queue(self.ctx, enabled)
+        if status == LLAMA_EDGE_ERR_BACKEND:
+            return False
+        if status != 0:
+            raise UserError(
+                f"cannot start the copy queue (status {status}): the device could not make its stream "
+                "or events; run without --copy-queue"
+            )
+        return True
 
     def engine_stats(self) -> dict[str, int]:
         """What the decode thread spent on the library: host synchronizations, callbacks, predictions."""

@@ -3,6 +3,7 @@ the library counts them, in the cache stats, `run --stats-json` and the run summ
 
 import json
 
+import numpy as np
 import pytest
 
 from edge_preattn import cli
@@ -67,3 +68,26 @@ def test_run_reports_the_counters(llama_lib, tiny, tmp_path, capsys):
     assert stats["host_syncs_per_token"] >= stats["eval_splits_per_token"] > 0
     assert stats["copy_busy_ms_per_token"] > 0 and stats["ubatches"] == 8
     assert "host synchronizations" in capsys.readouterr().err
+
+
+def test_the_copy_queue_is_refused_on_the_cpu_and_the_run_stays_exact(llama_lib, tiny, predictors):
+    """The CPU backend has no events: the queue stays off, uploads stay synchronous (and timed)."""
+    layout = read_layout(tiny)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors, copy_queue=True
+        ) as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        assert not runtime.controller.copy_queue
+        assert runtime.bank.engine_stats()["async_uploads"] == 0
+        lib = engine.api.lib
+        assert lib.llama_edge_cache_set_copy_queue(None, True) == -1
+        assert lib.llama_edge_cache_set_copy_queue(engine.ctx, True) == -5  # LLAMA_EDGE_ERR_BACKEND
+        assert lib.llama_edge_cache_set_copy_queue(engine.ctx, False) == 0
+    assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        assert engine.api.lib.llama_edge_cache_set_copy_queue(engine.ctx, True) == -2  # no cache
