@@ -363,7 +363,7 @@ class Controller:
                 prefetch_hits=native["prefetch_hits"],
                 prefetch_wasted=native["prefetch_wasted"],
                 prefetch_late=native["prefetch_refused"],
-                prediction_stale=native["prediction_stale"],
+                prediction_stale=self.bank.prediction_stats(il)["stale"],
                 stall_s=mine.stall_s + native["stall_ns"] * 1e-9,
             )
         return RuntimeStats(layers=layers, cached_tokens=layers[self.first_layer].tokens)

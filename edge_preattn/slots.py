@@ -69,8 +69,12 @@ class LayerStats(Counters):
         "prefetch_wasted",
         "prefetch_refused",
         "stall_ns",
-        "prediction_stale",  # patch 11
     )
+
+
+class PredictionStats(Counters):
+    # struct llama_edge_prediction_stats (patch 11)
+    _fields_ = uint64_fields("predictions", "stale")
 
 
 class EngineStats(Counters):
@@ -155,6 +159,14 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.POINTER(ctypes.c_int32),
         ctypes.c_int32,
         ctypes.c_int32,
+    ]
+    # int32_t llama_edge_cache_get_prediction_stats(const struct llama_context * ctx, int32_t il,
+    #                                               struct llama_edge_prediction_stats * out);
+    lib.llama_edge_cache_get_prediction_stats.restype = ctypes.c_int32
+    lib.llama_edge_cache_get_prediction_stats.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(PredictionStats),
     ]
     # int32_t llama_edge_cache_set_oracle(struct llama_context * ctx, int32_t il, const int32_t * ids,
     #                                     const int32_t * n_rows, int32_t n_runs, int32_t k);
@@ -357,6 +369,14 @@ class SlotBank:
         status = self.api.lib.llama_edge_cache_get_layer_stats(self.ctx, il, ctypes.byref(out))
         if status != 0:
             raise ValueError(f"no statistics for layer {il} (status {status})")
+        return out.as_dict()
+
+    def prediction_stats(self, il: int) -> dict[str, int]:
+        """Predictions of layer il taken, and those dropped whole as stale."""
+        out = PredictionStats()
+        status = self.api.lib.llama_edge_cache_get_prediction_stats(self.ctx, il, ctypes.byref(out))
+        if status != 0:
+            raise ValueError(f"no prediction statistics for layer {il} (status {status})")
         return out.as_dict()
 
     def slot_expert(self, il: int, slot: int) -> int:

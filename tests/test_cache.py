@@ -12,7 +12,7 @@ from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
 from edge_preattn.hooks import Hooks
 from edge_preattn.layout import read_layout
-from edge_preattn.slots import CacheStats, LayerStats, SlotBank, bind_cache_functions
+from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
@@ -187,6 +187,8 @@ def test_c_api_refuses_bad_arguments(llama_lib, moe_ref_a):
             assert lib.llama_edge_cache_set_oracle(engine.ctx, il, array, n_rows, n_runs, k) == -1
         assert lib.llama_edge_cache_set_oracle(engine.ctx, 0, experts, rows, 1, 1) == 0
         assert lib.llama_edge_cache_set_oracle(engine.ctx, 0, None, None, 0, 0) == 0  # removed
+        assert lib.llama_edge_cache_get_prediction_stats(engine.ctx, 5, ctypes.byref(PredictionStats())) == -1
+        assert lib.llama_edge_cache_get_prediction_stats(engine.ctx, 0, None) == -1
         for rate in (-1.0, float("nan"), float("inf")):
             assert lib.llama_edge_cache_set_bus_rate(engine.ctx, rate) == -1
         assert lib.llama_edge_cache_set_bus_rate(None, 1e9) == -1
@@ -312,10 +314,11 @@ def test_pending_predictions_are_no_victims_and_late_ones_are_dropped(llama_lib,
         assert [u for u, _, _ in seen] == [ubatch - 1, ubatch]  # the prompt's ubatch, then 2 decode steps
         # the first prediction filled all 8 slots; the second found only pending experts to evict
         assert all(first == 8 and second == 0 for _, first, second in seen)
-        stale = bank.layer_stats(0)["prediction_stale"]
+        taken, stale = bank.prediction_stats(0).values()
+        assert taken == 2 * len(seen)
         assert bank.predict(0, ubatch, [1, 2], 2) == 0  # layer 0 was routed in this ubatch
         assert bank.predict(0, ubatch - 1, [1, 2], 2) == 0  # a past ubatch
-        assert bank.layer_stats(0)["prediction_stale"] == stale + 2
+        assert bank.prediction_stats(0) == {"predictions": taken, "stale": stale + 2}
 
 
 def test_upload_budget_is_a_token_bucket():

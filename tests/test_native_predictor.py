@@ -10,6 +10,7 @@ import torch
 
 from edge_preattn import onnx_io
 from edge_preattn.controller import CacheRuntime, RuntimeStats
+from edge_preattn.hooks import Hooks
 from edge_preattn.layout import read_layout
 from edge_preattn.predictor_weights import Unsupported, read_mlp, read_predictor_set
 from edge_preattn.predictors import Predictor
@@ -215,3 +216,30 @@ def test_predictor_c_api_refuses_bad_arguments(llama_lib, tiny, tmp_path):
         assert lib.llama_edge_predictor_set_lookahead(engine.ctx, -1) == -1
         assert lib.llama_edge_predictor_set_lookahead(None, 1) == -1
         bank.set_lookahead(2)
+
+
+def test_a_callers_pre_attention_hook_sees_the_activation_beside_the_native_predictor(
+    llama_lib, tiny, tmp_path
+):
+    """The observation copies the activation once for both; the caller's hook gets what it always got."""
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    seen: dict[int, list[np.ndarray]] = {}
+    with host_experts_engine(llama_lib, tiny) as engine:
+        with Hooks(engine.api, engine.ctx, lambda il, x: seen.setdefault(il, []).append(x.copy())):
+            greedy(engine)
+        expected = seen
+    seen = {}
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors
+        ) as runtime,
+        Hooks(engine.api, engine.ctx, lambda il, x: seen.setdefault(il, []).append(x.copy())),
+    ):
+        greedy(engine)
+        assert runtime.controller.native and runtime.bank.engine_stats()["native_predictions"] > 0
+    assert seen.keys() == expected.keys()
+    for il, calls in expected.items():
+        assert len(seen[il]) == len(calls)
+        assert all(np.array_equal(a, b) for a, b in zip(seen[il], calls, strict=True))
