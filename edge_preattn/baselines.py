@@ -1,5 +1,5 @@
 """What a predictor must beat, on the same held-out tokens: popularity, previous token, an LRU cache,
-and the oracle (a sanity line at 1.0).
+and the oracle (a sanity line at 1.0); and Belady's cache, the bound no cache of its size can pass.
 
 The ranked-list baselines give ids [N, n] (best first) that `metrics.per_token` scores like any
 predictor's. The LRU cache has no ranked list: `lru` scores its content directly (see there).
@@ -10,7 +10,7 @@ its decode tokens):
     prompt: [N]     the prompt index of each token
 """
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import numpy as np
 
@@ -95,6 +95,51 @@ def lru_simulate(
             cache.move_to_end(expert)
         while len(cache) > capacity:
             cache.popitem(last=False)
+    return hits, first_hit
+
+
+def belady_simulate(
+    ids: np.ndarray, prompt: np.ndarray, capacity: int, carry: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Belady's cache of `capacity` expert slots for one layer: the best any cache of that size can do
+    knowing the whole future, so the upper bound a predictor's prefetching and eviction approach.
+
+    As `lru_simulate` (hits counted before the token, its experts then inserted), except the victim:
+    of the cached experts the token did not select, the one next selected furthest ahead (never, past
+    the end of the prompt unless `carry`), ties broken by LRU (router order, as there).
+
+    → hits: [N] int, first_hit: [N] bool.
+    """
+    ids_list = np.asarray(ids, np.int64).tolist()
+    starts = first_of_prompt(prompt).tolist()
+    ends = np.append(np.flatnonzero(starts)[1:], len(ids_list)) if not carry else None  # one per prompt
+    uses: dict[int, deque[int]] = {}
+    for row, experts in enumerate(ids_list):
+        for expert in dict.fromkeys(experts):
+            uses.setdefault(expert, deque()).append(row)
+    hits = np.zeros(len(ids_list), np.int64)
+    first_hit = np.zeros(len(ids_list), bool)
+    cache: OrderedDict[int, None] = OrderedDict()  # least recently used first
+    prompt_end, n_prompts = len(ids_list), 0
+    for row, (experts, start) in enumerate(zip(ids_list, starts, strict=True)):
+        if start and not carry:
+            cache.clear()
+            prompt_end, n_prompts = int(ends[n_prompts]), n_prompts + 1
+        hits[row] = sum(expert in cache for expert in experts)
+        first_hit[row] = experts[0] in cache
+        for expert in dict.fromkeys(experts):
+            uses[expert].popleft()
+        for expert in experts:
+            cache[expert] = None
+            cache.move_to_end(expert)
+        while len(cache) > capacity:
+            victim, furthest = -1, -1.0
+            for expert in cache:  # least recently used first: the first of equals wins
+                ahead = uses[expert]
+                next_use = ahead[0] if ahead and ahead[0] < prompt_end else float("inf")
+                if expert not in experts and next_use > furthest:
+                    victim, furthest = expert, next_use
+            del cache[victim]
     return hits, first_hit
 
 

@@ -1,9 +1,15 @@
 """The runtime: hooks → predictor → cache policy → uploads, with per-token statistics.
 
-On a cached layer's pre-attention hook the activation goes to a predictor thread (onnxruntime
-releases the GIL) and the hook returns at once, so attention runs while the predicted experts are
-uploaded. Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed
-instead at each cached layer's routing, which splits the graph anyway, and predict the next layer: a
+Pre-attention predictors the library can read (the exported MLPs of `train`) are handed to it, and it
+evaluates them itself at each cached layer's pre-attention output, on the decode thread, and
+prefetches what they name (`--lookahead D`: layers l..l+D from layer l's activation); `oracle` gives it
+the recorded routing instead. Then a decode token calls no Python at all. Otherwise (onnxruntime:
+another graph, int8, `--predictor-engine onnxruntime`, or a test's stand-in), on a cached layer's
+pre-attention hook the activation goes to a predictor thread (onnxruntime releases the GIL) and the
+hook returns at once, so attention runs while the predicted experts are uploaded; each prediction
+names the ubatch it was made for, and the library drops it if it arrives after its layer's routing.
+Cross-layer predictors (trained on `x_prev`, the previous layer's router input) are fed instead at
+each cached layer's routing, which splits the graph anyway, and predict the next layer: a
 whole layer ahead, and no pre-attention split. The router does not wait for the prediction: a
 prefetch that has not landed when the layer is routed stops there (the library refuses uploads into
 a bank that expert matmuls may be reading), and what it missed is a miss. A miss is uploaded at
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 MISS_POLICIES = ("upload", "cpu", "auto")
+PREDICTOR_ENGINES = ("native", "onnxruntime")  # who evaluates pre-attention predictors
 # prediction modes give up when predicted uploads keep arriving after the router (a fast GPU): checked
 # every LATE_CHECK_UBATCHES ubatches, over at least LATE_CHECK_MIN predicted experts that were not
 # resident, when at least LATE_SHARE of them were refused as late (H200, packaged model: 0.83-0.84;
@@ -59,6 +66,7 @@ class LayerCounters:
     prefetch_hits: int = 0  # of the hits: resident thanks to a prefetch
     prefetch_wasted: int = 0
     prefetch_late: int = 0  # predicted experts the library refused: the router had already decided
+    prediction_stale: int = 0  # predictions dropped whole: their ubatch past, or their layer routed in it
     prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
     backlog_dropped: int = 0  # not predicted: the prefetch thread was still busy with older work
     lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
@@ -191,6 +199,8 @@ class Controller:
         wait_for_prefetch: bool = False,
         lookahead: int = 0,
         late_fallback: bool = True,
+        predictor_engine: str = "native",
+        copy_queue: bool = False,
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -200,6 +210,8 @@ class Controller:
             raise ValueError(f"mode {mode} needs predictors")
         if mode == "oracle" and oracle is None:
             raise ValueError("mode oracle needs a recorded routing")
+        if predictor_engine not in PREDICTOR_ENGINES:
+            raise ValueError(f"predictor_engine must be one of {PREDICTOR_ENGINES}")
         self.bank, self.k, self.n_expert, self.bytes_per_expert, self.mode = (
             bank,
             k,
@@ -207,11 +219,10 @@ class Controller:
             bytes_per_expert,
             mode,
         )
-        self.predictors, self.oracle, self.miss = predictors, oracle, miss
+        self.predictors, self.miss = predictors, miss
         # routing waits for the layer's prediction and prefetch: slower, but what is resident at
         # routing no longer depends on thread timing (what the predictor achieves given the time)
-        # (oracle always waits: it is the upper bound on what prefetching can make resident)
-        self.wait_for_prefetch = wait_for_prefetch or mode == "oracle"
+        self.wait_for_prefetch = wait_for_prefetch
         self.cost = MissCostModel(bytes_per_expert) if miss == "auto" else None
         # lru with misses on the CPU: the layers' selected experts, uploaded once their layer is done
         self.deferred: list[tuple[int, list[int]]] = []
@@ -220,7 +231,6 @@ class Controller:
             "top1": 1,
             "exact": k,
             "overprov": k + extra,
-            "oracle": k,
             "adaptive": n_expert,
         }.get(mode, 0)
         # adaptive: per token, the fewest experts whose calibrated share reaches `target` (eval --calibrate)
@@ -235,14 +245,13 @@ class Controller:
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
         bank.set_eviction(EVICTION_POLICIES[eviction])
+        # prefetches on their own stream, which the routing's compute stream waits for per slot
+        self.copy_queue = copy_queue and bank.set_copy_queue(True)
+        if copy_queue and not self.copy_queue:
+            log.info("this device has no asynchronous copies or events: uploads stay synchronous")
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
         self.pending: dict[int, concurrent.futures.Future] = {}
-        # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
-        self.late_fallback = late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch
-        self.prediction_off_at: int | None = None  # the ubatch where that happened
-        self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
-        self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
         # predictors trained on x_prev read a layer's router input and predict the next layer
         self.cross_layer = mode in PREDICTION_MODES and manifest.get("input", "x_pre") == "x_prev"
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
@@ -250,18 +259,74 @@ class Controller:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
+        # pre-attention predictors the library can evaluate itself: no Python per token
+        self.native = (
+            mode in PREDICTION_MODES
+            and not self.cross_layer
+            and predictor_engine == "native"
+            and self._predict_natively(lookahead)
+        )
+        # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
+        # (the library's own predictions are made on the decode thread, before the routing: never late)
+        self.late_fallback = (
+            late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch and not self.native
+        )
+        self.prediction_off_at: int | None = None  # the ubatch where that happened
+        self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
+        self.drop_prediction_input = None  # set by CacheRuntime: removes the hook that feeds predictors
         order = sorted(bank.layers)
         self.ahead = {il: order[i + 1 : i + 1 + lookahead] for i, il in enumerate(order)}
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.worker = PrefetchWorker(max_backlog=2 * (1 + lookahead) * len(bank.layers))
+        if oracle is not None and mode == "oracle":
+            self._give_oracle(oracle)
         # native calls from the worker stop once closed: the context may be freed after close()
         self.native_lock, self.closed = threading.Lock(), False
         self.ubatch = -1
 
+    def _give_oracle(self, recorded: dict[tuple[int, int], np.ndarray]) -> None:
+        """Each layer's true routing of the runs that will read its bank, in order, to the library:
+        it prefetches them itself at each pre-attention and evicts by Belady (no Python per token)."""
+        for il in self.bank.layers:
+            runs = [ids for (_, layer), ids in sorted(recorded.items()) if layer == il]
+            runs = [ids for ids in runs if self._cached(il, len(ids))]
+            self.bank.set_oracle(il, runs)
+
+    def _predict_natively(self, lookahead: int) -> bool:
+        """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
+        and onnxruntime predicts, on the prefetch thread)."""
+        from .predictor_weights import Unsupported, read_predictor_set
+
+        if getattr(self.predictors, "directory", None) is None:
+            return False  # not an exported predictor set (a test's stand-in): Python only
+        try:
+            weights = read_predictor_set(self.predictors)
+        except (Unsupported, ImportError) as why:
+            log.warning("the predictors run in onnxruntime, not in the library: %s", why)
+            return False
+        for il in self.bank.layers:
+            if il in weights:
+                adaptive = self.mode == "adaptive"
+                self.bank.set_predictor(
+                    il,
+                    weights[il],
+                    min(self.n_candidates, self.n_expert),
+                    temperature=self.temperatures.get(il, 1.0),
+                    target=self.target if adaptive else 0.0,
+                )
+        self.bank.set_lookahead(lookahead)
+        return True
+
+    @property
+    def needs_pre_attn_hook(self) -> bool:
+        """The Python predictor reads the pre-attention activation (the library's own predictor and
+        the oracle's prefetch need no hook)."""
+        return self.mode in PREDICTION_MODES and not self.cross_layer and not self.native
+
     @property
     def needs_routing_hook(self) -> bool:
-        return self.miss != "upload" or self.wait_for_prefetch
+        return self.miss != "upload" or (self.wait_for_prefetch and not self.native)
 
     def close(self) -> None:
         with self.native_lock:
@@ -298,6 +363,7 @@ class Controller:
                 prefetch_hits=native["prefetch_hits"],
                 prefetch_wasted=native["prefetch_wasted"],
                 prefetch_late=native["prefetch_refused"],
+                prediction_stale=self.bank.prediction_stats(il)["stale"],
                 stall_s=mine.stall_s + native["stall_ns"] * 1e-9,
             )
         return RuntimeStats(layers=layers, cached_tokens=layers[self.first_layer].tokens)
@@ -305,22 +371,10 @@ class Controller:
     # -- pre-attention: start the prefetch and return -------------------------------------------------
 
     def on_pre_attn(self, il: int, x: np.ndarray) -> None:
-        if il == 0:
-            self.ubatch += 1
+        self.ubatch = self.bank.ubatch()  # what this activation's predictions are for
         if il == self.first_layer:
             self._check_lateness()
-        if (
-            self.mode == "lru"
-            or il in self.disabled
-            or il not in self.python
-            or self.prediction_off_at is not None
-        ):
-            return
-        if self.mode == "oracle":
-            truth = self.oracle.get((self.ubatch, il))
-            if truth is not None and self._cached(il, len(truth)):
-                experts = list(dict.fromkeys(truth.ravel().tolist()))
-                self.pending[il] = self._submit(il, self._prefetch, il, experts)
+        if il in self.disabled or il not in self.python or self.prediction_off_at is not None:
             return
         # x: [n_tokens, n_embd]. The model's last layer runs its FFN only on the rows it outputs
         # (the last one, in plain generation), so a prefill may still reach the bank there.
@@ -331,15 +385,15 @@ class Controller:
             rows = np.array(x[-1:], dtype=np.float32)
         else:
             return
-        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, rows)
+        self.pending[il] = self._submit(il, self._predict_and_prefetch, il, rows, self.ubatch)
         for target in self.ahead[il]:
             if target not in self.disabled and self._cached(target, len(rows)):
-                self._submit(target, self._look_ahead, target, rows, self.epoch[target])
+                self._submit(target, self._look_ahead, target, rows, self.epoch[target], self.ubatch)
 
     def on_router_input(self, il: int, x: np.ndarray) -> None:
         """Cross-layer: layer il has been routed; its router input is the next layer's x_prev."""
+        self.ubatch = self.bank.ubatch()
         if il == self.first_layer:
-            self.ubatch += 1
             self._check_lateness()
         target = il + 1  # x_prev is the router input of the layer right before
         if (
@@ -350,7 +404,7 @@ class Controller:
         ):
             return
         self.pending[target] = self._submit(
-            target, self._predict_and_prefetch, target, np.array(x, dtype=np.float32)
+            target, self._predict_and_prefetch, target, np.array(x, dtype=np.float32), self.ubatch
         )
 
     def _check_lateness(self) -> None:
@@ -381,14 +435,14 @@ class Controller:
         if self.drop_prediction_input is not None:
             self.drop_prediction_input()
 
-    def _look_ahead(self, il: int, x: np.ndarray, epoch: int) -> None:
+    def _look_ahead(self, il: int, x: np.ndarray, epoch: int, ubatch: int) -> None:
         """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
         (bench/lookahead_accuracy.py measures what that loses), unless il's own prediction came first."""
         if self.epoch[il] != epoch:
             self.python[il].lookahead_superseded += 1
             return
         self.python[il].lookahead_predictions += 1
-        self._predict_and_prefetch(il, x)
+        self._predict_and_prefetch(il, x, ubatch)
 
     def _submit(self, il: int, work, *args) -> concurrent.futures.Future | None:
         """Run on the prefetch thread; a failure (predictor or upload) switches the layer's prediction
@@ -407,7 +461,7 @@ class Controller:
             self.python[il].backlog_dropped += 1
         return future
 
-    def _predict_and_prefetch(self, il: int, x: np.ndarray) -> None:
+    def _predict_and_prefetch(self, il: int, x: np.ndarray, ubatch: int) -> None:
         counters = self.python[il]
         started = time.perf_counter()
         try:
@@ -429,15 +483,21 @@ class Controller:
         candidates = [
             e for e in dict.fromkeys(order.T.ravel().tolist()) if e >= 0
         ]  # best of every token first
-        self._prefetch(il, candidates)
+        self._prefetch(il, candidates, ubatch)
 
-    def _prefetch(self, il: int, candidates: list[int]) -> int:
-        """Upload the candidates that are not resident, within the bandwidth budget: how many."""
+    def _prefetch(self, il: int, candidates: list[int], ubatch: int | None = None) -> int:
+        """Upload the candidates that are not resident, within the bandwidth budget: how many. With
+        `ubatch`, they are that ubatch's prediction (pending until the layer's routing; dropped if late)."""
         allowed = self.budget.grant(len(candidates), self.bytes_per_expert)
         if allowed < len(candidates):
             self.python[il].prefetch_dropped += 1
         with self.native_lock:
-            uploaded = 0 if self.closed else self.bank.prefetch(il, candidates, allowed)
+            if self.closed:
+                uploaded = 0
+            elif ubatch is None:
+                uploaded = self.bank.prefetch(il, candidates, allowed)
+            else:
+                uploaded = self.bank.predict(il, ubatch, candidates, allowed)
         self.budget.refund((allowed - uploaded) * self.bytes_per_expert)
         return uploaded
 
@@ -543,7 +603,7 @@ class CacheRuntime:
         # each observed node costs a graph split and a device synchronize: observe only what is used
         # (the router input comes at the routing's own split)
         cross_layer = self.controller.cross_layer
-        on_pre_attn = None if self.controller.mode == "lru" or cross_layer else self.controller.on_pre_attn
+        on_pre_attn = self.controller.on_pre_attn if self.controller.needs_pre_attn_hook else None
         on_routing = self.controller.on_routing if self.controller.needs_routing_hook else None
         on_router_input = self.controller.on_router_input if cross_layer else None
         self.hooks = (
@@ -579,6 +639,25 @@ class CacheRuntime:
             bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
             **controller_options,
         )
+
+    def engine_counters(self) -> dict:
+        """The decode thread's costs, per ubatch (a decode step's ubatch is one token; the prompt's
+        ubatches count too): host synchronizations the library caused, Python callbacks, predictions
+        made natively, stale predictions dropped, and the copy engine's busy time where the host sees it
+        (synchronous uploads; uploads queued on a device stream are counted, not timed)."""
+        engine = self.bank.engine_stats()
+        ubatches = max(1, engine["ubatches"])
+        return {
+            "ubatches": engine["ubatches"],
+            "host_syncs_per_token": round(engine["host_syncs"] / ubatches, 3),
+            "eval_splits_per_token": round(engine["eval_splits"] / ubatches, 3),
+            "python_callbacks_per_token": round(engine["callbacks"] / ubatches, 3),
+            "native_predictions_per_token": round(engine["native_predictions"] / ubatches, 3),
+            "native_predictor_ms_per_token": round(engine["native_predict_ns"] * 1e-6 / ubatches, 4),
+            "stale_predictions": engine["stale_predictions"],
+            "copy_busy_ms_per_token": round(engine["sync_upload_ns"] * 1e-6 / ubatches, 4),
+            "async_uploads": engine["async_uploads"],
+        }
 
     def close(self) -> None:
         if self.hooks is not None:

@@ -17,7 +17,14 @@ import numpy as np
 
 from . import build, native
 from .cache import EVICTION_POLICIES
-from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, CacheRuntime, record_routing
+from .controller import (
+    MISS_POLICIES,
+    MODES,
+    PREDICTION_MODES,
+    PREDICTOR_ENGINES,
+    CacheRuntime,
+    record_routing,
+)
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
 from .files import write_json_atomic
@@ -182,6 +189,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="prediction modes: at each layer's pre-attention hook also predict and prefetch the next N "
         "layers' experts, with their own predictors on this layer's activation (earlier, less "
         "accurate; default 0)",
+    )
+    cache.add_argument(
+        "--predictor-engine",
+        choices=PREDICTOR_ENGINES,
+        default="native",
+        help="who evaluates pre-attention predictors: the library itself on the decode thread, no Python "
+        "per token (default; falls back to onnxruntime, with a warning, for graphs it cannot read), or "
+        "onnxruntime on a Python prefetch thread",
+    )
+    cache.add_argument(
+        "--copy-queue",
+        action="store_true",
+        help="prefetch uploads on a second stream of the GPU, with an event per slot that the routing's "
+        "compute stream waits for, so the host never waits for a copy (devices without events: ignored)",
     )
     cache.add_argument(
         "--keep-late-predictions",
@@ -381,6 +402,8 @@ def open_engine(
                     wait_for_prefetch=args.wait_prefetch,
                     lookahead=args.lookahead,
                     late_fallback=not args.keep_late_predictions,
+                    predictor_engine=args.predictor_engine,
+                    copy_queue=args.copy_queue,
                 ),
                 n_slots,
                 setup.layout.n_expert_used,
@@ -488,6 +511,7 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "pinned_bytes": bank["pinned_bytes"],
                 # without a GPU the slot banks are host memory too: an "upload" is a memcpy in RAM
                 "uploads_are_memory_copies": not engine.api.gpus(),
+                **runtime.engine_counters(),
             }
         )
     return stats
@@ -520,6 +544,14 @@ def format_stats(stats: dict) -> str:
                 if stats["quiet_ubatches"]
                 else ""
             )
+            + f"\nper token: {stats['host_syncs_per_token']:.1f} host synchronizations "
+            f"({stats['eval_splits_per_token']:.1f} graph splits), "
+            f"{stats['python_callbacks_per_token']:.1f} Python callbacks, "
+            f"{stats['native_predictions_per_token']:.1f} predictions in the library "
+            f"({stats['native_predictor_ms_per_token']:.3f} ms), "
+            f"copies busy {stats['copy_busy_ms_per_token']:.3f} ms"
+            + (f" (+{stats['async_uploads']} queued, not timed)" if stats["async_uploads"] else "")
+            + f" | stale predictions dropped {stats['stale_predictions']}"
         )
     return "\n".join(lines)
 

@@ -11,8 +11,11 @@ import os
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
+
 from .errors import UserError
 from .native import NativeApi
+from .predictor_weights import ACTIVATIONS, MlpWeights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,6 +69,26 @@ class LayerStats(Counters):
         "prefetch_wasted",
         "prefetch_refused",
         "stall_ns",
+    )
+
+
+class PredictionStats(Counters):
+    # struct llama_edge_prediction_stats (patch 11)
+    _fields_ = uint64_fields("predictions", "stale")
+
+
+class EngineStats(Counters):
+    # struct llama_edge_engine_stats (patch 13)
+    _fields_ = uint64_fields(
+        "ubatches",
+        "host_syncs",
+        "eval_splits",
+        "callbacks",
+        "native_predictions",
+        "native_predict_ns",
+        "stale_predictions",
+        "sync_upload_ns",
+        "async_uploads",
     )
 
 
@@ -123,6 +146,62 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         ctypes.POINTER(LayerStats),
     ]
+    # int64_t llama_edge_cache_ubatch(const struct llama_context * ctx);
+    lib.llama_edge_cache_ubatch.restype = ctypes.c_int64
+    lib.llama_edge_cache_ubatch.argtypes = [ctypes.c_void_p]
+    # int32_t llama_edge_cache_predict(struct llama_context * ctx, int32_t il, int64_t ubatch,
+    #                                  const int32_t * experts, int32_t n_experts, int32_t max_uploads);
+    lib.llama_edge_cache_predict.restype = ctypes.c_int32
+    lib.llama_edge_cache_predict.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    # int32_t llama_edge_cache_get_prediction_stats(const struct llama_context * ctx, int32_t il,
+    #                                               struct llama_edge_prediction_stats * out);
+    lib.llama_edge_cache_get_prediction_stats.restype = ctypes.c_int32
+    lib.llama_edge_cache_get_prediction_stats.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(PredictionStats),
+    ]
+    # int32_t llama_edge_cache_set_oracle(struct llama_context * ctx, int32_t il, const int32_t * ids,
+    #                                     const int32_t * n_rows, int32_t n_runs, int32_t k);
+    lib.llama_edge_cache_set_oracle.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_oracle.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.POINTER(ctypes.c_int32),
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    floats = ctypes.POINTER(ctypes.c_float)
+    # int32_t llama_edge_predictor_set(struct llama_context * ctx, int32_t il, int32_t n_embd,
+    #     int32_t n_hidden, int32_t n_expert, int32_t activation, const float * w1, const float * b1,
+    #     const float * w2, const float * b2, int32_t n_candidates, float temperature, float target);
+    lib.llama_edge_predictor_set.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set.argtypes = [
+        ctypes.c_void_p,
+        *[ctypes.c_int32] * 5,
+        *[floats] * 4,
+        ctypes.c_int32,
+        ctypes.c_float,
+        ctypes.c_float,
+    ]
+    # int32_t llama_edge_get_engine_stats(const struct llama_context * ctx,
+    #                                     struct llama_edge_engine_stats * out);
+    lib.llama_edge_get_engine_stats.restype = ctypes.c_int32
+    lib.llama_edge_get_engine_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(EngineStats)]
+    # int32_t llama_edge_cache_set_copy_queue(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_cache_set_copy_queue.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_copy_queue.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
+    lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]
 
 
 class SlotAllocationError(UserError):
@@ -162,10 +241,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 6:
+        if api.patch_version() < 14:
             raise UserError(
-                "this llama.cpp build predates the expert slot cache's modelled bus (patch < 6): "
-                "run `edge-preattn build`"
+                "this llama.cpp build predates the copy queue (patch < 14): run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -206,6 +284,73 @@ class SlotBank:
             raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status {uploaded})")
         return uploaded
 
+    def ubatch(self) -> int:
+        """The serial of the ubatch being computed: a prediction made now is for this one."""
+        return int(self.api.lib.llama_edge_cache_ubatch(self.ctx))
+
+    def predict(self, il: int, ubatch: int, experts: list[int], max_uploads: int) -> int:
+        """Layer il's predicted experts for `ubatch`: pending (no prefetch evicts them) until the layer's
+        routing there, and up to `max_uploads` uploaded; dropped whole once that routing has happened
+        or the ubatch is past (counted as stale). How many were uploaded."""
+        array = (ctypes.c_int32 * len(experts))(*experts)
+        uploaded = self.api.lib.llama_edge_cache_predict(
+            self.ctx, il, ubatch, array, len(experts), max_uploads
+        )
+        if uploaded < 0:
+            raise ValueError(f"prediction {experts} for layer {il} refused (status {uploaded})")
+        return uploaded
+
+    def set_oracle(self, il: int, runs: list[np.ndarray]) -> None:
+        """The true routing of layer il in each of its coming runs ([n_tokens, k] ids each): the layer
+        then evicts by Belady and prefetches each run's experts itself, at its pre-attention."""
+        k = runs[0].shape[1] if runs else 1
+        ids = np.ascontiguousarray(np.concatenate(runs) if runs else np.zeros((0, k)), np.int32)
+        n_rows = np.array([len(run) for run in runs], np.int32)
+        status = self.api.lib.llama_edge_cache_set_oracle(
+            self.ctx,
+            il,
+            ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            n_rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            len(runs),
+            k,
+        )
+        if status != 0:
+            raise ValueError(f"the oracle's routing of layer {il} was refused (status {status})")
+
+    def set_predictor(
+        self, il: int, mlp: MlpWeights, n_candidates: int, temperature: float = 1.0, target: float = 0.0
+    ) -> None:
+        """Layer il predicts its experts in the library, at its pre-attention output, and prefetches
+        the `n_candidates` best per token (with `target` > 0: adaptive, as `calibration.prefetch_counts`)."""
+
+        def pointer(array: np.ndarray):
+            return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+        n_hidden, n_embd = mlp.w1.shape
+        status = self.api.lib.llama_edge_predictor_set(
+            self.ctx,
+            il,
+            n_embd,
+            n_hidden,
+            mlp.w2.shape[0],
+            ACTIVATIONS[mlp.activation],
+            pointer(mlp.w1),
+            pointer(mlp.b1),
+            pointer(mlp.w2),
+            pointer(mlp.b2),
+            n_candidates,
+            temperature,
+            target,
+        )
+        if status != 0:
+            raise ValueError(f"the library refused layer {il}'s predictor (status {status})")
+
+    def set_lookahead(self, depth: int) -> None:
+        """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""
+        status = self.api.lib.llama_edge_predictor_set_lookahead(self.ctx, depth)
+        if status != 0:
+            raise ValueError(f"cannot set a lookahead of {depth} (status {status})")
+
     def set_eviction(self, policy: int) -> None:
         """LLAMA_EDGE_EVICT_LRU (0) or _LFU (1): the victims of misses and prefetches."""
         status = self.api.lib.llama_edge_cache_set_eviction(self.ctx, policy)
@@ -226,6 +371,14 @@ class SlotBank:
             raise ValueError(f"no statistics for layer {il} (status {status})")
         return out.as_dict()
 
+    def prediction_stats(self, il: int) -> dict[str, int]:
+        """Predictions of layer il taken, and those dropped whole as stale."""
+        out = PredictionStats()
+        status = self.api.lib.llama_edge_cache_get_prediction_stats(self.ctx, il, ctypes.byref(out))
+        if status != 0:
+            raise ValueError(f"no prediction statistics for layer {il} (status {status})")
+        return out.as_dict()
+
     def slot_expert(self, il: int, slot: int) -> int:
         """The expert a slot holds (-1: empty)."""
         value = self.api.lib.llama_edge_cache_slot_expert(self.ctx, il, slot)
@@ -236,6 +389,26 @@ class SlotBank:
     def stats(self) -> dict[str, int]:
         out = CacheStats()
         self.api.lib.llama_edge_cache_get_stats(self.ctx, ctypes.byref(out))
+        return out.as_dict()
+
+    def set_copy_queue(self, enabled: bool) -> bool:
+        """Prefetch uploads on a second stream of the device, each slot with an event the routing's
+        compute stream waits for (the host does not). False where the device has no asynchronous
+        copies or events (the CPU): uploads stay synchronous."""
+        status = self.api.lib.llama_edge_cache_set_copy_queue(self.ctx, enabled)
+        if status == LLAMA_EDGE_ERR_BACKEND:
+            return False
+        if status != 0:
+            raise UserError(
+                f"cannot start the copy queue (status {status}): the device could not make its stream "
+                "or events; run without --copy-queue"
+            )
+        return True
+
+    def engine_stats(self) -> dict[str, int]:
+        """What the decode thread spent on the library: host synchronizations, callbacks, predictions."""
+        out = EngineStats()
+        self.api.lib.llama_edge_get_engine_stats(self.ctx, ctypes.byref(out))
         return out.as_dict()
 
     def set_miss_cpu(self, enabled: bool) -> None:

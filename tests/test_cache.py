@@ -10,8 +10,9 @@ from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
+from edge_preattn.hooks import Hooks
 from edge_preattn.layout import read_layout
-from edge_preattn.slots import CacheStats, LayerStats, SlotBank, bind_cache_functions
+from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
@@ -170,6 +171,24 @@ def test_c_api_refuses_bad_arguments(llama_lib, moe_ref_a):
         assert lib.llama_edge_cache_prefetch(engine.ctx, 0, None, 1, 1, False) == -1
         assert lib.llama_edge_cache_prefetch(engine.ctx, 0, experts, 1, -1, False) == -1
         assert lib.llama_edge_cache_set_eviction(engine.ctx, 2) == -1
+        assert lib.llama_edge_cache_ubatch(None) == -1 and lib.llama_edge_cache_ubatch(engine.ctx) == -1
+        bad = [(0, -1, 1, experts), (5, 0, 1, experts), (0, 0, 2, experts), (0, 0, 1, None)]
+        for il, ubatch, n, array in bad:
+            assert lib.llama_edge_cache_predict(engine.ctx, il, ubatch, array, n, 1) == -1
+        rows = (ctypes.c_int32 * 2)(1, 1)
+        for il, array, n_rows, n_runs, k in [
+            (0, experts, rows, 2, 1),  # 64 is out of range
+            (5, experts, rows, 1, 1),  # not cached
+            (0, experts, None, 1, 1),
+            (0, experts, rows, 1, 0),
+            (0, experts, (ctypes.c_int32 * 1)(0), 1, 1),  # a run of no rows
+            (0, None, rows, 1, 1),
+        ]:
+            assert lib.llama_edge_cache_set_oracle(engine.ctx, il, array, n_rows, n_runs, k) == -1
+        assert lib.llama_edge_cache_set_oracle(engine.ctx, 0, experts, rows, 1, 1) == 0
+        assert lib.llama_edge_cache_set_oracle(engine.ctx, 0, None, None, 0, 0) == 0  # removed
+        assert lib.llama_edge_cache_get_prediction_stats(engine.ctx, 5, ctypes.byref(PredictionStats())) == -1
+        assert lib.llama_edge_cache_get_prediction_stats(engine.ctx, 0, None) == -1
         for rate in (-1.0, float("nan"), float("inf")):
             assert lib.llama_edge_cache_set_bus_rate(engine.ctx, rate) == -1
         assert lib.llama_edge_cache_set_bus_rate(None, 1e9) == -1
@@ -189,19 +208,70 @@ def test_the_library_evicts_exactly_like_the_lru_baseline(llama_lib, moe_ref_a):
             list(engine.generate(PROMPT, n_predict))
             stats = runtime.controller.stats
     for layer in layout.moe_layers:
-        # the ubatches that read the bank: every decode step, and the prompt's one row in the last layer
-        decode = np.concatenate(
-            [
-                ids
-                for (_, il), ids in sorted(recorded.items())
-                if il == layer.index and len(ids) * layout.n_expert_used <= n_slots
-            ]
-        )
+        decode = bank_runs(recorded, layer.index, layout.n_expert_used, n_slots)
         hits, _ = baselines.lru_simulate(decode, np.zeros(len(decode)), n_slots)
         counters = stats.layers[layer.index]
         assert counters.tokens == len(decode)
         assert counters.hits == int(hits.sum())  # same victims, so the same hits token after token
         assert counters.misses == layout.n_expert_used * len(decode) - int(hits.sum())
+
+
+def bank_runs(recorded, il: int, k: int, n_slots: int) -> np.ndarray:
+    """The routings of layer il that read its bank, rows in order: every decode step, and the prompt's
+    one output row in the last layer."""
+    return np.concatenate(
+        [ids for (_, layer), ids in sorted(recorded.items()) if layer == il and len(ids) * k <= n_slots]
+    )
+
+
+def test_belady_simulation_is_optimal_on_a_known_sequence():
+    # capacity 2: after (0, 1), token (2) evicts 1 (next used at row 4) rather than 0 (row 3)
+    ids = np.array([[0], [1], [2], [0], [1], [2]])
+    hits, _ = baselines.belady_simulate(ids, np.zeros(6), 2)
+    assert hits.tolist() == [0, 0, 0, 1, 0, 1]
+    lru_hits, _ = baselines.lru_simulate(ids, np.zeros(6), 2)
+    assert lru_hits.sum() == 0 < hits.sum()
+    # a new prompt starts empty; with carry it does not
+    assert baselines.belady_simulate(ids, np.array([0, 0, 0, 1, 1, 1]), 2)[0].tolist() == [0] * 6
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from edge_preattn.synth import write_synthetic
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model_name", "slots_per_k"), [("moe_ref_a", 1), ("moe_ref_a", 2), ("tiny_model", 1)]
+)
+def test_the_library_oracle_evicts_exactly_like_belady(llama_lib, request, model_name, slots_per_k):
+    """oracle prefetches each run's true experts into Belady's victims: its uploads per layer are
+    `baselines.belady_simulate`'s misses, token after token, and never more than lru's."""
+    model = request.getfixturevalue(model_name)
+    layout, n_predict = read_layout(model), 24
+    k = layout.n_expert_used
+    n_slots = k * slots_per_k
+    by_mode, recorded = {}, {}
+    for mode in ("lru", "oracle"):  # one cache per context: a context each
+        with host_experts_engine(llama_lib, model) as engine:
+            if mode == "oracle":
+                recorded = record_routing(engine, PROMPT, n_predict, Sampling())
+            options = {"oracle": recorded} if mode == "oracle" else {}
+            with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, **options) as runtime:
+                list(engine.generate(PROMPT, n_predict))
+                by_mode[mode] = runtime.controller.stats
+                assert runtime.hooks is None  # no Python on the way: the library prefetches itself
+    for layer in layout.moe_layers:
+        runs = bank_runs(recorded, layer.index, k, n_slots)
+        hits, _ = baselines.belady_simulate(runs, np.zeros(len(runs)), n_slots)
+        oracle, lru = by_mode["oracle"].layers[layer.index], by_mode["lru"].layers[layer.index]
+        assert oracle.tokens == len(runs) and oracle.misses == 0
+        assert oracle.hits - oracle.prefetch_hits == int(hits.sum())  # resident without an upload
+        assert oracle.prefetch_issued == k * len(runs) - int(hits.sum())
+        assert oracle.prefetch_issued <= lru.misses
 
 
 def test_prefetches_protect_their_experts_and_stop_once_the_layer_is_routed(llama_lib, moe_ref_a):
@@ -219,6 +289,36 @@ def test_prefetches_protect_their_experts_and_stop_once_the_layer_is_routed(llam
         assert bank.prefetch(0, [missing], 1) == 0
         assert bank.layer_stats(0)["prefetch_refused"] == 1
         assert bank.prefetch(0, [missing], 1, on_miss=True) == 1  # the routing's own uploads are not
+
+
+def test_pending_predictions_are_no_victims_and_late_ones_are_dropped(llama_lib, moe_ref_a):
+    """A prediction's experts stay until its layer is routed (no later prefetch evicts them), and a
+    prediction for a layer already routed, or for a past ubatch, is dropped whole (counted)."""
+    seen: list[tuple[int, int, int]] = []  # (ubatch, first upload count, second)
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=8)
+
+        def on_pre_attn(il: int, x: np.ndarray) -> None:
+            if il == 0 and len(x) == 1:  # a decode step, before layer 0's routing
+                ubatch = bank.ubatch()
+                first = [e for e in range(64) if e not in resident()][:8]
+                other = [e for e in range(64) if e not in first][:8]
+                seen.append((ubatch, bank.predict(0, ubatch, first, 8), bank.predict(0, ubatch, other, 8)))
+
+        def resident() -> set[int]:
+            return {bank.slot_expert(0, slot) for slot in range(8)}
+
+        with Hooks(engine.api, engine.ctx, on_pre_attn):
+            list(engine.generate(PROMPT, 3))
+        ubatch = bank.ubatch()
+        assert [u for u, _, _ in seen] == [ubatch - 1, ubatch]  # the prompt's ubatch, then 2 decode steps
+        # the first prediction filled all 8 slots; the second found only pending experts to evict
+        assert all(first == 8 and second == 0 for _, first, second in seen)
+        taken, stale = bank.prediction_stats(0).values()
+        assert taken == 2 * len(seen)
+        assert bank.predict(0, ubatch, [1, 2], 2) == 0  # layer 0 was routed in this ubatch
+        assert bank.predict(0, ubatch - 1, [1, 2], 2) == 0  # a past ubatch
+        assert bank.prediction_stats(0) == {"predictions": taken, "stale": stale + 2}
 
 
 def test_upload_budget_is_a_token_bucket():

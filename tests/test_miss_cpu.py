@@ -12,6 +12,7 @@ from edge_preattn.slots import MissStats, SlotBank, bind_cache_functions
 from edge_preattn.synth import write_synthetic
 
 from .test_cache import host_experts_engine
+from .test_native_predictor import export_predictors
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
@@ -37,16 +38,20 @@ def model(request, tmp_path_factory, llama_lib):
 
 
 @pytest.mark.parametrize("miss", ["cpu", "auto"])
-@pytest.mark.parametrize("mode", ["lru", "top1", "exact"])
+@pytest.mark.parametrize("mode", ["lru", "top1", "exact", "exact-native"])
 @pytest.mark.parametrize("slots", ["k", "E"])
-def test_misses_on_the_cpu_are_bit_identical_to_stock(llama_lib, model, mode, miss, slots):
+def test_misses_on_the_cpu_are_bit_identical_to_stock(llama_lib, model, mode, miss, slots, tmp_path):
     path, layout, ref_tokens, ref_logits = model
     n_slots = layout.n_expert_used if slots == "k" else layout.n_expert
     options = {"predictors": RandomRanking(layout.n_expert)} if mode != "lru" else {}
+    native = mode == "exact-native"
+    if native:  # exported predictors, evaluated by the library
+        mode, options = "exact", {"predictors": export_predictors(layout, tmp_path / "predictors")}
     with (
         host_experts_engine(llama_lib, path) as engine,
         CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, miss=miss, **options) as runtime,
     ):
+        assert runtime.controller.native == native
         tokens, logits = greedy(engine)
         stats, bank, miss_stats = runtime.controller.stats, runtime.bank.stats(), runtime.bank.miss_stats()
     assert tokens == ref_tokens

@@ -1,0 +1,178 @@
+"""An exported predictor's weights as plain arrays, for the library's own evaluator (patch 12).
+
+The library evaluates a predictor inside the pre-attention observation, where the activation is on
+the host already, so a decode token needs no Python. It reads one shape of graph, the one `train`
+exports: [Sub(mean) → Div(std)] → Gemm → [BatchNormalization] → SiLU or GELU → Gemm, i.e. Arch 2
+and Arch 1 of `predictors.Predictor`. The input normalization and the batch norm are folded into the
+first Gemm. Anything else (an int8 graph, another architecture) is refused with one line saying why,
+and the runtime keeps onnxruntime for it. A read graph is checked against onnxruntime on random rows
+before the library gets it, so a misread graph cannot pass for a predictor.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # LLAMA_EDGE_ACT_* in llama-edge.h
+CHECK_ROWS = 16
+CHECK_TOLERANCE = 1e-3  # relative to the largest score: float32 sums in another order
+
+
+class Unsupported(Exception):
+    """The graph is not one the library evaluates; str() is the one-line reason."""
+
+
+@dataclass(frozen=True)
+class MlpWeights:
+    """scores = w2 · act(w1 · x + b1) + b2 for one token's activation x [n_embd]."""
+
+    w1: np.ndarray  # [n_hidden, n_embd] float32
+    b1: np.ndarray  # [n_hidden]
+    activation: str  # a key of ACTIVATIONS
+    w2: np.ndarray  # [n_expert, n_hidden]
+    b2: np.ndarray  # [n_expert]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """x [N, n_embd] → [N, n_expert], in float64 (the check's reference)."""
+        h = x.astype(np.float64) @ self.w1.T.astype(np.float64) + self.b1
+        if self.activation == "silu":
+            h = h / (1.0 + np.exp(-h))
+        elif self.activation == "gelu":
+            from math import erf, sqrt
+
+            h = 0.5 * h * (1.0 + np.vectorize(erf)(h / sqrt(2.0)))
+        else:
+            h = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
+        return h @ self.w2.T.astype(np.float64) + self.b2
+
+
+def _attribute(node, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            from onnx import helper
+
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+class _Graph:
+    """A single-input chain of ONNX nodes, walked from `x` to `scores`."""
+
+    def __init__(self, model) -> None:
+        from onnx import numpy_helper
+
+        self.constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                self.constants[node.output[0]] = numpy_helper.to_array(_attribute(node, "value", None))
+        self.nodes = [node for node in model.graph.node if node.op_type != "Constant"]
+        self.consumers: dict[str, list] = {}
+        for node in self.nodes:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def only_consumer(self, name: str):
+        consumers = self.consumers.get(name, [])
+        return consumers[0] if len(consumers) == 1 else None
+
+    def constant(self, node, index: int) -> np.ndarray:
+        if index >= len(node.input) or node.input[index] not in self.constants:
+            raise Unsupported(f"{node.op_type} input {index} is not a constant")
+        return self.constants[node.input[index]].astype(np.float64)
+
+
+def _gemm(graph: _Graph, node) -> tuple[np.ndarray, np.ndarray]:
+    """A Gemm y = x · Wᵀ + b (torch's Linear): (W [out, in], b [out])."""
+    if node is None or node.op_type != "Gemm":
+        raise Unsupported(f"expected a Linear (Gemm), found {getattr(node, 'op_type', 'nothing')}")
+    if _attribute(node, "transA", 0) or not _attribute(node, "transB", 0):
+        raise Unsupported("a Gemm that is not x · Wᵀ")
+    alpha, beta = _attribute(node, "alpha", 1.0), _attribute(node, "beta", 1.0)
+    return alpha * graph.constant(node, 1), beta * graph.constant(node, 2)
+
+
+def _activation(graph: _Graph, z: str) -> tuple[str, str]:
+    """The activation applied to tensor z: (its name, the tensor it outputs)."""
+    consumers = graph.consumers.get(z, [])
+    kinds = sorted(node.op_type for node in consumers)
+    if kinds == ["Mul", "Sigmoid"]:  # SiLU: z · sigmoid(z)
+        sigmoid = next(n for n in consumers if n.op_type == "Sigmoid")
+        mul = next(n for n in consumers if n.op_type == "Mul")
+        if graph.only_consumer(sigmoid.output[0]) is mul:
+            return "silu", mul.output[0]
+    if len(consumers) == 1 and consumers[0].op_type == "Gelu":  # opset 20
+        approximate = _attribute(consumers[0], "approximate", b"none")
+        return ("gelu_tanh" if approximate in (b"tanh", "tanh") else "gelu"), consumers[0].output[0]
+    if kinds == ["Div", "Mul"]:  # torch's GELU at opset < 20: (z · (erf(z / √2) + 1)) · 0.5
+        node = next(n for n in consumers if n.op_type == "Div")
+        for expected in ("Erf", "Add", "Mul", "Mul"):
+            node = graph.only_consumer(node.output[0])
+            if node is None or node.op_type != expected:
+                break
+        else:
+            return "gelu", node.output[0]
+    raise Unsupported(f"an activation the library does not evaluate ({', '.join(kinds) or 'none'})")
+
+
+def read_mlp(path: Path) -> MlpWeights:
+    """The weights of one exported predictor, normalization and batch norm folded in."""
+    import onnx
+
+    try:
+        graph = _Graph(onnx.load(str(path)))
+    except Exception as error:  # onnx raises its own types for a damaged file
+        raise Unsupported(f"{path.name} is not readable as ONNX ({type(error).__name__})") from None
+    node = graph.only_consumer("x")
+    shift, scale = None, None
+    if node is not None and node.op_type == "Sub" and node.input[0] == "x":  # InputNorm: (x − mean) / std
+        shift = graph.constant(node, 1)
+        node = graph.only_consumer(node.output[0])
+        if node is None or node.op_type != "Div":
+            raise Unsupported("an input normalization without its division")
+        scale = 1.0 / graph.constant(node, 1)
+        node = graph.only_consumer(node.output[0])
+    w1, b1 = _gemm(graph, node)
+    z = node.output[0]
+    batch_norm = graph.only_consumer(z)
+    if batch_norm is not None and batch_norm.op_type == "BatchNormalization":  # eval: per-channel affine
+        gamma, beta, mean, var = (graph.constant(batch_norm, i) for i in (1, 2, 3, 4))
+        factor = gamma / np.sqrt(var + _attribute(batch_norm, "epsilon", 1e-5))
+        w1, b1 = w1 * factor[:, None], (b1 - mean) * factor + beta
+        z = batch_norm.output[0]
+    activation, h = _activation(graph, z)
+    last = graph.only_consumer(h)
+    w2, b2 = _gemm(graph, last)
+    if list(last.output) != ["scores"] or graph.consumers.get("scores"):
+        raise Unsupported("more after the second Linear (another architecture)")
+    if shift is not None:  # W1 · ((x − shift) · scale) + b1 = (W1 · scale) · x + (b1 − W1 · (shift · scale))
+        shift, scale = np.broadcast_to(shift, w1.shape[1:]), np.broadcast_to(scale, w1.shape[1:])
+        b1 = b1 - w1 @ (shift * scale)
+        w1 = w1 * scale[None, :]
+    return MlpWeights(
+        w1=np.ascontiguousarray(w1, np.float32),
+        b1=np.ascontiguousarray(np.broadcast_to(b1, w1.shape[:1]), np.float32),
+        activation=activation,
+        w2=np.ascontiguousarray(w2, np.float32),
+        b2=np.ascontiguousarray(np.broadcast_to(b2, w2.shape[:1]), np.float32),
+    )
+
+
+def read_predictor_set(predictors) -> dict[int, MlpWeights]:
+    """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
+    if predictors.int8:
+        raise Unsupported("int8 predictors are evaluated by onnxruntime")
+    names = {entry["layer"]: entry["file"] for entry in predictors.manifest["predictors"]}
+    rng = np.random.default_rng(0)
+    weights = {}
+    for il in predictors.layers:
+        mlp = read_mlp(Path(predictors.directory) / names[il])
+        if mlp.w1.shape[1] != predictors.n_embd or mlp.w2.shape[0] != predictors.n_expert:
+            raise Unsupported(f"layer {il}'s graph has other shapes than its manifest")
+        x = rng.standard_normal((CHECK_ROWS, predictors.n_embd)).astype(np.float32)
+        expected = predictors.scores(il, x)
+        difference = np.abs(mlp.scores(x) - expected).max()
+        if not difference <= CHECK_TOLERANCE * max(1.0, float(np.abs(expected).max())):
+            raise Unsupported(f"layer {il}'s graph read here differs from onnxruntime by {difference:.2e}")
+        weights[il] = mlp
+    return weights

@@ -1,0 +1,245 @@
+"""The predictor in the library: read from the exported ONNX, evaluated on the decode thread with no
+Python, predicting what onnxruntime predicts, and never changing the output."""
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from edge_preattn import onnx_io
+from edge_preattn.controller import CacheRuntime, RuntimeStats
+from edge_preattn.hooks import Hooks
+from edge_preattn.layout import read_layout
+from edge_preattn.predictor_weights import Unsupported, read_mlp, read_predictor_set
+from edge_preattn.predictors import Predictor
+from edge_preattn.slots import SlotBank
+from tests.test_cache import greedy, host_experts_engine
+
+
+def random_predictor(arch: int, n_embd: int, n_expert: int, hidden: int, seed: int) -> Predictor:
+    """An untrained predictor with every folded part non-trivial (input statistics, batch norm)."""
+    torch.manual_seed(seed)
+    model = Predictor(arch, n_embd, n_expert, hidden)
+    model.norm.mean.normal_()
+    model.norm.std.uniform_(0.5, 2.0)
+    if arch == 1:
+        batch_norm = model.body[1]
+        batch_norm.running_mean.normal_()
+        batch_norm.running_var.uniform_(0.5, 2.0)
+        batch_norm.weight.data.normal_()
+        batch_norm.bias.data.normal_()
+    return model.eval()
+
+
+def export_predictors(layout, out, arch: int = 2, hidden: int = 32, models: dict | None = None):
+    """A predictors folder for every MoE layer of `layout`, as `train` writes it (random weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).standard_normal((8, layout.n_embd)).astype(np.float32)
+    entries = []
+    for layer in layout.moe_layers:
+        model = (models or {}).get(layer.index) or random_predictor(
+            arch, layout.n_embd, layout.n_expert, hidden, layer.index
+        )
+        entries.append(onnx_io.export_layer(model, out, layer.index, x))
+    onnx_io.write_manifest(
+        out,
+        {
+            "fingerprint": layout.fingerprint,
+            "k": layout.n_expert_used,
+            "n_expert": layout.n_expert,
+            "n_embd": layout.n_embd,
+            "input": "x_pre",
+            "predictors": entries,
+        },
+    )
+    return onnx_io.load_predictor_set(out, fingerprint=layout.fingerprint)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edge_preattn.synth import write_synthetic
+
+    path = tmp_path_factory.mktemp("native") / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    return path
+
+
+@pytest.mark.parametrize("arch", [1, 2])
+def test_the_exported_graph_is_read_with_normalization_and_batch_norm_folded(tmp_path, arch):
+    model = random_predictor(arch, 24, 8, 16, seed=3)
+    entry = onnx_io.export_layer(model, tmp_path, 0, np.zeros((2, 24), np.float32))
+    mlp = read_mlp(tmp_path / entry["file"])
+    assert mlp.activation == ("gelu" if arch == 1 else "silu")
+    x = np.random.default_rng(1).standard_normal((5, 24)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    assert np.abs(mlp.scores(x) - expected).max() < 1e-4
+
+
+def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
+    class Relu(torch.nn.Module):  # another architecture: ReLU, no input normalization
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_embd = 8
+            self.body = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+
+        def forward(self, x):
+            return self.body(x)
+
+    entry = onnx_io.export_layer(Relu(), tmp_path, 0, np.zeros((2, 8), np.float32))
+    with pytest.raises(Unsupported, match="activation") as caught:
+        read_mlp(tmp_path / entry["file"])
+    assert "\n" not in str(caught.value)
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    with pytest.raises(Unsupported, match="not readable"):
+        read_mlp(tmp_path / "broken.onnx")
+
+
+@dataclass(frozen=True)
+class NativeRun:
+    tokens: list[int]
+    logits: np.ndarray
+    stats: RuntimeStats
+    native: bool  # the library evaluated the predictors
+    python_hooks: bool  # some handler was registered: Python ran during the decode
+
+
+def run_native(llama_lib, model, layout, predictors, mode, n_slots, **options) -> NativeRun:
+    with (
+        host_experts_engine(llama_lib, model) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=n_slots, mode=mode, predictors=predictors, **options
+        ) as runtime,
+    ):
+        tokens, logits = greedy(engine)
+        controller = runtime.controller
+        return NativeRun(tokens, logits, controller.stats, controller.native, runtime.hooks is not None)
+
+
+@pytest.mark.parametrize(("mode", "arch"), [("top1", 2), ("exact", 1), ("overprov", 2), ("adaptive", 2)])
+def test_native_prediction_is_bit_identical_and_calls_no_python(llama_lib, tiny, tmp_path, mode, arch):
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors", arch=arch)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, extra=2)
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert run.native and not run.python_hooks  # no Python callback at all
+    total = run.stats.totals()
+    assert total.prefetch_issued > 0 and total.predictor_calls == 0
+    assert total.prediction_stale == 0  # made on the decode thread, before each routing
+
+
+def test_native_and_onnxruntime_prefetch_the_same_experts(llama_lib, tiny, tmp_path):
+    """onnxruntime waited for at each routing makes the same predictions at the same point: the same
+    uploads, hits and waste, layer by layer (the predictor is the same function, evaluated twice)."""
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    counts = {}
+    for engine_name in ("native", "onnxruntime"):
+        run = run_native(
+            llama_lib,
+            tiny,
+            layout,
+            predictors,
+            "exact",
+            2 * layout.n_expert_used,
+            predictor_engine=engine_name,
+            wait_for_prefetch=True,
+        )
+        assert run.native == (engine_name == "native")
+        counts[engine_name] = {
+            il: (c.hits, c.prefetch_hits, c.misses, c.prefetch_issued, c.prefetch_wasted)
+            for il, c in run.stats.layers.items()
+        }
+    assert counts["native"] == counts["onnxruntime"]
+
+
+def test_lookahead_in_the_library_keeps_the_output(llama_lib, tiny, tmp_path):
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(llama_lib, tiny, layout, predictors, "exact", layout.n_expert_used, lookahead=2)
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert run.native and run.stats.totals().prefetch_issued > 0
+
+
+def test_unreadable_predictors_fall_back_to_onnxruntime(llama_lib, tiny, tmp_path, caplog):
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    predictors.int8 = True  # as if loaded with --int8: graphs only onnxruntime evaluates
+    run = run_native(llama_lib, tiny, layout, predictors, "exact", layout.n_expert_used)
+    assert not run.native and run.python_hooks
+    assert "run in onnxruntime" in caplog.text
+
+
+def test_predictor_c_api_refuses_bad_arguments(llama_lib, tiny, tmp_path):
+    layout = read_layout(tiny)
+    mlp = read_predictor_set(export_predictors(layout, tmp_path / "predictors"))[layout.moe_layers[0].index]
+    with host_experts_engine(llama_lib, tiny) as engine:
+        lib = engine.api.lib
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=8)
+        floats = ctypes.POINTER(ctypes.c_float)
+        w1, b1, w2, b2 = (a.ctypes.data_as(floats) for a in (mlp.w1, mlp.b1, mlp.w2, mlp.b2))
+        d, h, e = layout.n_embd, mlp.w1.shape[0], layout.n_expert
+        good = [engine.ctx, 0, d, h, e, 0, w1, b1, w2, b2, 4, 1.0, 0.0]
+        assert lib.llama_edge_predictor_set(*good) == 0
+        for index, bad in [
+            (0, None),  # no context
+            (1, 1),  # layer 1 is not cached
+            (2, d + 1),  # not the model's n_embd
+            (3, 0),  # no hidden units
+            (4, e - 1),  # not the layer's experts
+            (5, 3),  # no such activation
+            (7, None),
+            (10, 0),  # no candidates
+            (10, e + 1),
+            (12, 1.5),  # a target above 1
+            (12, float("nan")),
+        ]:
+            args = list(good)
+            args[index] = bad
+            assert lib.llama_edge_predictor_set(*args) in (-1, -2), index
+        args = list(good)
+        args[11:] = [0.0, 0.9]  # adaptive needs a positive temperature
+        assert lib.llama_edge_predictor_set(*args) == -1
+        nan = mlp.w2.copy()
+        nan[0, 0] = np.nan
+        args = list(good)
+        args[8] = nan.ctypes.data_as(floats)
+        assert lib.llama_edge_predictor_set(*args) == -1  # weights that are not finite
+        removed = [engine.ctx, 0, 0, 0, 0, 0, None, None, None, None, 0, 0.0, 0.0]
+        assert lib.llama_edge_predictor_set(*removed) == 0
+        assert lib.llama_edge_predictor_set_lookahead(engine.ctx, -1) == -1
+        assert lib.llama_edge_predictor_set_lookahead(None, 1) == -1
+        bank.set_lookahead(2)
+
+
+def test_a_callers_pre_attention_hook_sees_the_activation_beside_the_native_predictor(
+    llama_lib, tiny, tmp_path
+):
+    """The observation copies the activation once for both; the caller's hook gets what it always got."""
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    seen: dict[int, list[np.ndarray]] = {}
+    with host_experts_engine(llama_lib, tiny) as engine:
+        with Hooks(engine.api, engine.ctx, lambda il, x: seen.setdefault(il, []).append(x.copy())):
+            greedy(engine)
+        expected = seen
+    seen = {}
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(
+            engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors
+        ) as runtime,
+        Hooks(engine.api, engine.ctx, lambda il, x: seen.setdefault(il, []).append(x.copy())),
+    ):
+        greedy(engine)
+        assert runtime.controller.native and runtime.bank.engine_stats()["native_predictions"] > 0
+    assert seen.keys() == expected.keys()
+    for il, calls in expected.items():
+        assert len(seen[il]) == len(calls)
+        assert all(np.array_equal(a, b) for a, b in zip(seen[il], calls, strict=True))
