@@ -109,6 +109,7 @@ class Workload:
     extra: int
     target: float
     bypass_tokens: int
+    copy_queue: bool = False  # every cache configuration queues its prefetches on a copy stream
 
 
 # --- sizing stock placements from the header ---------------------------------------------------------
@@ -339,6 +340,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                     target=work.target,
                     bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
                     oracle=oracle,
+                    copy_queue=work.copy_queue,
                 )
             )
         records = [complete(engine, prompt, work.n_predict, sampling) for prompt in work.prompts]
@@ -847,6 +849,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--run-timeout", type=float, default=900, help="seconds one configuration may take (900)"
     )
     parser.add_argument(
+        "--copy-queue",
+        action="store_true",
+        help="every cache configuration queues its prefetches on a second GPU stream, with an event per "
+        "slot that the routing waits for on the device (run --copy-queue)",
+    )
+    parser.add_argument(
         "--emulate",
         metavar="PROFILE",
         help="an edge GPU on an NVIDIA data-center card: CUDA MPS caps the SMs, the profile's bus rate "
@@ -917,6 +925,7 @@ def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: di
         extra=args.extra,
         target=args.target,
         bypass_tokens=args.bypass_tokens,
+        copy_queue=args.copy_queue,
     )
     # Runs are kept by what they measure, not by this command's matrix: a later bench of the same
     # workload (say, with --bandwidth capped and fewer --configs) reuses the stock runs made here.
