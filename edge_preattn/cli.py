@@ -8,10 +8,12 @@ Heavy imports (llama_cpp, torch) stay inside those functions so that `edge-preat
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
 from .errors import UserError
+from .units import check_numeric_options
 
 # verb -> module, in data-flow order
 VERBS = {
@@ -78,12 +80,29 @@ def configure_logging(verbose: bool) -> None:
         ours.setLevel(logging.INFO)
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE stopped (`| head`)
+
+
+def quiet_stdout() -> None:
+    """The reader of stdout has gone (`edge-preattn run | head -c 20`): send what is still buffered,
+    and everything after it, to /dev/null, so that neither this exit nor the interpreter's final
+    flush prints a BrokenPipeError traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (under pytest): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((word for word in argv if not word.startswith("-")), None)
     module = None
     try:
         args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
+        check_numeric_options(vars(args))
         configure_logging(args.verbose)
         module = args._module
         return int(module.main(args) or 0)
@@ -93,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
         resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
-        print(f"edge-preattn: interrupted{resume}", file=sys.stderr)
+        print(f"\nedge-preattn: interrupted{resume}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        quiet_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

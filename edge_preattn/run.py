@@ -16,7 +16,7 @@ from .cache import EVICTION_POLICIES
 from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, CacheRuntime, record_routing
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
-from .files import write_json_atomic
+from .files import output_target, write_json_atomic
 from .layout import MoeLayout, plan_slots, read_layout
 from .slots import shrink_until_allocated
 from .units import format_bytes, parse_bytes, parse_rate
@@ -185,8 +185,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--target is an expected recall: a number in (0, 1]")
     if args.extra < 0 or args.bypass_tokens < 1:
         raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
-    if args.stats_json and not Path(args.stats_json).parent.is_dir():
-        raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
+    if args.stats_json:
+        output_target(Path(args.stats_json))  # refused before the run: a missing folder, a device
     apply_default_model(args)
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
