@@ -67,6 +67,8 @@ def output_target(path: Path) -> Path:
         raise UserError(f"refusing to write {path}: it is {file_kind(mode)}, not a regular file; name a file")
     if not target.parent.is_dir():
         raise UserError(f"cannot write {path}: its folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK):  # a read-only disk too: refused before the work
+        raise UserError(f"cannot write {path}: its folder {target.parent} is read-only to you")
     return target
 
 
