@@ -99,7 +99,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         for part in text.split(","):
             low, _, high = part.partition("-")
-            layers.update(range(int(low), int(high or low) + 1))
+            span = range(int(low), int(high or low) + 1)
+            if not span:  # 5-1: an empty range once recorded no layer at all
+                raise ValueError(part)
+            layers.update(span)
     except ValueError:
         raise UserError(
             f"cannot read --layers {text!r}: write layer numbers and ranges such as 0,3,5-7"

@@ -66,7 +66,8 @@ def output_target(path: Path) -> Path:
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"refusing to write {path}: it is {file_kind(mode)}, not a regular file; name a file")
     if not target.parent.is_dir():
-        raise UserError(f"cannot write {path}: its folder {target.parent} does not exist")
+        missing = "is not a folder" if target.parent.exists() else "does not exist"
+        raise UserError(f"cannot write {path}: its folder {target.parent} {missing}")
     if not os.access(target.parent, os.W_OK):  # a read-only disk too: refused before the work
         raise UserError(f"cannot write {path}: its folder {target.parent} is read-only to you")
     return target

@@ -187,6 +187,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
+    if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
+        raise UserError(f"--n-cpu-moe {args.n_cpu_moe} is negative: give a number of layers")
     if args.stats_json:
         output_target(Path(args.stats_json))  # refused before the run: a missing folder, a device
     apply_default_model(args)
