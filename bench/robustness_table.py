@@ -103,6 +103,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "seconds": round(time.monotonic() - started, 1),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "robustness.json", {**meta, "groups": table})
     write_text_atomic(args.out / "robustness.md", markdown(table, meta))
     print(f"wrote {args.out / 'robustness.md'}: {sum(len(rows) for rows in table.values())} rows")
