@@ -22,7 +22,7 @@ import numpy as np
 from . import native
 from .engine import Engine, EngineConfig, Sampling
 from .errors import UserError
-from .files import regular_input, write_errors_as_user_errors, write_json_atomic
+from .files import regular_input, what_is, write_errors_as_user_errors, write_json_atomic
 from .hooks import Hooks, Routing
 from .layout import MoeLayout, read_layout
 
@@ -304,7 +304,7 @@ def open_manifest(out_dir: Path, expected: dict) -> dict:
     """The existing manifest when it matches (resume), or a fresh one; refuses another model's folder."""
     path = out_dir / "manifest.json"
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"-o {out_dir} is a file: give a folder for the traces")
+        raise UserError(f"-o {out_dir} is {what_is(out_dir)}: give a folder for the traces")
     if not path.is_file():
         if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
             raise UserError(f"{out_dir} is not empty and has no manifest.json: choose a new -o folder")

@@ -32,6 +32,12 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
 
 
+def what_is(path: Path) -> str:
+    """What stands at `path` in words, for messages: 'a file', 'a directory', 'a FIFO (named pipe)'."""
+    mode = os.stat(path).st_mode
+    return "a file" if stat.S_ISREG(mode) else file_kind(mode)
+
+
 def temporary_path(path: Path) -> Path:
     """A name beside `path` (same filesystem, so the rename is atomic) that readers ignore."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")

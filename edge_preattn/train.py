@@ -20,7 +20,7 @@ import numpy as np
 from . import metrics
 from .collect import parse_layers
 from .errors import UserError
-from .files import atomic_output, write_json_atomic
+from .files import atomic_output, what_is, write_json_atomic
 from .traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def train(
         raise UserError("--input must be x_pre or x_prev")
     traces = TraceSet(traces_dir)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"-o {out_dir} is a file: give a folder for the predictors")
+        raise UserError(f"-o {out_dir} is {what_is(out_dir)}: give a folder for the predictors")
     layers = tuple(layers or traces.layers)
     missing = sorted(set(layers) - set(traces.layers))
     if missing:

@@ -575,7 +575,8 @@ def test_an_output_folder_that_is_a_fifo_is_refused(ws, capsys, verb):
         "collect": ["collect", str(ws.good), "--prompts", str(ws.prompts), "-o", out],
         "train": ["train", str(ws.traces), "-o", out, "--epochs", "1", "--hidden", "8"],
     }[verb]
-    record("output destination", f"{verb} -o to a FIFO", one_line_error(capsys, ws, argv, "give a folder"))
+    message = one_line_error(capsys, ws, argv, "is a FIFO (named pipe): give a folder")
+    record("output destination", f"{verb} -o to a FIFO", message)
 
 
 def test_regular_outputs_are_replaced_and_links_written_through(ws, tmp_path):
