@@ -113,7 +113,7 @@ def regular_input(path: Path, what: str) -> Path:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
+        raise UserError(f"{what} {path} not found") from None
     except OSError as error:
         raise UserError(f"cannot read {what} {path}: {error.strerror or error}") from None
     if not stat.S_ISREG(mode):

@@ -292,7 +292,7 @@ def collect_case(ws, name: str) -> Path:
 
 
 COLLECT_CASES = {
-    "prompts file missing": (["--prompts", "{root}/nope.txt"], "prompts file", "does not exist"),
+    "prompts file missing": (["--prompts", "{root}/nope.txt"], "prompts file", "not found"),
     "prompts file empty": (
         ["--prompts", "{root}/empty.txt"],
         "prompts file",
