@@ -58,9 +58,10 @@ def write_errors_as_user_errors(path: Path) -> Iterator[None]:
         raise UserError(f"cannot write {path}: {reason}") from None
 
 
-def output_target(path: Path) -> Path:
+def output_target(path: Path, inputs: tuple[Path, ...] = ()) -> Path:
     """The file `path` names (through a link), refused with one line unless it is a regular file or
-    does not exist yet in an existing folder."""
+    does not exist yet in an existing folder, and is none of the command's `inputs` (`inspect m.gguf
+    --json m.gguf` replaced the model with its own layout)."""
     path = Path(path)
     target = path.resolve() if path.is_symlink() else path
     try:
@@ -71,6 +72,9 @@ def output_target(path: Path) -> Path:
         raise UserError(f"cannot write {path}: {error.strerror or error}") from None
     if mode is not None and not stat.S_ISREG(mode):
         raise UserError(f"refusing to write {path}: it is {file_kind(mode)}, not a regular file; name a file")
+    for source in inputs:
+        if mode is not None and os.path.exists(source) and os.path.samefile(target, source):
+            raise UserError(f"refusing to write {path}: it is the input {source}; name another file")
     if not target.parent.is_dir():
         missing = "is not a folder" if target.parent.exists() else "does not exist"
         raise UserError(f"cannot write {path}: its folder {target.parent} {missing}")

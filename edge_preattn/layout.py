@@ -668,7 +668,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("no model given; run: edge-preattn inspect MODEL.gguf")
     json_path = Path(args.json) if args.json else None
     if json_path is not None:
-        output_target(json_path)  # refused before the work: a missing folder, a device, a FIFO
+        output_target(json_path, inputs=(Path(model),))  # before the work: a device, the model itself
     layout = read_layout(model)
     plan = plan_slots(layout, parse_bytes(args.vram_budget), args.ctx_size) if args.vram_budget else None
     print(format_table(layout, plan))

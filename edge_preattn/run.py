@@ -189,9 +189,9 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--top-p {args.top_p} must lie in (0, 1]")
     if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
         raise UserError(f"--n-cpu-moe {args.n_cpu_moe} is negative: give a number of layers")
-    if args.stats_json:
-        output_target(Path(args.stats_json))  # refused before the run: a missing folder, a device
     apply_default_model(args)
+    if args.stats_json:  # refused before the run: a missing folder, a device, the model itself
+        output_target(Path(args.stats_json), inputs=(Path(args.model),))
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
     if args.miss != "upload" and args.mode == "off":

@@ -242,6 +242,7 @@ RUN_CASES = {
         "its folder nowhere does not exist",
     ),
     "prediction mode without predictors": (["--mode", "exact"], "--mode exact needs --predictors DIR"),
+    "-p with bytes that are not UTF-8 (a traceback)": (["-p", "abc\udcff"], "is not UTF-8 text"),
 }
 PREDICTOR_CASES = {
     "no manifest": "has no predictors.json: train predictors",
@@ -577,6 +578,14 @@ def test_an_output_folder_that_is_a_fifo_is_refused(ws, capsys, verb):
     }[verb]
     message = one_line_error(capsys, ws, argv, "is a FIFO (named pipe): give a folder")
     record("output destination", f"{verb} -o to a FIFO", message)
+
+
+@pytest.mark.parametrize("writer", ["run --stats-json", "inspect --json"])
+def test_an_output_that_is_the_input_model_is_refused(ws, capsys, writer):
+    """`inspect m.gguf --json m.gguf` replaced the model with its layout; the snapshot proves the
+    model is untouched."""
+    message = one_line_error(capsys, ws, WRITERS[writer](ws, str(ws.good)), "it is the input")
+    record("output destination", f"{writer} naming the model itself", message)
 
 
 def test_regular_outputs_are_replaced_and_links_written_through(ws, tmp_path):

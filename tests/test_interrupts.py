@@ -295,3 +295,14 @@ def test_a_closed_stdout_ends_quietly(lib_dir, inputs, verb):
     assert process.returncode == cli.EXIT_BROKEN_PIPE, err
     assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
     record("signals", f"{verb} with a closed stdout (| head)", f"quiet; exit {process.returncode}")
+
+
+def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
+    """`edge-preattn run >&-`: Python had no sys.stdout to write the text to (a traceback), and the
+    next file opened would have taken descriptor 1. The run completes, its summary on stderr."""
+    model, _, _ = inputs
+    process = cli_process("run", "-m", str(model), "-n", "4", preexec_fn=lambda: os.close(1))
+    _, err = process.communicate(timeout=120)
+    err = err.decode(errors="replace")
+    assert process.returncode == 0 and "prefill" in err and "Traceback" not in err, err
+    record("output destination", "run with stdout closed (>&-)", "ran; text discarded, summary on stderr (exit 0)")
