@@ -17,7 +17,7 @@ import numpy as np
 
 from . import baselines, calibration, metrics
 from .errors import UserError
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import read_layout
 from .traces import TraceSet
 
@@ -439,6 +439,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is {what_is(out)}: give a folder for the reports")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or "\0" in args.name):
+        raise UserError(f"--name {args.name!r} must be a plain name (it is part of file names in -o)")
     traces = TraceSet(Path(args.traces))
     sets: dict = {}
     for directory, expected in (

@@ -654,6 +654,21 @@ def test_onnx_external_data_is_refused(ws, capsys, tmp_path):
     record("external data", "an ONNX predictor with external weights (eval)", message)
 
 
+EVAL_CASES = {
+    "-o is a FIFO (a traceback)": (["-o", "{fifo}"], "is a FIFO (named pipe): give a folder for the reports"),
+    "--name with a slash": (["--name", "../x"], "--name '../x' must be a plain name"),
+    "--name empty": (["--name", ""], "--name '' must be a plain name"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_bad_eval_options_are_one_line(ws, capsys, case):
+    extra, fragment = EVAL_CASES[case]
+    argv = ["eval", str(ws.traces), str(ws.sets["good"]), "-o", str(ws.root / "reports")]
+    argv += [e.format(fifo=destination(ws, "a FIFO")) for e in extra]
+    record("bad input (eval)", case, one_line_error(capsys, ws, argv, fragment))
+
+
 def test_eval_refuses_nan_scores_and_says_which_validation_prompts_it_lacks(ws, capsys, caplog, tmp_path):
     nan_set = hand_made_set(
         ws.root / "predictors" / "nan", ws, matmul_onnx(128, 16, np.full((128, 16), np.nan)), [3]

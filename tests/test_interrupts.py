@@ -305,4 +305,8 @@ def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
     _, err = process.communicate(timeout=120)
     err = err.decode(errors="replace")
     assert process.returncode == 0 and "prefill" in err and "Traceback" not in err, err
-    record("output destination", "run with stdout closed (>&-)", "ran; text discarded, summary on stderr (exit 0)")
+    record(
+        "output destination",
+        "run with stdout closed (>&-)",
+        "ran; text discarded, summary on stderr (exit 0)",
+    )
