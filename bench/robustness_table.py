@@ -1,5 +1,6 @@
-"""The robustness table of issue #8: every bad input and fault the tests try, how many cases, and
-what each produced — the one-line message a user sees, or the fault's outcome and warning.
+"""The robustness table of issues #8 and #20: every bad input, fault and signal the tests try, how
+many cases, and what each produced — the one-line message a user sees, or the fault's outcome and
+warning, or how an interrupted command ended.
 
 Runs the robustness tests with EDGE_PREATTN_ROBUSTNESS_LOG set (each test notes its cases through
 tests/robustness_log.py), then writes bench/results/robustness.json and robustness.md. The table is
@@ -62,11 +63,19 @@ def merge(rows: list[dict]) -> dict[str, list[dict]]:
 def markdown(table: dict[str, list[dict]], meta: dict) -> str:
     total = sum(row["cases"] for rows in table.values() for row in rows)
     lines = [
-        "# Robustness: bad input and faults (issue #8)",
+        "# Robustness: bad input, faults and signals (issues #8, #20)",
         "",
         f"{total} cases in {len(table)} groups, from `python bench/robustness_table.py` at {meta['git']} "
         f"({meta['date']}). Every bad input exits with status 2 and one line (shown without the "
-        "`edge-preattn: error: ` prefix) and writes nothing; every fault keeps stock llama.cpp's output.",
+        "`edge-preattn: error: ` prefix) and writes nothing; every fault keeps stock llama.cpp's output; "
+        "Ctrl-C ends with status 130 and one line, a closed stdout quietly with 141.",
+        "",
+        "| group | cases | distinct outcomes |",
+        "|---|---:|---:|",
+        *(
+            f"| {group} | {sum(row['cases'] for row in rows)} | {len({row['outcome'] for row in rows})} |"
+            for group, rows in table.items()
+        ),
     ]
     for group, rows in table.items():
         cases = sum(row["cases"] for row in rows)
@@ -94,6 +103,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
         "seconds": round(time.monotonic() - started, 1),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "robustness.json", {**meta, "groups": table})
     write_text_atomic(args.out / "robustness.md", markdown(table, meta))
     print(f"wrote {args.out / 'robustness.md'}: {sum(len(rows) for rows in table.values())} rows")

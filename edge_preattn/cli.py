@@ -9,10 +9,12 @@ import argparse
 import copy
 import importlib
 import logging
+import os
 import sys
 
 from . import __version__
 from .errors import UserError
+from .units import check_numeric_options
 
 # verb -> module, in data-flow order
 VERBS = {
@@ -97,12 +99,59 @@ def configure_logging(verbose: bool) -> None:
         ours.setLevel(logging.INFO)
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a tool that SIGPIPE stopped (`| head`)
+
+
+def quiet_stdout() -> None:
+    """The reader of stdout has gone (`edge-preattn run | head -c 20`): send what is still buffered,
+    and everything after it, to /dev/null, so that neither this exit nor the interpreter's final
+    flush prints a BrokenPipeError traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (under pytest): nothing to flush
+        pass
+    finally:
+        os.close(devnull)
+
+
+def reopen_closed_std_streams() -> None:
+    """`edge-preattn run >&-`: a closed stdin, stdout or stderr becomes /dev/null. Otherwise the next
+    file opened takes its descriptor, so that whatever llama.cpp prints goes into that file, and
+    Python's sys.stdout is None, which `run` cannot write to."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)  # the lowest free descriptor: fd itself
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
+
+
+def check_text_options(options: dict) -> None:
+    """Arguments that are not UTF-8 reach Python as lone surrogates, which llama.cpp's tokenizer and
+    file names cannot take (a traceback in `str.encode`): refused in one line."""
+    for name, value in options.items():
+        for item in value if isinstance(value, list) else (value,):
+            if isinstance(item, str) and not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    shown = name.replace("_", " ")
+                    raise UserError(f"the {shown} {item!r} is not UTF-8 text: pass it as UTF-8") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    reopen_closed_std_streams()
     verb = next((word for word in argv if not word.startswith("-")), None)
     module = None
     try:
         args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
+        check_numeric_options(vars(args))
+        check_text_options(vars(args))
         configure_logging(args.verbose)
         module = args._module
         return int(module.main(args) or 0)
@@ -123,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
         resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
-        print(f"edge-preattn: interrupted{resume}", file=sys.stderr)
+        print(f"\nedge-preattn: interrupted{resume}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        quiet_stdout()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 from . import native
 from .engine import Engine, EngineConfig, Sampling
 from .errors import UserError
-from .files import write_json_atomic
+from .files import regular_input, what_is, write_errors_as_user_errors, write_json_atomic
 from .hooks import Hooks, Routing
 from .layout import MoeLayout, read_layout
 
@@ -57,23 +57,38 @@ class CollectSettings:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line, or JSONL with a `text` field (a file whose first line starts with `{`)."""
-    if not path.is_file():
-        raise UserError(f"prompts file {path} not found")
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    """One prompt per line, or JSONL with a `text` field (a file whose first line starts with `{`).
+
+    Refused with one line, naming the line: a file that is not UTF-8 text (random bytes once became
+    thousands of prompts), a `text` that is not a string (None became the prompt "None"), and an
+    empty prompt (llama.cpp aborts on a batch without tokens)."""
+    data = regular_input(path, "prompts file").read_bytes()
+    if b"\0" in data:
+        raise UserError(f"prompts file {path} is not text (it holds NUL bytes): give one prompt per line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}:{line} is not UTF-8 (byte {error.start}): save the prompts as UTF-8"
+        ) from None
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise UserError(f"prompts file {path} is empty: give one prompt per line")
-    if lines[0].lstrip().startswith("{"):
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            try:
-                prompts.append(str(json.loads(line)["text"]))
-            except (ValueError, KeyError, TypeError) as error:
-                raise UserError(
-                    f"{path}:{number} is not a JSON object with a 'text' field ({error})"
-                ) from None
-        return prompts
-    return [line.replace("\\n", "\n") for line in lines]
+    if not lines[0][1].lstrip().startswith("{"):
+        return [line.replace("\\n", "\n") for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            prompt = json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path}:{number} is not a JSON object with a 'text' field ({error})") from None
+        if not isinstance(prompt, str):
+            raise UserError(f"{path}:{number}: 'text' is {type(prompt).__name__}, not a string")
+        if not prompt.strip():
+            raise UserError(f"{path}:{number}: 'text' is empty: give every prompt some text")
+        prompts.append(prompt)
+    return prompts
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
@@ -84,7 +99,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     try:
         for part in text.split(","):
             low, _, high = part.partition("-")
-            layers.update(range(int(low), int(high or low) + 1))
+            span = range(int(low), int(high or low) + 1)
+            if not span:  # 5-1: an empty range once recorded no layer at all
+                raise ValueError(part)
+            layers.update(span)
     except ValueError:
         raise UserError(
             f"cannot read --layers {text!r}: write layer numbers and ranges such as 0,3,5-7"
@@ -232,15 +250,16 @@ def _write_shard(out_dir: Path, number: int, prompt_arrays: list[dict[str, np.nd
     final = out_dir / _shard_name(number)
     staging = out_dir / f".{final.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     files = {}
     try:
-        for key in prompt_arrays[0]:
-            array = np.concatenate([arrays[key] for arrays in prompt_arrays])
-            np.save(staging / f"{key}.npy", array)
-            files[key] = {"dtype": str(array.dtype), "shape": list(array.shape)}
-        shutil.rmtree(final, ignore_errors=True)
-        staging.rename(final)
+        with write_errors_as_user_errors(final):  # a full disk, a read-only folder: one line
+            staging.mkdir()
+            for key in prompt_arrays[0]:
+                array = np.concatenate([arrays[key] for arrays in prompt_arrays])
+                np.save(staging / f"{key}.npy", array)
+                files[key] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+            shutil.rmtree(final, ignore_errors=True)
+            staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # Ctrl-C or a full disk: no half shard stays
     phase = np.concatenate([arrays["phase"] for arrays in prompt_arrays])
@@ -264,6 +283,8 @@ def damaged_shard(out_dir: Path, shard: object) -> str | None:
         if Path(key).name != key or key.startswith("."):
             return f"its entry names a file outside the shard ({key!r})"
         path = out_dir / name / f"{key}.npy"
+        if path.exists() and not path.is_file():  # a FIFO: np.load would wait forever
+            return f"{path.name} is not a regular file"
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
@@ -283,7 +304,7 @@ def open_manifest(out_dir: Path, expected: dict) -> dict:
     """The existing manifest when it matches (resume), or a fresh one; refuses another model's folder."""
     path = out_dir / "manifest.json"
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"-o {out_dir} is a file: give a folder for the traces")
+        raise UserError(f"-o {out_dir} is {what_is(out_dir)}: give a folder for the traces")
     if not path.is_file():
         if out_dir.exists() and any(p for p in out_dir.iterdir() if not p.name.startswith(".")):
             raise UserError(f"{out_dir} is not empty and has no manifest.json: choose a new -o folder")
@@ -381,7 +402,8 @@ def collect(
             f"about {estimate / 2**30:.1f} GiB needed but {free / 2**30:.1f} GiB free in {existing}: "
             "free some space, or pass --max-samples"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
+    with write_errors_as_user_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     done_tokens = sum(shard["tokens"] for shard in manifest["shards"])
     per_shard = settings.prompts_per_shard
     started = time.monotonic()
@@ -450,6 +472,8 @@ def main(args: argparse.Namespace) -> int:
         )
     if args.prompts_per_shard < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise UserError("--prompts-per-shard and --max-samples must be at least 1")
+    if args.temp < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temp must be 0 or more and --top-p lie in (0, 1]")
     settings = CollectSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temp,

@@ -450,6 +450,8 @@ class Controller:
         behind (a slow or stuck predictor), and this work is skipped."""
 
         def guarded() -> None:
+            if il in self.disabled:  # queued before an earlier failure switched the layer off
+                return
             try:
                 work(*args)
             except Exception as error:

@@ -18,6 +18,7 @@ from types import ModuleType
 import numpy as np
 
 from .errors import UserError
+from .interrupts import deferred
 from .native import NativeApi
 
 llama_log = logging.getLogger("llama.cpp")
@@ -149,7 +150,7 @@ class Engine:
         self._overrides = self._override_array(config.overrides)
         if self._overrides is not None:
             model_params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
-        with _quoting_load_errors() as errors:
+        with _quoting_load_errors() as errors, deferred():  # Ctrl-C: after the load, not in its log
             self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise UserError(
@@ -172,7 +173,7 @@ class Engine:
             ctx_params.n_threads = ctx_params.n_threads_batch = config.n_threads
         if context_params_hook is not None:
             context_params_hook(ctx_params)
-        with _quoting_load_errors() as errors:
+        with _quoting_load_errors() as errors, deferred():
             self.ctx = llama_cpp.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             self.close()
@@ -256,12 +257,15 @@ class Engine:
                         batch.seq_id[i][0] = 0
                         batch.logits[i] = 1
                     batch.n_tokens = len(chunk)
-                    status = llama_cpp.llama_decode(self.ctx, batch)
+                    with deferred():  # Ctrl-C: after this ubatch, not inside a hook
+                        status = llama_cpp.llama_decode(self.ctx, batch)
                 finally:
                     llama_cpp.llama_batch_free(batch)
             else:
                 array = (llama_cpp.llama_token * len(chunk))(*chunk)
-                status = llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(chunk)))
+                batch = llama_cpp.llama_batch_get_one(array, len(chunk))
+                with deferred():
+                    status = llama_cpp.llama_decode(self.ctx, batch)
             if status != 0:
                 raise RuntimeError(f"llama_decode failed with status {status} at position {self.n_past}")
             self.n_past += len(chunk)

@@ -9,6 +9,7 @@ the paper's Table 4) and two plots (figures 6-7's per-layer lines, a bar chart o
 
 import argparse
 import io
+import logging
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import baselines, calibration, metrics
 from .errors import UserError
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import read_layout
 from .traces import TraceSet
 
@@ -26,6 +27,8 @@ EXAMPLES = """\
   edge-preattn eval traces/m predictors/m-arch1 --arch2 predictors/m-arch2 --cross-layer predictors/m-xl
   edge-preattn eval traces/m predictors/m-arch2 -o bench/results --name moe-ref-a
 """
+
+log = logging.getLogger(__name__)
 
 PHASES = {"prefill": 0, "decode": 1}
 BATCH_ROWS = 8192  # rows per predictor call: bounds the float32 copy of the activations
@@ -82,11 +85,16 @@ def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
 
 
 def ranked_by(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
-    """x: [N, n_embd] (any float type) → the predictor's ranked ids [N, n], scored in batches."""
-    parts = [
-        metrics.ranked(pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)), n)
-        for i in range(0, len(x), BATCH_ROWS)
-    ]
+    """x: [N, n_embd] (any float type) → the predictor's ranked ids [N, n], scored in batches.
+    Refuses NaN or infinite scores: ranked, they would look like a real (poor) predictor."""
+    parts = []
+    for i in range(0, len(x), BATCH_ROWS):
+        scores = pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32))  # [B, E]
+        if not np.isfinite(scores).all():
+            raise UserError(
+                f"{pset.directory}: layer {il}'s predictor gives NaN or infinite scores; retrain it"
+            )
+        parts.append(metrics.ranked(scores, n))
     return np.concatenate(parts)
 
 
@@ -111,6 +119,14 @@ def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
     held = np.isin(meta["prompt"], val)  # [N_all] bool
     if not held.any():
         raise UserError(f"none of the validation prompts {val[:8]}… are in {traces.directory}")
+    present = set(np.unique(meta["prompt"][held]).tolist())
+    if len(present) < len(val):  # the report counts only the prompts it scored
+        missing = [p for p in val if p not in present]
+        log.warning(
+            "%d of the %d validation prompts are not in %s (%s): scoring the other %d",
+            len(missing), len(val), traces.directory, missing[:8], len(present),
+        )  # fmt: skip
+        val = sorted(present)
     if held.all():
         raise UserError(
             "every prompt of the traces is a validation prompt: no training tokens for popularity"
@@ -423,6 +439,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out} is {what_is(out)}: give a folder for the reports")
+    if args.name is not None and (not args.name.strip() or "/" in args.name or "\0" in args.name):
+        raise UserError(f"--name {args.name!r} must be a plain name (it is part of file names in -o)")
     traces = TraceSet(Path(args.traces))
     sets: dict = {}
     for directory, expected in (

@@ -17,15 +17,17 @@ import math
 import mmap
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from .errors import UserError
-from .files import write_json_atomic
+from .files import file_kind, output_target, write_json_atomic
 from .units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
@@ -181,6 +183,16 @@ _KEPT_ARRAY_ITEMS = 4096
 _MAX_STRING_VALUE_BYTES = 64 * 1024**2  # chat templates run to ~100 KiB; keys and tensor names to 64 KiB
 _INT64_MAX = 2**63 - 1
 _TOKENS_KEY = "tokenizer.ggml.tokens"  # llama-vocab.cpp asserts that its strings are distinct
+_FLOAT_DTYPES = {_V.FLOAT32: "<f4", _V.FLOAT64: "<f8"}
+_Q = gguf.GGMLQuantizationType
+# where each block's float16 scales sit (byte offset in the block, how many): ggml-common.h
+_BLOCK_SCALES = {
+    _Q.Q4_0: (0, 1), _Q.Q4_1: (0, 2), _Q.Q5_0: (0, 1), _Q.Q5_1: (0, 2), _Q.Q8_0: (0, 1),
+    _Q.Q2_K: (80, 2), _Q.Q3_K: (108, 1), _Q.Q4_K: (0, 2), _Q.Q5_K: (0, 2), _Q.Q6_K: (208, 1),
+}  # fmt: skip
+_FLOAT_TENSORS = {_Q.F32: "<f4", _Q.F16: "<f2", _Q.F64: "<f8"}
+_SAMPLED_BLOCKS = 32  # per tensor: a few pages read, even of a 30B model's expert tensors
+_WHOLE_TENSOR_BYTES = 1024**2  # norms, biases, routers: every value checked
 
 
 class _Cursor:
@@ -215,7 +227,10 @@ class _Cursor:
         if vtype == _V.STRING:
             return self.string(f"the value of {key}", _MAX_STRING_VALUE_BYTES)
         if vtype != _V.ARRAY:
-            return self.scalar(_SCALAR_FORMATS[vtype])
+            value = self.scalar(_SCALAR_FORMATS[vtype])
+            if isinstance(value, float) and not math.isfinite(value):  # an eps or rope base: garbage out
+                raise _Corrupt(f"{key} = {value} is not a finite number")
+            return value
         item_type, length = _value_type(self.scalar("I"), key), self.scalar("Q")
         if item_type == _V.ARRAY:
             raise _Corrupt(f"{key} is an array of arrays")
@@ -234,6 +249,12 @@ class _Cursor:
             return _Array(length, None)
         fmt = _SCALAR_FORMATS[item_type]
         self.need(length * struct.calcsize(fmt))
+        if item_type in _FLOAT_DTYPES and not key.startswith("tokenizer."):  # per-layer hparams
+            values = np.frombuffer(self.buf, _FLOAT_DTYPES[item_type], count=length, offset=self.pos)
+            finite = bool(np.isfinite(values).all())
+            del values  # a view of the mmap: it must be gone before the mmap closes
+            if not finite:
+                raise _Corrupt(f"{key} holds a value that is not a finite number")
         keep = length <= _KEPT_ARRAY_ITEMS
         values = struct.unpack_from(f"<{length}{fmt}", self.buf, self.pos) if keep else None
         self.pos += length * struct.calcsize(fmt)
@@ -255,6 +276,9 @@ def _read_header(path: str | os.PathLike[str]) -> _Header:
     """Parse header, metadata and tensor infos; every failure is one UserError naming the file."""
     name = os.fspath(path)
     try:
+        mode = os.stat(name).st_mode  # a FIFO or a device: open() would block or read forever
+        if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            raise UserError(f"{name} is {file_kind(mode)}, not a regular file; pass a .gguf model file")
         with open(name, "rb") as file:
             file_bytes = os.fstat(file.fileno()).st_size
             if file_bytes < 4:
@@ -326,8 +350,34 @@ def _parse(buf: mmap.mmap, name: str, file_bytes: int) -> _Header:
                 f"file has {file_bytes}; re-download or re-create it"
             )
         tensors[tensor_name] = _TensorInfo(tensor_name, ggml_type, shape, n_elements, n_bytes, offset)
+    bad = next((t.name for t in tensors.values() if not _sampled_blocks_finite(buf, t)), None)
+    if bad is not None:
+        raise _Corrupt(f"tensor {bad} holds NaN or infinite values")
     fingerprint = hashlib.sha256(buf[: min(data_start, file_bytes)]).hexdigest()
     return _Header(metadata, tuple(tensors.values()), file_bytes, fingerprint)
+
+
+def _sampled_blocks_finite(buf: mmap.mmap, tensor: _TensorInfo) -> bool:
+    """Whether the float values (F32/F16/F64) or block scales (Q4_0..Q8_0, K-quants) of `tensor` are
+    finite: all of a small tensor, _SAMPLED_BLOCKS evenly spread blocks of a large one. llama.cpp
+    runs a model with NaN weights and prints garbage; types not listed here are not checked."""
+    if tensor.ggml_type in _FLOAT_TENSORS:
+        dtype, offset, count = _FLOAT_TENSORS[tensor.ggml_type], 0, 1
+    elif tensor.ggml_type in _BLOCK_SCALES:
+        dtype, (offset, count) = "<f2", _BLOCK_SCALES[tensor.ggml_type]
+    else:
+        return True
+    block_bytes = gguf.GGML_QUANT_SIZES[tensor.ggml_type][1]
+    n_blocks = tensor.n_bytes // block_bytes
+    if n_blocks == 0:
+        return True
+    blocks = np.frombuffer(buf, np.uint8, count=n_blocks * block_bytes, offset=tensor.data_offset)
+    blocks = blocks.reshape(n_blocks, block_bytes)  # a view of the mmap: [n_blocks, block_bytes]
+    if tensor.n_bytes > _WHOLE_TENSOR_BYTES:
+        blocks = blocks[np.linspace(0, n_blocks - 1, _SAMPLED_BLOCKS).astype(np.int64)]  # a copy
+    size = np.dtype(dtype).itemsize
+    scales = np.ascontiguousarray(blocks[:, offset : offset + count * size]).view(dtype)
+    return bool(np.isfinite(scales).all())
 
 
 def model_fingerprint(path: str | os.PathLike[str]) -> str:
@@ -636,8 +686,8 @@ def main(args: argparse.Namespace) -> int:
     if not model:
         raise UserError("no model given; run: edge-preattn inspect MODEL.gguf")
     json_path = Path(args.json) if args.json else None
-    if json_path is not None and not json_path.parent.is_dir():
-        raise UserError(f"cannot write {json_path}: directory {json_path.parent} does not exist")
+    if json_path is not None:
+        output_target(json_path, inputs=(Path(model),))  # before the work: a device, the model itself
     layout = read_layout(model)
     try:
         plan = plan_slots(layout, parse_bytes(args.vram_budget or DEFAULT_PLAN_BUDGET), args.ctx_size)

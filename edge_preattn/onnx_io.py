@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .files import temporary_path, write_json_atomic
+from .files import atomic_output, write_json_atomic
 
 FORMAT = "edge-preattn-predictors/1"
 MANIFEST = "predictors.json"
@@ -58,23 +58,18 @@ def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray) -> dict:
 
     model = model.eval()
     path = Path(out_dir) / f"layer-{il:03d}.onnx"
-    temporary = temporary_path(path)
-    try:
-        with warnings.catch_warnings():  # the TorchScript exporter: the dynamo one needs onnxscript
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model,
-                (torch.zeros(2, model.n_embd),),
-                str(temporary),
-                dynamo=False,
-                input_names=["x"],
-                output_names=["scores"],
-                dynamic_axes={"x": {0: "n_tokens"}, "scores": {0: "n_tokens"}},
-                opset_version=OPSET,
-            )
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_output(path) as temporary, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter: the dynamo one needs onnxscript
+        torch.onnx.export(
+            model,
+            (torch.zeros(2, model.n_embd),),
+            str(temporary),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["scores"],
+            dynamic_axes={"x": {0: "n_tokens"}, "scores": {0: "n_tokens"}},
+            opset_version=OPSET,
+        )
     x = np.ascontiguousarray(x_check[:CHECK_ROWS], np.float32)  # [n, d]
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()  # [n, E]
@@ -97,14 +92,12 @@ def quantize_layer(out_dir: Path, il: int) -> dict:
 
     source = Path(out_dir) / f"layer-{il:03d}.onnx"
     path = source.with_name(f"layer-{il:03d}.int8.onnx")
-    temporary = temporary_path(path)
     logging.disable(logging.WARNING)  # its root-logger advice to pre-process, on every call
     try:
-        quantize_dynamic(source, temporary, weight_type=QuantType.QInt8)
-        temporary.replace(path)
+        with atomic_output(path) as temporary:
+            quantize_dynamic(source, temporary, weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
-        temporary.unlink(missing_ok=True)
     return {"file": path.name, "sha256": sha256_bytes(path.read_bytes())}
 
 
@@ -146,6 +139,82 @@ class PredictorSet:
         if x.ndim != 2 or x.shape[1] != self.n_embd:
             raise ValueError(f"x must be [N, {self.n_embd}], not {list(x.shape)}")
         return self._sessions[il].run(["scores"], {"x": np.ascontiguousarray(x, np.float32)})[0]
+
+
+# ONNX protobuf field numbers (onnx.proto3) on the way from a model to every tensor it holds
+_MODEL_GRAPH, _MODEL_FUNCTIONS, _FUNCTION_NODES = 7, 25, 7
+_GRAPH_NODES, _GRAPH_INITIALIZERS, _GRAPH_SPARSE_INITIALIZERS = 1, 5, 15
+_NODE_ATTRIBUTES = 5
+_ATTRIBUTE_TENSORS, _ATTRIBUTE_GRAPHS, _ATTRIBUTE_SPARSE = {5, 10}, {6, 11}, {22, 23}
+_SPARSE_TENSORS = {1, 2}  # values, indices
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+
+
+def _protobuf_fields(data: memoryview):
+    """(field number, value) of one protobuf message: ints for varints, views for the rest."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while pos < len(data):
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            yield key >> 3, varint()
+            continue
+        size = {1: 8, 5: 4}.get(wire) if wire != 2 else varint()
+        if size is None or pos + size > len(data):
+            raise ValueError(f"protobuf wire type {wire} at byte {pos}")
+        yield key >> 3, data[pos : pos + size]
+        pos += size
+
+
+def _uses_external_data(model: bytes) -> bool:
+    """Whether any tensor of an ONNX model (initializers, constants, subgraphs, functions) keeps its
+    data in another file, which onnxruntime would open relative to the current directory, outside
+    the manifest's sha256. Read with a protobuf walk of its own: `onnx` is not a runtime dependency."""
+
+    def tensor(data) -> bool:
+        return any(
+            (field == _TENSOR_DATA_LOCATION and value == _EXTERNAL) or field == _TENSOR_EXTERNAL_DATA
+            for field, value in _protobuf_fields(data)
+        )
+
+    def sparse(data) -> bool:
+        return any(tensor(value) for field, value in _protobuf_fields(data) if field in _SPARSE_TENSORS)
+
+    def node(data) -> bool:
+        for field, value in _protobuf_fields(data):
+            if field != _NODE_ATTRIBUTES:
+                continue
+            for kind, item in _protobuf_fields(value):
+                if (
+                    (kind in _ATTRIBUTE_TENSORS and tensor(item))
+                    or (kind in _ATTRIBUTE_GRAPHS and graph(item))
+                    or (kind in _ATTRIBUTE_SPARSE and sparse(item))
+                ):
+                    return True
+        return False
+
+    def graph(data) -> bool:
+        checks = {_GRAPH_NODES: node, _GRAPH_INITIALIZERS: tensor, _GRAPH_SPARSE_INITIALIZERS: sparse}
+        return any(checks[field](value) for field, value in _protobuf_fields(data) if field in checks)
+
+    def function(data) -> bool:
+        return any(node(value) for field, value in _protobuf_fields(data) if field == _FUNCTION_NODES)
+
+    checks = {_MODEL_GRAPH: graph, _MODEL_FUNCTIONS: function}
+    fields = _protobuf_fields(memoryview(model))
+    return any(checks[field](value) for field, value in fields if field in checks)
 
 
 def _require(mapping: dict, key: str, kind: type, where: str):
@@ -204,12 +273,23 @@ def load_predictor_set(
         files = entry["int8"] if int8 else entry
         name, sha = _require(files, "file", str, where), _require(files, "sha256", str, where)
         file = _confined(directory, name)
+        if file.exists() and not file.is_file():
+            raise UserError(f"{file} is not a regular file: retrain or copy the whole predictors folder")
         try:
             data = file.read_bytes()
         except OSError:
             raise UserError(f"{file} is missing: retrain or copy the whole predictors folder") from None
         if sha256_bytes(data) != sha:
             raise UserError(f"{file} does not match its sha256 in {MANIFEST} (changed or damaged): retrain")
+        try:
+            external = _uses_external_data(data)
+        except (ValueError, IndexError):
+            external = False  # not protobuf: onnxruntime refuses it below
+        if external:
+            raise UserError(
+                f"{file} keeps weights in a separate file (ONNX external data), outside {MANIFEST}'s "
+                "sha256: refusing to load; export the predictors with their weights inside"
+            )
         try:
             session = _session(data, threads)
         except Exception as error:  # onnxruntime raises its own exception types

@@ -27,7 +27,7 @@ from .controller import (
 )
 from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
-from .files import write_json_atomic
+from .files import output_target, write_json_atomic
 from .layout import MoeLayout, plan_slots, read_layout
 from .slots import shrink_until_allocated
 from .units import format_bytes, parse_bytes, parse_rate
@@ -333,7 +333,11 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.extra < 0 or args.bypass_tokens < 1:
         raise UserError("--extra must be 0 or more and --bypass-tokens at least 1")
     check_sampling(sampling_args(args))
+    if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
+        raise UserError(f"--n-cpu-moe {args.n_cpu_moe} is negative: give a number of layers")
     apply_default_model(args)
+    if args.stats_json:  # refused before the run: a missing folder, a device, the model itself
+        output_target(Path(args.stats_json), inputs=(Path(args.model),))
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
     if args.miss != "upload" and args.mode == "off":

@@ -15,6 +15,7 @@ finite and token-dependent through all layers.
 
 import argparse
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ import gguf
 import numpy as np
 
 from .errors import UserError
-from .files import temporary_path
+from .files import atomic_output, output_target
 from .units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -435,8 +436,7 @@ def write_synthetic(  # noqa: PLR0917 (the signature other modules call position
     if qtype not in QTYPES:
         raise UserError(f"unknown type {qtype!r}; choose one of {', '.join(QTYPES)}")
     path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
+    output_target(path)  # a missing folder, or a device or FIFO in the way: refused before any work
     plan = tensor_plan(config, n_layer, qtype)
     data_bytes = sum(spec.nbytes + (-spec.nbytes % ALIGNMENT) for spec in plan)
     free = shutil.disk_usage(path.parent).free
@@ -446,10 +446,10 @@ def write_synthetic(  # noqa: PLR0917 (the signature other modules call position
             "use --layers N, or --sparse for a layout-only file"
         )
     log.info("%s: %d tensors, %s of tensor data", preset, len(plan), format_bytes(data_bytes))
-    temporary = temporary_path(path)
     started = time.monotonic()
-    writer = gguf.GGUFWriter(temporary, config.arch)
-    try:
+    with contextlib.ExitStack() as stack:
+        temporary = stack.enter_context(atomic_output(path))
+        writer = stack.enter_context(contextlib.closing(gguf.GGUFWriter(temporary, config.arch)))
         _add_metadata(writer, preset, config, n_layer=n_layer, qtype=qtype, seed=seed)
         for spec in plan:  # gguf-py takes numpy-order shapes and reverses them into ggml's ne
             writer.add_tensor_info(
@@ -461,20 +461,13 @@ def write_synthetic(  # noqa: PLR0917 (the signature other modules call position
         fout = writer.fout[0]
         writer.write_padding(fout, fout.tell())
         size = fout.tell() + data_bytes
-        try:
-            if sparse:
-                fout.truncate(size)  # a hole of zeros: the true size, no blocks on disk
-            else:
-                _write_data(fout, plan, seed, data_bytes, progress)
-            writer.close()
-        except OSError as error:  # a full disk, a quota: the temporary file goes, the user sees why
-            raise UserError(f"cannot write {path}: {error.strerror or error}") from error
+        if sparse:
+            fout.truncate(size)  # a hole of zeros: the true size, no blocks on disk
+        else:
+            _write_data(fout, plan, seed, data_bytes, progress)
+        writer.close()  # a full disk, a quota: atomic_output removes the temporary file, says why
         if os.path.getsize(temporary) != size:
             raise AssertionError(f"wrote {os.path.getsize(temporary)} bytes, planned {size}")
-        temporary.replace(path)
-    finally:
-        writer.close()
-        temporary.unlink(missing_ok=True)
     seconds = time.monotonic() - started
     return SynthResult(path, size, seconds, sum(spec.n_elements for spec in plan))
 

@@ -61,6 +61,8 @@ class TraceSet:
         for shard in self.manifest["shards"]:
             path = self.directory / shard["name"] / f"{name}.npy"
             try:
+                if path.exists() and not path.is_file():  # a FIFO: np.load would wait forever
+                    raise OSError("not a regular file")
                 parts.append(np.load(path, allow_pickle=False))
             except (OSError, ValueError, EOFError) as error:
                 raise UserError(

@@ -20,7 +20,7 @@ import numpy as np
 from . import metrics
 from .collect import parse_layers
 from .errors import UserError
-from .files import temporary_path, write_json_atomic
+from .files import atomic_output, what_is, write_json_atomic
 from .traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -81,12 +81,8 @@ def _evaluate(model, x, ids: np.ndarray) -> float:
 def _save(path: Path, state: dict) -> None:
     import torch
 
-    temporary = temporary_path(path)
-    try:
-        torch.save(state, temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        torch.save(state, file)  # through a Python file: a full disk is an OSError, not torch's
 
 
 _CHECKPOINT_KEYS = {"epoch", "done", "history", "best_model", "bad_epochs", "model", "optimizer", "schedule"}
@@ -245,7 +241,7 @@ def train(
         raise UserError("--input must be x_pre or x_prev")
     traces = TraceSet(traces_dir)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise UserError(f"-o {out_dir} is a file: give a folder for the predictors")
+        raise UserError(f"-o {out_dir} is {what_is(out_dir)}: give a folder for the predictors")
     layers = tuple(layers or traces.layers)
     missing = sorted(set(layers) - set(traces.layers))
     if missing:
@@ -319,6 +315,9 @@ def train(
     return manifest
 
 
+MAX_HIDDEN = 65536  # a width beyond this exhausts memory before it helps a per-layer predictor
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     defaults = TrainSettings()
     parser.add_argument("traces", help="trace folder written by `edge-preattn collect`")
@@ -351,11 +350,36 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default cuda when available, else cpu)")
 
 
+def check_device(name: str | None) -> None:
+    """Refuse a torch device this machine lacks before any work (torch fails deep in the first layer)."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device: use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: train runs on cpu or cuda")
+
+
 def main(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.hidden < 1 or args.batch_size < 2:
         raise UserError("--epochs and --hidden must be at least 1, --batch-size at least 2")
+    if args.hidden > MAX_HIDDEN:
+        raise UserError(f"--hidden {args.hidden} is above {MAX_HIDDEN}: predictors use hundreds to thousands")
     if not 0 < args.val_fraction < 1:
         raise UserError("--val-fraction must lie between 0 and 1")
+    if not args.lr > 0 or args.weight_decay < 0:
+        raise UserError("--lr must be above 0 and --weight-decay 0 or more")
+    if args.patience < 1 or (args.max_train_samples is not None and args.max_train_samples < 1):
+        raise UserError("--patience and --max-train-samples must be at least 1")
+    check_device(args.device)
     settings = TrainSettings(
         arch=args.arch,
         loss=args.loss,

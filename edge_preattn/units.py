@@ -1,8 +1,14 @@
 """Sizes and rates with units, as users type them (`6GiB`, `12GB/s`) and as tables show them."""
 
+import math
+import os
 import re
+from typing import Any
 
 from .errors import UserError
+
+MIN_RATE_BYTES_PER_S = 1e6  # 1 MB/s: a slower modelled bus takes seconds per expert upload
+MAX_THREADS_PER_CPU = 4
 
 _MULTIPLIERS = {
     "": 1,
@@ -36,14 +42,43 @@ def parse_bytes(text: str) -> int:
 
 
 def parse_rate(text: str) -> float:
-    """`12GB/s` → 12e9 bytes per second."""
+    """`12GB/s` → 12e9 bytes per second; at least MIN_RATE_BYTES_PER_S, since a rate is a modelled
+    bus and `1B/s` would stall a run for hours on its first expert."""
     body = text.strip()
+    rate = None
     try:
         if body.lower().endswith("/s"):
-            return float(parse_bytes(body[:-2]))
+            rate = float(parse_bytes(body[:-2]))
     except UserError:
         pass
-    raise UserError(f"cannot read rate {text!r}: write bytes per second above 0, such as 12GB/s or 800MiB/s")
+    if rate is None:
+        raise UserError(
+            f"cannot read rate {text!r}: write bytes per second above 0, such as 12GB/s or 800MiB/s"
+        )
+    if rate < MIN_RATE_BYTES_PER_S:
+        raise UserError(f"rate {text!r} is below 1MB/s, the slowest bus this models: give 1MB/s or more")
+    return rate
+
+
+def max_threads() -> int:
+    """The most CPU threads an option may ask for: a few per core (libgomp aborts on thousands)."""
+    return MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+
+
+def check_numeric_options(options: dict[str, Any]) -> None:
+    """What every verb's parsed options must satisfy, checked in one place before any work: no NaN or
+    infinity in a float option (argparse's float() accepts 'nan' and 'inf', and a NaN compares false
+    with every range check after it), and a thread count llama.cpp and libgomp can start."""
+    for name, value in options.items():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise UserError(f"--{name.replace('_', '-')} is {item}: give a finite number")
+    threads = options.get("threads")
+    if isinstance(threads, int) and not -1 <= threads <= max_threads():
+        raise UserError(
+            f"-t {threads} is outside 1..{max_threads()} ({MAX_THREADS_PER_CPU} per CPU core here); "
+            "0 or -1 lets llama.cpp choose"
+        )
 
 
 def format_bytes(n_bytes: float) -> str:

@@ -3,8 +3,10 @@ the problem and the fix, exit status 2, and nothing written. Each case is noted 
 table (tests/robustness_log.py)."""
 
 import json
+import os
 import re
 import shutil
+import socket
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +16,7 @@ import pytest
 
 from edge_preattn import cli, onnx_io
 from edge_preattn.collect import CollectSettings, collect
-from edge_preattn.layout import model_fingerprint
+from edge_preattn.layout import _read_header, model_fingerprint
 from edge_preattn.predictors import Predictor
 from edge_preattn.synth import write_synthetic
 
@@ -94,6 +96,17 @@ def ws(llama_lib, tmp_path_factory) -> SimpleNamespace:
     models["a directory"] = root / "models"
     models["missing"] = root / "models" / "nope.gguf"
     models["unreadable"] = good  # the test makes reading it fail with EACCES (root reads anything)
+    models["a FIFO (inspect and run used to hang)"] = root / "models" / "fifo.gguf"
+    os.mkfifo(models["a FIFO (inspect and run used to hang)"])
+    nan, inf = float("nan"), float("inf")
+    model("NaN norm epsilon", patched(raw, metadata, eps, struct.pack("<f", nan)))
+    rope = "qwen3moe.rope.freq_base"
+    model("infinite rope frequency base", patched(raw, metadata, rope, struct.pack("<f", inf)))
+    tensors = {t.name: t for t in _read_header(good).tensors}
+    at = tensors["blk.1.attn_norm.weight"].data_offset + 4 * 5  # its 6th float32
+    model("a NaN in a norm weight (F32)", raw[:at] + struct.pack("<f", nan) + raw[at + 4 :])
+    at = tensors["blk.0.attn_q.weight"].data_offset + 34 * 3  # the float16 scale of its 4th block
+    model("an infinite Q8_0 block scale", raw[:at] + struct.pack("<e", -inf) + raw[at + 2 :])
 
     fingerprint = model_fingerprint(good)
     predictors = root / "predictors"
@@ -175,7 +188,15 @@ MODEL_CASES = {
     "a directory": "is a directory; pass the path of a .gguf model file",
     "missing": "does not exist; pass the path of a .gguf model file",
     "unreadable": "permission denied; check the file's permissions",
+    "a FIFO (inspect and run used to hang)": "is a FIFO (named pipe), not a regular file",
 }
+NAN_MODEL_CASES = {  # llama.cpp runs these and prints garbage
+    "NaN norm epsilon": "layer_norm_rms_epsilon = nan is not a finite number",
+    "infinite rope frequency base": "rope.freq_base = inf is not a finite number",
+    "a NaN in a norm weight (F32)": "tensor blk.1.attn_norm.weight holds NaN or infinite values",
+    "an infinite Q8_0 block scale": "tensor blk.0.attn_q.weight holds NaN or infinite values",
+}
+MODEL_CASES.update(NAN_MODEL_CASES)
 
 
 @pytest.mark.parametrize("kind", list(MODEL_CASES))
@@ -195,7 +216,7 @@ def test_a_bad_model_is_one_line_for_every_command(ws, capsys, monkeypatch, verb
     }[verb]
     message = one_line_error(capsys, ws, argv, MODEL_CASES[kind])
     if verb == "run":
-        record("bad model", kind, message)
+        record("NaN and infinite input" if kind in NAN_MODEL_CASES else "bad model", kind, message)
 
 
 RUN_CASES = {
@@ -218,9 +239,10 @@ RUN_CASES = {
     "--target 0": (["--mode", "lru", "--target", "0"], "--target is an expected recall"),
     "--stats-json in a missing folder": (
         ["--stats-json", "nowhere/stats.json"],
-        "its directory does not exist",
+        "its folder nowhere does not exist",
     ),
     "prediction mode without predictors": (["--mode", "exact"], "--mode exact needs --predictors DIR"),
+    "-p with bytes that are not UTF-8 (a traceback)": (["-p", "abc\udcff"], "is not UTF-8 text"),
 }
 PREDICTOR_CASES = {
     "no manifest": "has no predictors.json: train predictors",
@@ -300,9 +322,34 @@ COLLECT_CASES = {
     ),
     "--layers not MoE layers": (["--layers", "9"], "", "--layers [9] are not MoE layers of tiny.gguf"),
     "--layers unreadable": (["--layers", "two"], "", "cannot read --layers 'two'"),
+    "--layers 3-1 (recorded no layer)": (["--layers", "3-1"], "", "cannot read --layers '3-1'"),
     "--prompts-per-shard 0": (["--prompts-per-shard", "0"], "", "must be at least 1"),
     "-c smaller than -n": (["-c", "10", "-n", "64"], "", "-c 10 leaves no room for a prompt and -n 64"),
     "negative -n": (["-n", "-1"], "", "--max-new-tokens must be 0 or more"),
+    "JSONL with an empty text (llama.cpp aborted)": (
+        ["--prompts", "{root}/empty-text.jsonl"],
+        "",
+        "empty-text.jsonl:2: 'text' is empty",
+    ),
+    "JSONL text null (became the prompt 'None')": (
+        ["--prompts", "{root}/null-text.jsonl"],
+        "",
+        "null-text.jsonl:1: 'text' is NoneType, not a string",
+    ),
+    "JSONL text a number": (["--prompts", "{root}/number.jsonl"], "", "'text' is int, not a string"),
+    "invalid UTF-8 in line 2": (["--prompts", "{root}/latin1.txt"], "", "latin1.txt:2 is not UTF-8"),
+    "random bytes (became thousands of prompts)": (["--prompts", "{root}/random.bin"], "", "is not"),
+    "NUL bytes": (["--prompts", "{root}/nul.txt"], "", "is not text (it holds NUL bytes)"),
+    "a FIFO": (["--prompts", "{root}/prompts.fifo"], "", "is a FIFO (named pipe), not a regular file"),
+    "a directory": (["--prompts", "{root}"], "", "is a directory, not a regular file"),
+}
+PROMPT_FILES = {
+    "empty-text.jsonl": b'{"text": "fine"}\n{"text": ""}\n',
+    "null-text.jsonl": b'{"text": null}\n',
+    "number.jsonl": b'{"text": 42}\n',
+    "latin1.txt": "first prompt\nsecond, caf\u00e9\n".encode("latin-1"),
+    "random.bin": np.random.default_rng(20).integers(1, 256, 4096, dtype=np.uint8).tobytes(),
+    "nul.txt": b"one\0two\n",
 }
 
 
@@ -311,6 +358,10 @@ def test_bad_collect_input_is_one_line(ws, capsys, case):
     extra, kind, fragment = COLLECT_CASES[case]
     (ws.root / "empty.txt").write_text("\n\n")
     (ws.root / "bad.jsonl").write_text('{"prompt": "hello"}\n')
+    for name, data in PROMPT_FILES.items():
+        (ws.root / name).write_bytes(data)
+    if not (ws.root / "prompts.fifo").exists():
+        os.mkfifo(ws.root / "prompts.fifo")
     argv = ["collect", str(ws.good), "--prompts", str(ws.prompts), "-o", str(ws.root / "new-traces")]
     extra = [e.format(root=ws.root) for e in extra]
     if kind == "folder":
@@ -373,7 +424,7 @@ def test_train_refuses_another_runs_checkpoints(ws, capsys):
 INSPECT_CASES = {
     "VRAM budget below k experts per layer": (["--vram-budget", "1MiB"], "raise --vram-budget to at least"),
     "-c 0 with a budget": (["--vram-budget", "8GiB", "-c", "0"], "context size 0 must be positive"),
-    "--json in a missing folder": (["--json", "nowhere/layout.json"], "directory nowhere does not exist"),
+    "--json in a missing folder": (["--json", "nowhere/layout.json"], "its folder nowhere does not exist"),
 }
 
 
@@ -431,3 +482,208 @@ def test_no_code_path_unpickles_user_files():
             assert "pickle.load" not in code and "allow_pickle=True" not in code, f"{source}:{number}"
             assert "torch.load(" not in code or "weights_only=True" in code, f"{source}:{number}"
             assert not re.search(r"(?<![\w.])(eval|exec)\(", code), f"{source}:{number}"
+
+
+NUMERIC_CASES = {  # (verb, flags, fragment): NaN passed every range check after it; others hung or died
+    "run --temp nan": ("run", ["--temp", "nan"], "--temp is nan: give a finite number"),
+    "run --temp inf": ("run", ["--temp", "inf"], "--temp is inf: give a finite number"),
+    "run --top-p 2": ("run", ["--top-p", "2"], "--top-p 2.0 must lie in (0, 1]"),
+    "run --target nan": ("run", ["--mode", "lru", "--target", "nan"], "--target is nan"),
+    "run --bandwidth 1B/s (hung)": ("run", ["--mode", "lru", "--bandwidth", "1B/s"], "is below 1MB/s"),
+    "run --bandwidth 999kB/s": ("run", ["--mode", "lru", "--bandwidth", "999kB/s"], "is below 1MB/s"),
+    "run -t 10000 (libgomp died)": ("run", ["-t", "10000"], "-t 10000 is outside 1.."),
+    "run -t -5": ("run", ["-t", "-5"], "-t -5 is outside 1.."),
+    "run --n-cpu-moe -3 (was ignored)": ("run", ["--n-cpu-moe", "-3"], "--n-cpu-moe -3 is negative"),
+    "collect -t 10000": ("collect", ["-t", "10000"], "-t 10000 is outside 1.."),
+    "collect --temp nan": ("collect", ["--temp", "nan"], "--temp is nan"),
+    "collect --temp -1": ("collect", ["--temp", "-1"], "--temp must be 0 or more"),
+    "collect --top-p 0": ("collect", ["--top-p", "0"], "--top-p lie in (0, 1]"),
+    "train --lr nan": ("train", ["--lr", "nan"], "--lr is nan: give a finite number"),
+    "train --lr 0": ("train", ["--lr", "0"], "--lr must be above 0"),
+    "train --weight-decay -inf": ("train", ["--weight-decay=-inf"], "--weight-decay is -inf"),
+    "train --val-fraction nan": ("train", ["--val-fraction", "nan"], "--val-fraction is nan"),
+    "train --hidden 1000000000": ("train", ["--hidden", "1000000000"], "--hidden 1000000000 is above"),
+    "train --max-train-samples 0 (was ignored)": (
+        "train",
+        ["--max-train-samples", "0"],
+        "must be at least 1",
+    ),
+    "train --patience 0": ("train", ["--patience", "0"], "--patience and --max-train-samples must be"),
+    "train --device tpu": ("train", ["--device", "tpu"], "--device 'tpu' is not a torch device"),
+    "train --device cuda without CUDA": ("train", ["--device", "cuda"], "torch sees no CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(NUMERIC_CASES))
+def test_numeric_options_are_range_checked(ws, capsys, case):
+    verb, extra, fragment = NUMERIC_CASES[case]
+    if case == "train --device cuda without CUDA":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    argv = {
+        "run": ["run", "-m", str(ws.good), "-n", "4"],
+        "collect": ["collect", str(ws.good), "--prompts", str(ws.prompts), "-o", str(ws.root / "new")],
+        "train": ["train", str(ws.traces), "-o", str(ws.root / "new"), "--epochs", "1", "--hidden", "8"],
+    }[verb]
+    if case == "train --hidden 1000000000":
+        argv = argv[:-2]
+    record("numeric option", case, one_line_error(capsys, ws, [*argv, *extra], fragment))
+
+
+def destination(ws, kind: str) -> Path:
+    """An existing non-regular file in the workspace (made before its snapshot, which then proves
+    that it is still what it was)."""
+    folder = ws.root / "destinations"
+    folder.mkdir(exist_ok=True)
+    path = folder / kind.replace(" ", "-")
+    if kind == "a FIFO" and not path.exists():
+        os.mkfifo(path)
+    elif kind == "a socket" and not path.exists():
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+    elif kind == "a directory":
+        path.mkdir(exist_ok=True)
+    elif kind == "a link to a FIFO" and not path.is_symlink():
+        path.symlink_to(destination(ws, "a FIFO"))
+    return path
+
+
+DESTINATIONS = ("a FIFO", "a socket", "a directory", "a link to a FIFO")
+WRITERS = {
+    "run --stats-json": lambda ws, out: ["run", "-m", str(ws.good), "-n", "2", "--stats-json", out],
+    "inspect --json": lambda ws, out: ["inspect", str(ws.good), "--json", out],
+    "synth -o": lambda ws, out: ["synth", "--preset", "tiny", "--layers", "1", "-o", out],
+}
+
+
+@pytest.mark.parametrize("kind", DESTINATIONS)
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_outputs_never_replace_what_is_not_a_regular_file(ws, capsys, writer, kind):
+    """The atomic rename would replace a device or FIFO with a file (`--stats-json /dev/null` as
+    root): refused before any work, and the FIFO, socket or folder stays as it was."""
+    out = destination(ws, kind)
+    shown = {"a directory": "a directory", "a socket": "a socket"}.get(kind, "a FIFO (named pipe)")
+    message = one_line_error(capsys, ws, WRITERS[writer](ws, str(out)), f"it is {shown}, not a regular file")
+    record("output destination", f"{writer} to {kind}", message)
+
+
+@pytest.mark.parametrize("verb", ["collect", "train"])
+def test_an_output_folder_that_is_a_fifo_is_refused(ws, capsys, verb):
+    out = str(destination(ws, "a FIFO"))
+    argv = {
+        "collect": ["collect", str(ws.good), "--prompts", str(ws.prompts), "-o", out],
+        "train": ["train", str(ws.traces), "-o", out, "--epochs", "1", "--hidden", "8"],
+    }[verb]
+    message = one_line_error(capsys, ws, argv, "is a FIFO (named pipe): give a folder")
+    record("output destination", f"{verb} -o to a FIFO", message)
+
+
+@pytest.mark.parametrize("writer", ["run --stats-json", "inspect --json"])
+def test_an_output_that_is_the_input_model_is_refused(ws, capsys, writer):
+    """`inspect m.gguf --json m.gguf` replaced the model with its layout; the snapshot proves the
+    model is untouched."""
+    message = one_line_error(capsys, ws, WRITERS[writer](ws, str(ws.good)), "it is the input")
+    record("output destination", f"{writer} naming the model itself", message)
+
+
+def test_regular_outputs_are_replaced_and_links_written_through(ws, tmp_path):
+    """The control: an existing file is replaced whole; a link to a file keeps being a link."""
+    existing = tmp_path / "stats.json"
+    existing.write_text("old")
+    target = tmp_path / "layout.json"
+    target.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert cli.main(["run", "-m", str(ws.good), "-n", "2", "--stats-json", str(existing)]) == 0
+    assert cli.main(["inspect", str(ws.good), "--json", str(link)]) == 0
+    assert json.loads(existing.read_text())["generated_tokens"] == 2
+    assert link.is_symlink() and "layout" in json.loads(target.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layout.json", "link.json", "stats.json"]
+    record("output destination", "an existing file; a link to a file", "replaced whole; the link kept")
+
+
+def matmul_onnx(n_embd: int, n_expert: int, weights: np.ndarray, external: Path | None = None) -> bytes:
+    """A predictor graph by hand: scores = x @ weights; with `external`, its weights in that file."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["scores"])],
+        "predictor",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n_tokens", n_embd])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n_tokens", n_expert])],
+        [numpy_helper.from_array(weights.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", onnx_io.OPSET)])
+    model.ir_version = 8
+    if external is not None:
+        onnx.external_data_helper.convert_model_to_external_data(
+            model, location=external.name, size_threshold=0
+        )
+        onnx.save_model(model, str(external.with_suffix(".onnx")))
+        return external.with_suffix(".onnx").read_bytes()
+    return model.SerializeToString()
+
+
+def hand_made_set(directory: Path, ws, model: bytes, validation: list[int]) -> Path:
+    """A one-layer set around an ONNX file, with the manifest train writes (its sha256 correct)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "layer-000.onnx").write_bytes(model)
+    entry = {"layer": 0, "file": "layer-000.onnx", "sha256": onnx_io.sha256_bytes(model)}
+    fields = {"fingerprint": ws.fingerprint, "n_embd": 128, "n_expert": 16, "k": 4, "input": "x_pre"}
+    onnx_io.write_manifest(
+        directory,
+        {**fields, "arch": 2, "layers": [0], "validation_prompts": validation, "predictors": [entry]},
+    )
+    return directory
+
+
+def test_onnx_external_data_is_refused(ws, capsys, tmp_path):
+    """onnxruntime would open the weights file relative to the current directory: outside the folder
+    and outside the manifest's sha256. The weights file here is real and loadable."""
+    weights = np.random.default_rng(0).standard_normal((128, 16))
+    model = matmul_onnx(128, 16, weights, external=tmp_path / "weights.bin")
+    predictors = hand_made_set(ws.root / "predictors" / "external", ws, model, [3])
+    argv = ["run", "-m", str(ws.good), "-n", "2", "--mode", "exact", "--predictors", str(predictors)]
+    message = one_line_error(capsys, ws, argv, "keeps weights in a separate file (ONNX external data)")
+    record("external data", "an ONNX predictor with external weights (run)", message)
+    argv = ["eval", str(ws.traces), str(predictors), "-o", str(tmp_path / "out")]
+    message = one_line_error(capsys, ws, argv, "keeps weights in a separate file (ONNX external data)")
+    record("external data", "an ONNX predictor with external weights (eval)", message)
+
+
+EVAL_CASES = {
+    "-o is a FIFO (a traceback)": (["-o", "{fifo}"], "is a FIFO (named pipe): give a folder for the reports"),
+    "--name with a slash": (["--name", "../x"], "--name '../x' must be a plain name"),
+    "--name empty": (["--name", ""], "--name '' must be a plain name"),
+}
+
+
+@pytest.mark.parametrize("case", list(EVAL_CASES))
+def test_bad_eval_options_are_one_line(ws, capsys, case):
+    extra, fragment = EVAL_CASES[case]
+    argv = ["eval", str(ws.traces), str(ws.sets["good"]), "-o", str(ws.root / "reports")]
+    argv += [e.format(fifo=destination(ws, "a FIFO")) for e in extra]
+    record("bad input (eval)", case, one_line_error(capsys, ws, argv, fragment))
+
+
+def test_eval_refuses_nan_scores_and_says_which_validation_prompts_it_lacks(ws, capsys, caplog, tmp_path):
+    nan_set = hand_made_set(
+        ws.root / "predictors" / "nan", ws, matmul_onnx(128, 16, np.full((128, 16), np.nan)), [3]
+    )
+    argv = ["eval", str(ws.traces), str(nan_set), "-o", str(tmp_path / "out")]
+    message = one_line_error(capsys, ws, argv, "layer 0's predictor gives NaN or infinite scores; retrain")
+    record("NaN and infinite input", "eval of a predictor whose scores are all NaN (was scored)", message)
+    weights = np.random.default_rng(1).standard_normal((128, 16))
+    good_set = hand_made_set(tmp_path / "partial", ws, matmul_onnx(128, 16, weights), [3, 7, 9])
+    with caplog.at_level("WARNING", logger="edge_preattn"):
+        assert (
+            cli.main(["eval", str(ws.traces), str(good_set), "-o", str(tmp_path / "out"), "--name", "t"]) == 0
+        )
+    payload = json.loads((tmp_path / "out" / "accuracy-t.json").read_text())
+    assert payload["heldout_prompts"] == [3]
+    warning = next(r.getMessage() for r in caplog.records if r.levelno == 30)
+    assert "2 of the 3 validation prompts are not in" in warning and "[7, 9]" in warning
+    record("bad input (eval)", "validation prompts not in the traces (were counted)", f"warning: {warning}")

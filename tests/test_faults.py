@@ -1,13 +1,16 @@
 """Faults during a run: a broken predictor, a refused upload, a device out of memory for the slot
 banks. Each run goes on with stock llama.cpp's exact output and says what happened once."""
 
+import errno
 import json
 import logging
+import os
+import pathlib
 
 import numpy as np
 import pytest
 
-from edge_preattn import cli
+from edge_preattn import cli, collect
 from edge_preattn.controller import CacheRuntime, RandomRanking
 from edge_preattn.engine import Engine, EngineConfig
 from edge_preattn.layout import read_layout
@@ -213,3 +216,119 @@ def test_direct_enable_failure_is_a_one_line_user_error(llama_lib, tiny, enable_
     config = EngineConfig.host_experts(tiny, 64)
     with Engine(llama_lib, config) as engine, pytest.raises(SlotAllocationError, match="lower --slots"):
         SlotBank(engine.api, engine.ctx, (0, 1), n_slots=8)
+
+
+def disk_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def raising(code: int):
+    """A stand-in for a write function that fails as the kernel would, with errno `code`."""
+
+    def fail(*_args, **_kwargs):
+        raise disk_error(code)
+
+    return fail
+
+
+def one_line(capsys, argv: list[str], fragment: str) -> str:
+    """The command exits 2 with one error line holding `fragment`, its last (above it only progress
+    and the run's statistics), and no traceback."""
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and errors == err.strip().splitlines()[-1:] and fragment in errors[0], (code, err)
+    assert "Traceback" not in err
+    return errors[0].partition("error: ")[2]
+
+
+def half_then_full(monkeypatch) -> None:
+    """Path.write_bytes writes half its data, then the disk is full (ENOSPC)."""
+    real = pathlib.Path.write_bytes
+
+    def write_bytes(self, data):
+        real(self, data[: len(data) // 2])
+        raise disk_error(errno.ENOSPC)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+
+
+def test_a_full_disk_leaves_the_old_output_whole_and_says_so(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "layout.json"
+    out.write_text("old")
+    half_then_full(monkeypatch)
+    message = one_line(capsys, ["inspect", str(tiny), "--json", str(out)], "(disk full); free some space")
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["layout.json"]
+    record(
+        "output fault", "disk full while inspect --json replaces a file", f"{message}; old file kept whole"
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "where"),
+    [(errno.EROFS, "a read-only disk"), (errno.EACCES, "a folder without write permission")],
+)
+def test_a_read_only_destination_is_one_line(tiny, tmp_path, capsys, monkeypatch, code, where):
+    """As root the tests cannot lose write permission: the error comes from the rename (EROFS) or from
+    creating the temporary file (EACCES), as the kernel would give it."""
+    if code == errno.EROFS:
+        monkeypatch.setattr(pathlib.Path, "replace", raising(code))
+    else:
+        monkeypatch.setattr(pathlib.Path, "write_bytes", raising(code))
+    argv = ["run", "-m", str(tiny), "-n", "2", "--stats-json", str(tmp_path / "stats.json")]
+    message = one_line(capsys, argv, "; choose a folder you can write to")
+    assert list(tmp_path.iterdir()) == []
+    record("output fault", f"run --stats-json on {where}", message)
+
+
+def test_a_full_disk_during_synth_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from edge_preattn import synth
+
+    def fill(fout, plan, seed, total, progress):
+        fout.write(b"\0" * 4096)
+        raise disk_error(errno.ENOSPC)
+
+    monkeypatch.setattr(synth, "_write_data", fill)
+    message = one_line(capsys, ["synth", "--preset", "tiny", "-o", str(tmp_path / "t.gguf")], "(disk full)")
+    assert list(tmp_path.iterdir()) == []
+    record("output fault", "disk full while synth writes tensor data", f"{message}; no file left")
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fault-prompts") / "prompts.txt"
+    path.write_text("def add(a, b):\nThe capital of France is\nimport numpy as np\nfor i in range(3):\n")
+    return path
+
+
+def test_a_full_disk_during_collect_keeps_finished_shards_and_the_rerun_completes(
+    llama_lib, tiny, prompts, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "traces"
+    argv = ["collect", str(tiny), "--prompts", str(prompts), "-o", str(out), "-n", "2", "-c", "64"]
+    argv += ["--prompts-per-shard", "2"]
+    real_save = collect.np.save
+
+    def save(path, array):
+        if path.parent.name == ".shard-00001.tmp" and path.name.startswith("L002"):  # mid-shard
+            raise disk_error(errno.ENOSPC)
+        real_save(path, array)
+
+    monkeypatch.setattr(collect.np, "save", save)
+    message = one_line(capsys, argv, "(disk full); free some space and rerun")
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000"]  # no half shard
+    monkeypatch.setattr(collect.np, "save", real_save)
+    assert cli.main(argv) == 0
+    assert [s["name"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == [
+        "shard-00000",
+        "shard-00001",
+    ]
+    record("output fault", "disk full inside collect's 2nd shard", f"{message}; rerun completes")
+    train_argv = ["train", str(out), "-o", str(tmp_path / "predictors"), "--epochs", "1", "--hidden", "8"]
+    train_argv += ["--device", "cpu", "--val-fraction", "0.5"]
+    import torch
+
+    monkeypatch.setattr(torch, "save", raising(errno.ENOSPC))
+    message = one_line(capsys, train_argv, "layer-000.pt: No space left on device (disk full)")
+    assert not [p for p in (tmp_path / "predictors").rglob("*") if p.name.startswith(".")]
+    record("output fault", "disk full while train saves a checkpoint", message)

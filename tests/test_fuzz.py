@@ -8,18 +8,22 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 
+from edge_preattn import layout
 from edge_preattn.collect import CollectSettings, collect
 from edge_preattn.errors import UserError
 from edge_preattn.synth import write_synthetic
 from edge_preattn.traces import TraceSet
 
+from .gguf_fuzz import number_spans
 from .robustness_log import record
 
 WORKER = Path(__file__).with_name("gguf_fuzz.py")
@@ -146,3 +150,58 @@ def test_fuzzed_trace_manifests_read_or_are_refused(traces, tmp_path):
     assert sum(outcomes.values()) == 300 and len(outcomes) > 4, outcomes
     for kind, count in outcomes.most_common():
         record("fuzz (traces manifest.json, seed 5)", "byte flips, cuts, odd values", kind, count)
+
+
+NAN_CASES_PER_MODEL = 100
+
+
+def non_finite_case(raw: bytes, targets: tuple[list, list], rng: np.random.Generator) -> bytes:
+    """raw with one float set to NaN or ±infinity: a metadata value (a third of the cases), a weight
+    or a block's scale."""
+    metadata, tensors = targets
+    chosen = metadata if rng.random() < 1 / 3 else tensors
+    _, position, fmt = chosen[int(rng.integers(0, len(chosen)))]
+    value = (float("nan"), float("inf"), float("-inf"))[int(rng.integers(0, 3))]
+    packed = struct.pack(fmt, value)
+    return raw[:position] + packed + raw[position + len(packed) :]
+
+
+def float_targets(path: Path, rng: np.random.Generator) -> tuple[list, list]:
+    """(what, byte offset, struct format) of the model's float metadata, and of a few values in every
+    float tensor and a few scales of every block-quantized tensor."""
+    reader = gguf.GGUFReader(path)
+    floats = {name for name, field in reader.fields.items() if field.types == [gguf.GGUFValueType.FLOAT32]}
+    metadata = [(name, at, "<f") for name, at, _ in number_spans(path)[0] if name in floats]
+    targets = []
+    for tensor in layout._read_header(path).tensors:
+        block_bytes = gguf.GGML_QUANT_SIZES[tensor.ggml_type][1]
+        for block in rng.integers(0, tensor.n_bytes // block_bytes, size=3):
+            at = tensor.data_offset + int(block) * block_bytes
+            if tensor.ggml_type in layout._FLOAT_TENSORS:
+                fmt = {"<f4": "<f", "<f2": "<e", "<f8": "<d"}[layout._FLOAT_TENSORS[tensor.ggml_type]]
+                targets.append((tensor.name, at, fmt))
+            elif tensor.ggml_type in layout._BLOCK_SCALES:
+                targets.append((tensor.name, at + layout._BLOCK_SCALES[tensor.ggml_type][0], "<e"))
+    return metadata, targets
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
+def test_non_finite_metadata_and_weights_are_refused_at_load(tmp_path, preset):
+    """llama.cpp runs a model with a NaN epsilon or NaN weights and prints garbage. The tiny models'
+    tensors are small enough to be checked whole, so every case must be refused (larger tensors are
+    checked at sampled blocks)."""
+    model = tmp_path / "model.gguf"
+    write_synthetic(preset, model, progress=False)
+    raw, rng = model.read_bytes(), np.random.default_rng(11)
+    targets = float_targets(model, rng)
+    outcomes: collections.Counter = collections.Counter()
+    case = tmp_path / "case.gguf"
+    for _ in range(NAN_CASES_PER_MODEL):
+        case.write_bytes(non_finite_case(raw, targets, rng))
+        with pytest.raises(UserError) as refused:
+            layout.read_layout(case)
+        message = re.sub(r"= -?(nan|inf)\b", "= nan/±inf", str(refused.value).replace(str(case), "FILE"))
+        outcomes[fold(message)] += 1
+    assert all("not a finite number" in kind or "NaN or infinite" in kind for kind in outcomes), outcomes
+    for kind, count in outcomes.items():
+        record("NaN and infinite input", f"{preset}: one float set to NaN/±inf (seed 11)", kind, count)

@@ -3,12 +3,17 @@ on (one line, exit 130), and the same command finishes with what an uninterrupte
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect, train
+from edge_preattn import cli, collect, run, train
 from edge_preattn.synth import write_synthetic
 
 from .robustness_log import record
@@ -206,4 +211,102 @@ def test_a_damaged_checkpoint_retrains_only_its_layer(inputs, trained, tmp_path,
         "bad input (train)",
         "a checkpoint cut short, then train rerun",
         f"layer retrained; warning: {warnings[0][:160]}",
+    )
+
+
+def cli_process(*argv: str, **popen) -> subprocess.Popen:
+    """`edge-preattn ARGV` in its own process (the library the tests built: EDGE_PREATTN_LIB)."""
+    command = [sys.executable, "-m", "edge_preattn.cli", *argv]
+    return subprocess.Popen(command, stderr=subprocess.PIPE, **popen)
+
+
+def interrupt_when(process: subprocess.Popen, ready) -> str:
+    """SIGINT (what Ctrl-C sends) once `ready()` holds; then the process's stderr. Fails, never hangs,
+    if the process ignores it."""
+    deadline = time.monotonic() + 120
+    while not ready() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "it ended before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError("Ctrl-C did not stop it within 60 s") from None
+    return err.decode(errors="replace")
+
+
+def assert_clean_interrupt(process: subprocess.Popen, err: str, last_line: str) -> None:
+    assert process.returncode == 130, err
+    assert err.strip().splitlines()[-1] == last_line, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+@pytest.mark.parametrize("mode", ["off", "lru", "top1", "exact", "overprov", "adaptive"])
+def test_ctrl_c_stops_run_in_every_mode(lib_dir, mode):
+    """In prediction modes the KeyboardInterrupt used to land in a ctypes callback, which swallowed it:
+    the run generated all its tokens and exited 0. The packaged model, -n near its whole context."""
+    if not run.DEFAULT_MODEL.is_file():
+        pytest.skip("the packaged model is absent")
+    process = cli_process("run", "--mode", mode, "-n", "1000", "-c", "1024", stdout=subprocess.PIPE)
+    os.set_blocking(process.stdout.fileno(), False)
+    text = bytearray()
+
+    def generating() -> bool:
+        text.extend(process.stdout.read() or b"")
+        return len(text) > len(run.DEFAULT_PROMPT) + 8  # a few tokens past the prompt
+
+    err = interrupt_when(process, generating)
+    assert_clean_interrupt(process, err, "edge-preattn: interrupted")
+    assert "prefill" not in err  # stopped before the end of its run (the summary comes last)
+    record("signals", f"SIGINT (Ctrl-C) during run --mode {mode}", "edge-preattn: interrupted (exit 130)")
+
+
+def test_ctrl_c_stops_collect_and_the_same_command_resumes(lib_dir, inputs, tmp_path):
+    """A real SIGINT, wherever it lands (most often inside a hook): no 'captured N rows for N + 1
+    tokens' traceback, no half shard, and the rerun gives the traces of an uninterrupted run."""
+    model, _, _ = inputs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"{p} {i}" for i in range(4) for p in PROMPTS) + "\n")
+    flags = ["--prompts", str(prompts), "-n", "12", "--prompts-per-shard", "2", "-c", "128", "--seed", "3"]
+    reference, out = tmp_path / "reference", tmp_path / "traces"
+    assert cli.main(["collect", str(model), "-o", str(reference), *flags]) == 0
+    process = cli_process("collect", str(model), "-o", str(out), *flags, stdout=subprocess.DEVNULL)
+    err = interrupt_when(process, (out / "manifest.json").exists)
+    assert_clean_interrupt(process, err, INTERRUPTED)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert cli.main(["collect", str(model), "-o", str(out), *flags]) == 0
+    assert same_arrays(out, reference)
+    record("signals", "SIGINT (Ctrl-C) during collect", f"{INTERRUPTED} (exit 130); rerun: identical traces")
+
+
+@pytest.mark.parametrize("verb", ["run", "inspect"])
+def test_a_closed_stdout_ends_quietly(lib_dir, inputs, verb):
+    """`edge-preattn run | head -c 20`: the reader is gone; the command stops without a traceback,
+    with the status a shell gives a tool that SIGPIPE stopped."""
+    model, _, _ = inputs
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # a reader that has already gone
+    argv = ["run", "-m", str(model), "-n", "16"] if verb == "run" else ["inspect", str(model)]
+    process = cli_process(*argv, stdout=write_end)
+    os.close(write_end)
+    _, err = process.communicate(timeout=120)
+    err = err.decode(errors="replace")
+    assert process.returncode == cli.EXIT_BROKEN_PIPE, err
+    assert "Traceback" not in err and "Exception ignored" not in err and "BrokenPipe" not in err, err
+    record("signals", f"{verb} with a closed stdout (| head)", f"quiet; exit {process.returncode}")
+
+
+def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
+    """`edge-preattn run >&-`: Python had no sys.stdout to write the text to (a traceback), and the
+    next file opened would have taken descriptor 1. The run completes, its summary on stderr."""
+    model, _, _ = inputs
+    process = cli_process("run", "-m", str(model), "-n", "4", preexec_fn=lambda: os.close(1))
+    _, err = process.communicate(timeout=120)
+    err = err.decode(errors="replace")
+    assert process.returncode == 0 and "prefill" in err and "Traceback" not in err, err
+    record(
+        "output destination",
+        "run with stdout closed (>&-)",
+        "ran; text discarded, summary on stderr (exit 0)",
     )

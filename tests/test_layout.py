@@ -55,6 +55,7 @@ class Gguf:
         if ggml_type in BLOCK_BYTES:  # raw blocks: (..., ne1, ne0 / 32 * block bytes) uint8
             byte_shape = (*np_shape[:-1], np_shape[-1] // 32 * BLOCK_BYTES[ggml_type])
             data = self.rng.integers(0, 256, size=byte_shape, dtype=np.uint8)
+            data.reshape(-1, BLOCK_BYTES[ggml_type])[:, 1] &= 0xBF  # finite float16 scales (|d| < 2)
         else:
             data = self.rng.standard_normal(np_shape).astype(np.float16 if ggml_type == F16 else np.float32)
         self.tensors[name] = (data, ggml_type, int(np.prod(ne)))
