@@ -429,9 +429,7 @@ def describe(setup: Setup, loaded: Loaded, miss: str) -> str:
 def main(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UserError("the prompt is empty: give some text with -p")
-    if args.stats_json and not Path(args.stats_json).parent.is_dir():
-        raise UserError(f"cannot write {args.stats_json}: its directory does not exist")
-    setup = prepare(args)
+    setup = prepare(args)  # refuses a --stats-json it could not write, before any work
     sampling = setup.sampling
 
     def record_oracle(engine: Engine) -> dict:

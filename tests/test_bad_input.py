@@ -487,7 +487,7 @@ def test_no_code_path_unpickles_user_files():
 NUMERIC_CASES = {  # (verb, flags, fragment): NaN passed every range check after it; others hung or died
     "run --temp nan": ("run", ["--temp", "nan"], "--temp is nan: give a finite number"),
     "run --temp inf": ("run", ["--temp", "inf"], "--temp is inf: give a finite number"),
-    "run --top-p 2": ("run", ["--top-p", "2"], "--top-p 2.0 must lie in (0, 1]"),
+    "run --top-p 2": ("run", ["--top-p", "2"], "--top-p 2.0 must be in (0, 1]"),
     "run --target nan": ("run", ["--mode", "lru", "--target", "nan"], "--target is nan"),
     "run --bandwidth 1B/s (hung)": ("run", ["--mode", "lru", "--bandwidth", "1B/s"], "is below 1MB/s"),
     "run --bandwidth 999kB/s": ("run", ["--mode", "lru", "--bandwidth", "999kB/s"], "is below 1MB/s"),
