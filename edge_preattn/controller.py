@@ -453,8 +453,11 @@ class Controller:
             try:
                 work(*args)
             except Exception as error:
-                self.disabled.add(il)
-                log.warning("prefetch for layer %d failed (%r): prediction is off for that layer", il, error)
+                if il not in self.disabled:  # later work for the layer may be queued already: warn once
+                    self.disabled.add(il)
+                    log.warning(
+                        "prefetch for layer %d failed (%r): prediction is off for that layer", il, error
+                    )
 
         future = self.worker.submit(guarded)
         if future is None:

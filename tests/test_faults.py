@@ -106,15 +106,15 @@ def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
 def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, caplog, monkeypatch):
     """The C side makes every selected expert resident itself, so uploads the controller could not
     do (a device error) cost time, never output."""
-    real_prefetch, calls = SlotBank.prefetch, {"n": 0}
+    real_predict, calls = SlotBank.predict, {"n": 0}
 
-    def failing(self, il, experts, max_uploads, on_miss=False):
+    def failing(self, il, ubatch, experts, max_uploads):
         calls["n"] += 1
         if calls["n"] > 20:
-            raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status -1)")
-        return real_prefetch(self, il, experts, max_uploads, on_miss)
+            raise ValueError(f"prediction {experts} for layer {il} refused (status -1)")
+        return real_predict(self, il, ubatch, experts, max_uploads)
 
-    monkeypatch.setattr(SlotBank, "prefetch", failing)
+    monkeypatch.setattr(SlotBank, "predict", failing)
     layout = read_layout(tiny)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
         tokens, logits, _ = greedy(
