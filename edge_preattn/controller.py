@@ -178,7 +178,7 @@ class Controller:
     The routing-time rule for a miss under `miss="upload"` (upload into the eviction policy's victim)
     is a standing rule the library applies itself: Python code at every layer of every token would
     cost more than most uploads. The routing hook is installed only when this controller has a
-    decision to make there (misses on the CPU, `auto`, or `wait_for_prefetch`).
+    decision to make there (see `needs_routing_hook`).
     """
 
     def __init__(
@@ -326,7 +326,14 @@ class Controller:
 
     @property
     def needs_routing_hook(self) -> bool:
-        return self.miss != "upload" or (self.wait_for_prefetch and not self.native)
+        """Decisions the library cannot make alone: the cost model (`auto`), lru's deferred uploads
+        with misses on the CPU, and waiting for a prediction made in Python. Misses on the CPU in the
+        other modes need nothing here: the library leaves every non-resident expert to the CPU."""
+        return (
+            self.miss == "auto"
+            or (self.miss == "cpu" and self.mode == "lru")
+            or (self.wait_for_prefetch and not self.native)
+        )
 
     def close(self) -> None:
         with self.native_lock:
