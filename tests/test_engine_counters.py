@@ -12,8 +12,9 @@ import pytest
 from edge_preattn import cli
 from edge_preattn.controller import CacheRuntime
 from edge_preattn.layout import read_layout
-from tests.test_cache import greedy, host_experts_engine
-from tests.test_native_predictor import export_predictors
+
+from .test_cache import greedy, host_experts_engine
+from .test_native_predictor import export_predictors
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from edge_preattn.layout import read_layout
 from edge_preattn.predictor_weights import Unsupported, read_mlp, read_predictor_set
 from edge_preattn.predictors import Predictor
 from edge_preattn.slots import SlotBank
-from tests.test_cache import greedy, host_experts_engine
+
+from .test_cache import greedy, host_experts_engine
 
 
 def random_predictor(arch: int, n_embd: int, n_expert: int, hidden: int, seed: int) -> Predictor:
