@@ -200,6 +200,7 @@ class Controller:
         lookahead: int = 0,
         late_fallback: bool = True,
         predictor_engine: str = "native",
+        predictor_threads: int = 0,
         copy_queue: bool = False,
     ) -> None:
         if mode not in MODES or mode == "off":
@@ -264,7 +265,7 @@ class Controller:
             mode in PREDICTION_MODES
             and not self.cross_layer
             and predictor_engine == "native"
-            and self._predict_natively(lookahead)
+            and self._predict_natively(lookahead, predictor_threads)
         )
         # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
         # (the library's own predictions are made on the decode thread, before the routing: never late)
@@ -293,9 +294,10 @@ class Controller:
             runs = [ids for ids in runs if self._cached(il, len(ids))]
             self.bank.set_oracle(il, runs)
 
-    def _predict_natively(self, lookahead: int) -> bool:
+    def _predict_natively(self, lookahead: int, threads: int) -> bool:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
-        and onnxruntime predicts, on the prefetch thread)."""
+        and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
+        `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel)."""
         from .predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
@@ -305,6 +307,7 @@ class Controller:
         except (Unsupported, ImportError) as why:
             log.warning("the predictors run in onnxruntime, not in the library: %s", why)
             return False
+        self.bank.set_predictor_threads(threads)
         for il in self.bank.layers:
             if il in weights:
                 adaptive = self.mode == "adaptive"
