@@ -93,7 +93,11 @@ def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
     broken_layers = (1, 2)
     predictors = Broken(fault, layout.n_expert, broken_layers)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
-        tokens, logits, stats = greedy(llama_lib, tiny, n_slots=6, mode="exact", predictors=predictors)
+        # the routing waits for each prediction: on a loaded machine the prefetch thread could fall so
+        # far behind that every prediction of a healthy layer arrives after its routing (dropped as stale)
+        tokens, logits, stats = greedy(
+            llama_lib, tiny, n_slots=6, mode="exact", predictors=predictors, wait_for_prefetch=True
+        )
     assert tokens == stock[0] and np.array_equal(logits, stock[1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == len(broken_layers), warnings  # once per switched-off layer
@@ -117,8 +121,13 @@ def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, ca
     monkeypatch.setattr(SlotBank, "predict", failing)
     layout = read_layout(tiny)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
-        tokens, logits, _ = greedy(
-            llama_lib, tiny, n_slots=6, mode="exact", predictors=RandomRanking(layout.n_expert)
+        tokens, logits, _ = greedy(  # waiting: every prediction reaches the (failing) upload call
+            llama_lib,
+            tiny,
+            n_slots=6,
+            mode="exact",
+            predictors=RandomRanking(layout.n_expert),
+            wait_for_prefetch=True,
         )
     assert tokens == stock[0] and np.array_equal(logits, stock[1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
