@@ -178,7 +178,7 @@ class Controller:
     The routing-time rule for a miss under `miss="upload"` (upload into the eviction policy's victim)
     is a standing rule the library applies itself: Python code at every layer of every token would
     cost more than most uploads. The routing hook is installed only when this controller has a
-    decision to make there (misses on the CPU, `auto`, or `wait_for_prefetch`).
+    decision to make there (see `needs_routing_hook`).
     """
 
     def __init__(
@@ -200,6 +200,7 @@ class Controller:
         lookahead: int = 0,
         late_fallback: bool = True,
         predictor_engine: str = "native",
+        predictor_threads: int = 0,
         copy_queue: bool = False,
     ) -> None:
         if mode not in MODES or mode == "off":
@@ -264,7 +265,7 @@ class Controller:
             mode in PREDICTION_MODES
             and not self.cross_layer
             and predictor_engine == "native"
-            and self._predict_natively(lookahead)
+            and self._predict_natively(lookahead, predictor_threads)
         )
         # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
         # (the library's own predictions are made on the decode thread, before the routing: never late)
@@ -293,9 +294,10 @@ class Controller:
             runs = [ids for ids in runs if self._cached(il, len(ids))]
             self.bank.set_oracle(il, runs)
 
-    def _predict_natively(self, lookahead: int) -> bool:
+    def _predict_natively(self, lookahead: int, threads: int) -> bool:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
-        and onnxruntime predicts, on the prefetch thread)."""
+        and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
+        `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel)."""
         from .predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
@@ -305,6 +307,7 @@ class Controller:
         except (Unsupported, ImportError) as why:
             log.warning("the predictors run in onnxruntime, not in the library: %s", why)
             return False
+        self.bank.set_predictor_threads(threads)
         for il in self.bank.layers:
             if il in weights:
                 adaptive = self.mode == "adaptive"
@@ -326,7 +329,14 @@ class Controller:
 
     @property
     def needs_routing_hook(self) -> bool:
-        return self.miss != "upload" or (self.wait_for_prefetch and not self.native)
+        """Decisions the library cannot make alone: the cost model (`auto`), lru's deferred uploads
+        with misses on the CPU, and waiting for a prediction made in Python. Misses on the CPU in the
+        other modes need nothing here: the library leaves every non-resident expert to the CPU."""
+        return (
+            self.miss == "auto"
+            or (self.miss == "cpu" and self.mode == "lru")
+            or (self.wait_for_prefetch and not self.native)
+        )
 
     def close(self) -> None:
         with self.native_lock:
@@ -455,8 +465,11 @@ class Controller:
             try:
                 work(*args)
             except Exception as error:
-                self.disabled.add(il)
-                log.warning("prefetch for layer %d failed (%r): prediction is off for that layer", il, error)
+                if il not in self.disabled:  # later work for the layer may be queued already: warn once
+                    self.disabled.add(il)
+                    log.warning(
+                        "prefetch for layer %d failed (%r): prediction is off for that layer", il, error
+                    )
 
         future = self.worker.submit(guarded)
         if future is None:

@@ -199,6 +199,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "onnxruntime on a Python prefetch thread",
     )
     cache.add_argument(
+        "--predictor-threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the library's predictors as ggml graphs on a CPU backend with N threads (SIMD, parallel); "
+        "0 (default): a plain loop on the decode thread, enough for small predictors",
+    )
+    cache.add_argument(
         "--copy-queue",
         action="store_true",
         help="prefetch uploads on a second stream of the GPU, with an event per slot that the routing's "
@@ -340,6 +348,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         output_target(Path(args.stats_json), inputs=(Path(args.model),))
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
+    if not 0 <= args.predictor_threads <= 1024:
+        raise UserError(f"--predictor-threads must be between 0 and 1024 (got {args.predictor_threads})")
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
@@ -407,6 +417,7 @@ def open_engine(
                     lookahead=args.lookahead,
                     late_fallback=not args.keep_late_predictions,
                     predictor_engine=args.predictor_engine,
+                    predictor_threads=args.predictor_threads,
                     copy_queue=args.copy_queue,
                 ),
                 n_slots,

@@ -196,6 +196,9 @@ def bind_cache_functions(api: NativeApi) -> None:
     #                                     struct llama_edge_engine_stats * out);
     lib.llama_edge_get_engine_stats.restype = ctypes.c_int32
     lib.llama_edge_get_engine_stats.argtypes = [ctypes.c_void_p, ctypes.POINTER(EngineStats)]
+    # int32_t llama_edge_predictor_set_threads(struct llama_context * ctx, int32_t n_threads);
+    lib.llama_edge_predictor_set_threads.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_threads.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     # int32_t llama_edge_cache_set_copy_queue(struct llama_context * ctx, bool enabled);
     lib.llama_edge_cache_set_copy_queue.restype = ctypes.c_int32
     lib.llama_edge_cache_set_copy_queue.argtypes = [ctypes.c_void_p, ctypes.c_bool]
@@ -241,9 +244,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 14:
+        if api.patch_version() < 15:
             raise UserError(
-                "this llama.cpp build predates the copy queue (patch < 14): run `edge-preattn build`"
+                "this llama.cpp build predates predictor graphs (patch < 15): run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -344,6 +347,13 @@ class SlotBank:
         )
         if status != 0:
             raise ValueError(f"the library refused layer {il}'s predictor (status {status})")
+
+    def set_predictor_threads(self, n_threads: int) -> None:
+        """Predictors set from now on run as ggml graphs on a CPU backend with a pool of `n_threads`
+        threads (0: the plain loop on the decode thread)."""
+        status = self.api.lib.llama_edge_predictor_set_threads(self.ctx, n_threads)
+        if status != 0:
+            raise ValueError(f"cannot evaluate predictors with {n_threads} threads (status {status})")
 
     def set_lookahead(self, depth: int) -> None:
         """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""

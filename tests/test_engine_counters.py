@@ -2,6 +2,9 @@
 the library counts them, in the cache stats, `run --stats-json` and the run summary."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +12,9 @@ import pytest
 from edge_preattn import cli
 from edge_preattn.controller import CacheRuntime
 from edge_preattn.layout import read_layout
-from tests.test_cache import greedy, host_experts_engine
-from tests.test_native_predictor import export_predictors
+
+from .test_cache import greedy, host_experts_engine
+from .test_native_predictor import export_predictors
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +95,27 @@ def test_the_copy_queue_is_refused_on_the_cpu_and_the_run_stays_exact(llama_lib,
     assert tokens == ref_tokens and np.array_equal(logits, ref_logits)
     with host_experts_engine(llama_lib, tiny) as engine:
         assert engine.api.lib.llama_edge_cache_set_copy_queue(engine.ctx, True) == -2  # no cache
+
+
+def run_packaged(tmp_path, *options: str) -> tuple[str, dict]:
+    """`edge-preattn run` on the packaged model in a process of its own (one library per process, and
+    the cache's offload setting is read at import): (the text it printed, its --stats-json)."""
+    stats_file = tmp_path / f"stats{len(list(tmp_path.iterdir()))}.json"
+    command = [sys.executable, "-m", "edge_preattn.cli", "run", "-n", "32", "--stats-json", str(stats_file)]
+    done = subprocess.run([*command, *options], capture_output=True, text=True, check=True, timeout=600)
+    return done.stdout, json.loads(stats_file.read_text())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
+    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
+)
+@pytest.mark.parametrize("mode", ["top1", "exact", "oracle"])
+def test_the_copy_queue_keeps_greedy_tokens_on_the_gpu(tmp_path, mode):
+    """Prefetches on the copy queue, the compute stream waiting on their events: the same greedy text
+    as stock all-on-GPU, with uploads queued (not timed), and no Python per token."""
+    stock, _ = run_packaged(tmp_path, "--mode", "off")
+    text, stats = run_packaged(tmp_path, "--mode", mode, "--copy-queue")
+    assert text == stock
+    assert stats["async_uploads"] > 0 and stats["python_callbacks_per_token"] == 0

@@ -96,7 +96,11 @@ def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
     broken_layers = (1, 2)
     predictors = Broken(fault, layout.n_expert, broken_layers)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
-        tokens, logits, stats = greedy(llama_lib, tiny, n_slots=6, mode="exact", predictors=predictors)
+        # the routing waits for each prediction: on a loaded machine the prefetch thread could fall so
+        # far behind that every prediction of a healthy layer arrives after its routing (dropped as stale)
+        tokens, logits, stats = greedy(
+            llama_lib, tiny, n_slots=6, mode="exact", predictors=predictors, wait_for_prefetch=True
+        )
     assert tokens == stock[0] and np.array_equal(logits, stock[1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == len(broken_layers), warnings  # once per switched-off layer
@@ -109,19 +113,24 @@ def test_a_broken_predictor_is_switched_off_for_its_layer_and_output_stays(
 def test_a_refused_upload_leaves_the_output_unchanged(llama_lib, tiny, stock, caplog, monkeypatch):
     """The C side makes every selected expert resident itself, so uploads the controller could not
     do (a device error) cost time, never output."""
-    real_prefetch, calls = SlotBank.prefetch, {"n": 0}
+    real_predict, calls = SlotBank.predict, {"n": 0}
 
-    def failing(self, il, experts, max_uploads, on_miss=False):
+    def failing(self, il, ubatch, experts, max_uploads):
         calls["n"] += 1
         if calls["n"] > 20:
-            raise ValueError(f"prefetch of experts {experts} into layer {il} refused (status -1)")
-        return real_prefetch(self, il, experts, max_uploads, on_miss)
+            raise ValueError(f"prediction {experts} for layer {il} refused (status -1)")
+        return real_predict(self, il, ubatch, experts, max_uploads)
 
-    monkeypatch.setattr(SlotBank, "prefetch", failing)
+    monkeypatch.setattr(SlotBank, "predict", failing)
     layout = read_layout(tiny)
     with caplog.at_level(logging.WARNING, logger="edge_preattn"):
-        tokens, logits, _ = greedy(
-            llama_lib, tiny, n_slots=6, mode="exact", predictors=RandomRanking(layout.n_expert)
+        tokens, logits, _ = greedy(  # waiting: every prediction reaches the (failing) upload call
+            llama_lib,
+            tiny,
+            n_slots=6,
+            mode="exact",
+            predictors=RandomRanking(layout.n_expert),
+            wait_for_prefetch=True,
         )
     assert tokens == stock[0] and np.array_equal(logits, stock[1])
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

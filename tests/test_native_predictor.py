@@ -15,7 +15,8 @@ from edge_preattn.layout import read_layout
 from edge_preattn.predictor_weights import Unsupported, read_mlp, read_predictor_set
 from edge_preattn.predictors import Predictor
 from edge_preattn.slots import SlotBank
-from tests.test_cache import greedy, host_experts_engine
+
+from .test_cache import greedy, host_experts_engine
 
 
 def random_predictor(arch: int, n_embd: int, n_expert: int, hidden: int, seed: int) -> Predictor:
@@ -243,3 +244,31 @@ def test_a_callers_pre_attention_hook_sees_the_activation_beside_the_native_pred
     for il, calls in expected.items():
         assert len(seen[il]) == len(calls)
         assert all(np.array_equal(a, b) for a, b in zip(seen[il], calls, strict=True))
+
+
+def test_predictor_graphs_on_a_cpu_backend_predict_what_the_loop_predicts(llama_lib, tiny, tmp_path):
+    """--predictor-threads: the same predictor as a ggml graph on a pool of threads names the same
+    experts (float rounding aside: random weights have no near ties), and the output stays stock's."""
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors", arch=1)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    counts = {}
+    for threads in (0, 1):  # 1: the graph on one thread (a second would wait at barriers on a loaded CI box)
+        run = run_native(
+            llama_lib, tiny, layout, predictors, "exact", 2 * layout.n_expert_used, predictor_threads=threads
+        )
+        assert run.native and run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+        counts[threads] = {
+            il: (c.hits, c.prefetch_hits, c.misses, c.prefetch_issued, c.prefetch_wasted)
+            for il, c in run.stats.layers.items()
+        }
+    assert counts[0] == counts[1]
+    with host_experts_engine(llama_lib, tiny) as engine:
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=8)
+        lib = engine.api.lib
+        assert lib.llama_edge_predictor_set_threads(engine.ctx, -1) == -1
+        assert lib.llama_edge_predictor_set_threads(None, 1) == -1
+        bank.set_predictor_threads(1)
+        bank.set_predictor(0, read_predictor_set(predictors)[0], 4)
+        assert lib.llama_edge_predictor_set_threads(engine.ctx, 2) == -2  # a predictor is placed already
