@@ -344,8 +344,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.n_cpu_moe is not None and args.n_cpu_moe < 0:
         raise UserError(f"--n-cpu-moe {args.n_cpu_moe} is negative: give a number of layers")
     apply_default_model(args)
-    if args.stats_json:  # refused before the run: a missing folder, a device, the model itself
-        output_target(Path(args.stats_json), inputs=(Path(args.model),))
     if args.lookahead < 0 or (args.lookahead and args.mode not in PREDICTION_MODES):
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
     if not 0 <= args.predictor_threads <= 1024:
@@ -440,7 +438,9 @@ def describe(setup: Setup, loaded: Loaded, miss: str) -> str:
 def main(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UserError("the prompt is empty: give some text with -p")
-    setup = prepare(args)  # refuses a --stats-json it could not write, before any work
+    setup = prepare(args)
+    if args.stats_json:  # refused before the run: a missing folder, a device, the model itself
+        output_target(Path(args.stats_json), inputs=(Path(args.model),))
     sampling = setup.sampling
 
     def record_oracle(engine: Engine) -> dict:

@@ -522,7 +522,8 @@ def crafted_layout(**changes: object) -> MoeLayout:
         n_head=8, n_head_kv=2, head_dim_k=64, head_dim_v=64, kv_lora_rank=0, n_rot=64, n_expert=16,
         n_expert_used=2, n_shared_experts=0, gating="softmax", norm_topk_prob=True, expert_weights_scale=0.0,
         dense_layers=(0,), moe_layers=layers, expert_bytes=3 * 16 * MiB, non_expert_bytes=100 * MiB,
-        total_params=0, expert_params_per_expert_per_layer=512 * 1024, fingerprint="0" * 64, file_bytes=0,
+        total_params=0, expert_params_per_expert_per_layer=512 * 1024, fingerprint="0" * 64,
+        routing_fingerprint="0" * 64, file_bytes=0,
     )  # fmt: skip
     return dataclasses.replace(layout, **changes)
 

@@ -38,7 +38,7 @@ def one_line_error(capsys, argv: list[str]) -> str:
         (["-c", "100000"], "exceeds the"),
         (["--temp", "-1"], "--temp -1.0 must be 0 or more"),
         (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
-        (["--min-p", "nan"], "--min-p nan must be"),
+        (["--min-p", "nan"], "--min-p is nan: give a finite number"),
         (["--seed", "-2"], "--seed -2 must be -1 (random)"),
     ],
 )
