@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_preattn import evaluate, onnx_io
+from edge_preattn import evaluate, features, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
 from edge_preattn.traces import TraceSet
 from edge_preattn.train import TrainSettings, train
@@ -37,34 +37,31 @@ QWEN3_30B = {"n_embd": 2048, "n_expert": 128, "n_layer": 48}
 BUDGET_BYTES = 0.02 * 6 * 2**30  # 2 % of a 6 GiB card
 PAPER = {"arch": 2, "hidden": 2048, "loss": "rank"}
 PRIOR = {"arch": 2, "hidden": 128, "loss": "rank", "prior": True}
+DISTILL = {**PRIOR, "loss": "rank+distill"}
 BOTH = "prev-layer,prev-token"
-# name → settings; the first of each group is what the rows after it are compared with
+# cheap ones first: a run cut short still has them; the paper's hidden 2048 (≈ 10x the compute of
+# hidden 128) is left to --recipes paper-h2048
 RECIPES: dict[str, dict] = {
-    "paper-h2048": PAPER,
-    "cross-layer-h2048": {**PAPER, "input": "x_prev"},
     "paper-h128": {**PAPER, "hidden": 128},
     "prior-h128": PRIOR,
-    "prior-h128+distill": {**PRIOR, "loss": "rank+distill"},
-    "prior-h128+prev-layer": {**PRIOR, "features": "prev-layer"},
-    "prior-h128+prev-token": {**PRIOR, "features": "prev-token"},
-    "prior-h128+both": {**PRIOR, "features": BOTH},
-    "prior-h128+both+distill": {**PRIOR, "features": BOTH, "loss": "rank+distill"},
-    "cross-layer-prior-h128+both+distill": {
-        **PRIOR,
-        "features": BOTH,
-        "loss": "rank+distill",
-        "input": "x_prev",
-    },
+    "prior-h128+distill": DISTILL,
+    "prior-h128+distill+prev-layer": {**DISTILL, "features": "prev-layer"},
+    "prior-h128+distill+prev-token": {**DISTILL, "features": "prev-token"},
+    "prior-h128+distill+prev-x": {**DISTILL, "features": "prev-x"},
+    "prior-h128+distill+both": {**DISTILL, "features": BOTH},
+    "cross-layer-prior-h128+distill+both": {**DISTILL, "features": BOTH, "input": "x_prev"},
+    "paper-h2048": PAPER,
 }
-SIZES = (32, 64, 256)  # hidden widths also tried for the winning recipe (128 is in RECIPES)
+DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048"]
+SIZES = (64, 256)  # hidden widths also tried for the winning recipe (128 is in RECIPES)
 GAINS = {  # row: (what it adds, the row it is compared with)
-    "paper-h128": ("hidden 2048 → 128", "paper-h2048"),
     "prior-h128": ("router prior (residual)", "paper-h128"),
     "prior-h128+distill": ("distill loss", "prior-h128"),
-    "prior-h128+prev-layer": ("prev-layer input", "prior-h128"),
-    "prior-h128+prev-token": ("prev-token input", "prior-h128"),
-    "prior-h128+both": ("both history inputs", "prior-h128"),
-    "prior-h128+both+distill": ("both inputs + distill", "prior-h128"),
+    "prior-h128+distill+prev-layer": ("prev-layer input", "prior-h128+distill"),
+    "prior-h128+distill+prev-token": ("prev-token input", "prior-h128+distill"),
+    "prior-h128+distill+prev-x": ("prev-x input", "prior-h128+distill"),
+    "prior-h128+distill+both": ("prev-layer + prev-token", "prior-h128+distill"),
+    "paper-h128": ("hidden 2048 → 128", "paper-h2048"),
 }
 
 
@@ -78,7 +75,7 @@ def parameters(recipe: dict, n_embd: int, n_expert: int) -> int:
 
     from edge_preattn.predictors import Predictor
 
-    n_extra = n_expert * len([f for f in recipe.get("features", "").split(",") if f])
+    n_extra = sum(features.width(f, n_embd, n_expert) for f in features.parse(recipe.get("features")))
     prior = torch.zeros(n_expert, n_embd) if recipe.get("prior") else None
     model = Predictor(recipe["arch"], n_embd, n_expert, recipe["hidden"], n_extra=n_extra, prior=prior)
     return model.parameter_count()
@@ -238,23 +235,33 @@ def main() -> int:
     parser.add_argument("--patience", type=int, default=TrainSettings.patience)
     parser.add_argument("--recipes", nargs="+", help="train only these (default all, then the sizes)")
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--size-base",
+        default="prior-h128+distill",
+        help="the recipe whose hidden width --sizes varies and whose fp16/int8 cost is measured "
+        "(default: the best one the runtime can feed, without history inputs)",
+    )
+    parser.add_argument("--train-only", action="store_true", help="train, write nothing (parallel runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--note", action="append", default=[], help="a line for the notes")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    names = args.recipes or list(RECIPES)
+    names = args.recipes or DEFAULT_RECIPES
     manifests = {name: trained(args, name, RECIPES[name]) for name in names}
-    pre = {n: m for n, m in manifests.items() if m["input"] == "x_pre"}
-    winner = max(pre, key=lambda n: mean_val(pre[n]))  # on validation prompts of the training traces
     recipes_used = {name: RECIPES[name] for name in names}
     for hidden in args.sizes:
-        name = f"{winner.replace('-h128', '')}@h{hidden}"
-        recipes_used[name] = {**RECIPES[winner], "hidden": hidden}
+        name = f"{args.size_base.replace('-h128', '')}@h{hidden}"
+        recipes_used[name] = {**RECIPES[args.size_base], "hidden": hidden}
         manifests[name] = trained(args, name, recipes_used[name])
-    manifests[winner] = trained(args, winner, RECIPES[winner], formats=True)
+    if args.size_base in manifests:
+        manifests[args.size_base] = trained(args, args.size_base, RECIPES[args.size_base], formats=True)
+    if args.train_only:
+        return 0
+    pre = {n: m for n, m in manifests.items() if m["input"] == "x_pre"}
+    winner = max(pre, key=lambda n: mean_val(pre[n]))  # on validation prompts of the training traces
     traces, heldout = TraceSet(Path(args.traces)), TraceSet(Path(args.heldout))
     sets = {name: evaluate.load_set(Path(args.runs) / name, traces.fingerprint) for name in manifests}
     priors = evaluate.prior_weights(traces, None, sets)
@@ -264,17 +271,18 @@ def main() -> int:
     payload["gains"] = {row: gain for row, gain in GAINS.items() if row in manifests and gain[1] in manifests}
     payload["size_qwen3_30b"] = {name: qwen3_size(recipe) for name, recipe in recipes_used.items()}
     payload["notes"] = [
-        f"Winner (highest validation recall@k of the pre-attention recipes): {winner}.",
+        f"Highest validation recall@k of the pre-attention recipes: {winner}. Sizes and formats: "
+        f"{args.size_base}.",
         *args.note,
     ]
     results = Path(args.results)
     path = results / f"accuracy-ablation-{args.name}.json"
     write_json_atomic(path, payload)
     write_text_atomic(path.with_suffix(".md"), markdown(payload))
-    cross = next(n for n in manifests if n.startswith("cross-layer"))
-    main_sets = {n: sets[n] for n in dict.fromkeys(["paper-h2048", winner, cross]) if n in sets}
+    cross = next((n for n in manifests if n.startswith("cross-layer")), winner)
+    shown = ["paper-h2048", "paper-h128", args.size_base, winner, cross]
     main_sets = {
-        evaluate.set_name(s.manifest) + ("" if n == winner else f" ({n})"): s for n, s in main_sets.items()
+        f"{evaluate.set_name(sets[n].manifest)} ({n})": sets[n] for n in dict.fromkeys(shown) if n in sets
     }
     evaluate.write_reports(
         evaluate.evaluate(traces, main_sets, args.name, heldout, priors), results, args.name

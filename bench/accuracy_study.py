@@ -112,6 +112,7 @@ class Study:
             seed=seed,
             max_train_samples=max_train,
             patience=self.args.patience,
+            prior=False,  # the paper's recipe (issue 4); issue 18's is bench/accuracy_ablation.py
         )
         manifest_path = directory / onnx_io.MANIFEST
         if manifest_path.is_file():
@@ -679,7 +680,7 @@ def main() -> int:
     )
     parser.add_argument("--curve", type=int, nargs="+", default=[10_000, 30_000, 100_000, 300_000])
     parser.add_argument("--curve-epochs", type=int, help="default: --epochs (then 'all' reuses full)")
-    parser.add_argument("--hidden", type=int, default=TrainSettings.hidden)
+    parser.add_argument("--hidden", type=int, default=2048, help="the paper's width (default 2048)")
     parser.add_argument("--curve-hidden", type=int, help="default: --hidden")
     parser.add_argument("--loss", help="skip table3's choice")
     parser.add_argument("--arch", type=int, choices=ARCHS, help="skip full's choice")

@@ -1,7 +1,10 @@
 """`edge-preattn eval`: how good are the predictors, on prompts they never saw, beside the baselines.
 
-The held-out prompts are the predictor set's validation prompts (split by prompt at training); the
-baselines run on exactly the same tokens, and popularity counts only the other (training) prompts.
+The held-out prompts are either every prompt of a separately collected trace folder (`--heldout`,
+the evaluation to trust: the validation prompts chose the training epoch), or the predictor set's
+validation prompts (split by prompt at training), which only mean something in the very traces the
+set was trained on: other traces are refused unless given as --heldout. The baselines run on exactly
+the same tokens, and popularity counts only the training prompts of the training traces.
 Every number comes from `metrics` (per token, then averaged per layer; layer means weigh each layer
 equally). Writes `accuracy-<name>.json` (read by other tools), `accuracy-<name>.md` (the analogue of
 the paper's Table 4) and two plots (figures 6-7's per-layer lines, a bar chart of the table).
@@ -25,6 +28,7 @@ EXAMPLES = """\
   edge-preattn eval traces/m predictors/m-arch2
   edge-preattn eval traces/m predictors/m-arch1 --arch2 predictors/m-arch2 --cross-layer predictors/m-xl
   edge-preattn eval traces/m predictors/m-arch2 -o bench/results --name moe-ref-a
+  edge-preattn eval traces/m predictors/m --heldout traces/m-other-prompts   # every prompt of those
 """
 
 PHASES = {"prefill": 0, "decode": 1}

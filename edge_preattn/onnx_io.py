@@ -57,7 +57,7 @@ def onnx_scores(path: Path, x: np.ndarray, threads: int = 1, extra: dict | None 
 
 
 def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray, extra_check: dict | None = None) -> dict:
-    """Write `layer-NNN.onnx` (inputs x [N, d] and one [N, E] input per history feature, named as in
+    """Write `layer-NNN.onnx` (inputs x [N, d] and one input per history feature, named as in
     `extra_check`; output scores [N, E]; N dynamic) from a torch model in eval mode, check onnxruntime
     against torch on x_check (real validation rows), return its entry.
 
@@ -194,6 +194,11 @@ class PredictorSet:
             raise KeyError(f"no predictor for layer {il}: this set covers layers {list(self.layers)}")
         if x.ndim != 2 or x.shape[1] != self.n_embd:
             raise ValueError(f"x must be [N, {self.n_embd}], not {list(x.shape)}")
+        if self.features and not extra:
+            raise UserError(
+                f"{self.directory} reads history inputs ({', '.join(self.features)}) that this caller "
+                "does not supply: use predictors trained without --features here"
+            )
         return self._sessions[il].run(["scores"], _feeds(x, extra))[0]
 
 

@@ -42,9 +42,9 @@ class TrainSettings:
     """Everything that decides the trained weights: resuming requires the same settings."""
 
     arch: int = 2
-    loss: str = "rank"
-    epochs: int = 30
-    hidden: int = 2048
+    loss: str = "rank+distill"
+    epochs: int = 8
+    hidden: int = 128
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -52,8 +52,8 @@ class TrainSettings:
     val_fraction: float = 0.15
     seed: int = 0
     max_train_samples: int | None = None
-    patience: int = 5
-    prior: bool = False  # a residual on the layer's router applied to the input (baselines.router_prior)
+    patience: int = 2
+    prior: bool = True  # a residual on the layer's router applied to the input (baselines.router_prior)
     features: str = ""  # history inputs, comma-separated (features.FEATURES)
 
 
@@ -301,11 +301,17 @@ def train(
     fp16: bool = False,
     device: str | None = None,
     model: Path | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train, export and describe one predictor per layer; returns the written manifest."""
+    """Train, export and describe one predictor per layer; returns the written manifest.
+    `threads`: torch's CPU threads (default torch's own: every core; on a machine shared with other
+    work, 1 is often many times faster, since torch's threads wait on each other)."""
     import torch
     from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from . import onnx_io
     from .predictors import loss_names
@@ -407,7 +413,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="mse, wbce, focal, rank (the paper's), distill (soft targets), or a sum such as rank+distill",
     )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="hidden width (default 2048)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=defaults.hidden,
+        help=f"hidden width (default {defaults.hidden}; the paper's 2048)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -435,11 +446,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--features",
         default=defaults.features,
         help="history inputs, comma-separated: prev-layer (this token's routing at the previous MoE "
-        "layer), prev-token (the previous token's routing at this layer)",
+        "layer), prev-token (the previous token's routing at this layer), prev-x (the previous token's "
+        "pre-attention state at this layer)",
     )
     parser.add_argument("--int8", action="store_true", help="also write int8 models (dynamic quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16-weight models")
     parser.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    parser.add_argument(
+        "-t", "--threads", type=int, help="CPU threads for torch (default all; 1 on a busy machine)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -472,6 +487,7 @@ def main(args: argparse.Namespace) -> int:
         fp16=args.fp16,
         device=args.device,
         model=Path(args.model) if args.model else None,
+        threads=args.threads,
     )
     print(f"validation recall@{manifest['k']} on {len(manifest['validation_prompts'])} held-out prompts:")
     formats = [form for form in ("fp16", "int8") if getattr(args, form)]

@@ -41,7 +41,9 @@ PROMPTS = [
     "for i in range(10):",
     "Explain why the sky is blue.",
 ]
-SETTINGS = train.TrainSettings(hidden=64, epochs=4, batch_size=64, lr=3e-3, val_fraction=0.25, patience=10)
+SETTINGS = train.TrainSettings(  # the paper's recipe (no prior), small
+    hidden=64, epochs=4, batch_size=64, lr=3e-3, val_fraction=0.25, patience=10, prior=False, loss="rank"
+)
 
 
 def softplus(z: float) -> float:
@@ -417,3 +419,17 @@ def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_re
     )
     assert {"p", "router-prior"} <= set(payload["methods"])
     assert payload["methods"]["p"]["mean"]["recall_at_k"] > 0.3
+
+
+def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
+    from edge_preattn import onnx_io
+
+    model = Predictor(2, 8, 4, hidden=4, n_extra=4)
+    x, extra = np.zeros((3, 8), np.float32), {"prev_token": np.zeros((3, 4), np.float32)}
+    entry = onnx_io.export_layer(model, tmp_path, 0, x, extra)
+    fields = {"fingerprint": "f" * 64, "k": 2, "n_expert": 4, "n_embd": 8, "input": "x_pre"}
+    onnx_io.write_manifest(tmp_path, fields | {"features": ["prev-token"], "predictors": [entry]})
+    pset = load_predictor_set(tmp_path)
+    assert pset.scores(0, x, extra).shape == (3, 4)
+    with pytest.raises(UserError, match="history inputs"):
+        pset.scores(0, x)
