@@ -91,7 +91,7 @@ def _check(sets: dict, traces: TraceSet, heldout: TraceSet | None) -> tuple[list
             )
         if val is None:
             val, layers = validation_prompts(pset.manifest), tuple(pset.layers)
-        elif validation_prompts(pset.manifest) != val:
+        elif validation_prompts(pset.manifest) != val and heldout is None:  # held-out: all its prompts
             raise UserError(f"{name} was validated on other prompts: train every set with the same split")
         elif tuple(pset.layers) != layers:
             raise UserError(f"{name} covers layers {list(pset.layers)}, the first set {list(layers)}")
