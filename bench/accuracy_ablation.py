@@ -49,6 +49,7 @@ RECIPES: dict[str, dict] = {
     "prior-h128+distill+prev-token": {**DISTILL, "features": "prev-token"},
     "prior-h128+distill+prev-x": {**DISTILL, "features": "prev-x"},
     "prior-h128+distill+both": {**DISTILL, "features": BOTH},
+    "cross-layer-prior-h128+distill": {**DISTILL, "input": "x_prev"},
     "cross-layer-prior-h128+distill+both": {**DISTILL, "features": BOTH, "input": "x_prev"},
     "paper-h2048": PAPER,
 }
@@ -193,6 +194,21 @@ def markdown(payload: dict) -> str:
             + " | ".join(f"{100 * d:+.2f}" for d in diff)
             + " |"
         )
+    pairs = [(n, f"cross-layer-{n}") for n in methods if f"cross-layer-{n}" in methods]
+    if pairs:
+        lines += ["", "## Pre-attention minus cross-layer, same recipe (held-out recall@k, points)", ""]
+        lines += ["| recipe | mean | " + " | ".join(f"L{il}" for il in layers) + " | layers ≥ 0 |"]
+        lines.append("|---" * (len(layers) + 3) + "|")
+        for pre, cross in pairs:
+            diff = np.array(methods[pre]["per_layer"]["recall_at_k"]) - np.array(
+                methods[cross]["per_layer"]["recall_at_k"]
+            )
+            cells = [
+                f"{100 * diff.mean():+.2f}",
+                *(f"{100 * d:+.2f}" for d in diff),
+                f"{(diff >= 0).sum()}/{len(diff)}",
+            ]
+            lines.append(f"| {pre} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Size (analytical, Qwen3-30B-A3B shape: d = 2048, E = 128, 48 layers; budget 2 % of 6 GiB = "
@@ -286,8 +302,8 @@ def main() -> int:
     path = results / f"accuracy-ablation-{args.name}.json"
     write_json_atomic(path, payload)
     write_text_atomic(path.with_suffix(".md"), markdown(payload))
-    cross = next((n for n in manifests if n.startswith("cross-layer")), winner)
-    shown = ["paper-h2048", "paper-h128", args.size_base, winner, cross]
+    crosses = [n for n in manifests if n.startswith("cross-layer")]  # the first is the one compared
+    shown = ["paper-h2048", "paper-h128", args.size_base, winner, *crosses]
     main_sets = {
         f"{evaluate.set_name(sets[n].manifest)} ({n})": sets[n] for n in dict.fromkeys(shown) if n in sets
     }

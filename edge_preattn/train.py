@@ -29,10 +29,18 @@ log = logging.getLogger(__name__)
 RESUMABLE = True  # Ctrl-C keeps per-epoch checkpoints; the same command goes on from there
 HELP = "train per-layer expert predictors on collected traces and export them to ONNX"
 EXAMPLES = """\
-  edge-preattn train traces/model -o predictors/model
+  edge-preattn train traces/model -o predictors/model   # residual on the router prior, rank+distill
+  edge-preattn train traces/model --no-prior --hidden 2048 --loss rank --epochs 30 -o predictors/paper
   edge-preattn train traces/model --arch 1 --loss wbce --epochs 1 -o runs/arch1-wbce
   edge-preattn train traces/model --input x_prev -o predictors/model-cross-layer   # FATE-like baseline
   edge-preattn train traces/model --hidden 512 --int8 --layers 0-3 -o predictors/small
+  edge-preattn train traces/model --features prev-layer,prev-token -o predictors/history   # eval only
+
+What the defaults cost (bench/results/accuracy-ablation-*.md): on a busy 2-core CPU with -t 1, about
+4 s per epoch per layer for 90k training tokens of moe-ref-a (d 384, E 64): about 5 min in all for its
+8 layers and 8 epochs (the old default, hidden 2048 for 30 epochs, took 1.5-2.5 h); under 3 min for
+the packaged model's 7 layers. The paper's shape (--no-prior --hidden 2048) is about ten times the
+arithmetic per epoch. Training uses the GPU when torch sees one.
 """
 EVAL_CHUNK = 8192
 
