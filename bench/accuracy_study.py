@@ -112,6 +112,7 @@ class Study:
             seed=seed,
             max_train_samples=max_train,
             patience=self.args.patience,
+            prior=False,  # the paper's recipe (issue 4); issue 18's is bench/accuracy_ablation.py
         )
         manifest_path = directory / onnx_io.MANIFEST
         if manifest_path.is_file():
@@ -326,9 +327,7 @@ class Study:
 
     # what limits accuracy -----------------------------------------------------------------------
     def limits(self) -> None:
-        import gguf
-
-        from edge_preattn import metrics
+        from edge_preattn import baselines, metrics
 
         traces = TraceSet(self.traces_dir)
         full = self.state.get("full")
@@ -341,39 +340,32 @@ class Study:
         train_rows = np.random.default_rng(0).choice(
             np.flatnonzero(~held), min(8000, int((~held).sum())), False
         )
-        tensors = {t.name: t for t in gguf.GGUFReader(traces.manifest["model"]).tensors}
-
-        def weight(name: str) -> np.ndarray:
-            tensor = tensors[name]
-            return gguf.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-
-        k, n_expert, first = traces.k, traces.n_expert, traces.layers[0]
+        model = Path(traces.manifest["model"])
+        k, first = traces.k, traces.layers[0]
+        on_x_pre = baselines.router_prior(model, traces.layers, "x_pre")  # {il: [E, d]}
+        on_x_prev = baselines.router_prior(model, traces.layers, "x_prev")
         per_layer: dict = {}
         for il in traces.layers:
-            router = weight(f"blk.{il}.ffn_gate_inp.weight").reshape(n_expert, -1)  # [E, d]
-            ffn_norm = weight(f"blk.{il}.ffn_norm.weight").reshape(-1)  # [d]
-            attn_norm = weight(f"blk.{il}.attn_norm.weight").reshape(-1)  # [d]
             ids = traces.layer(il, "ids").astype(np.int64)  # [T, k]
             probs = traces.layer(il, "probs")[held].astype(np.float32)  # [N, E]
             x_pre = traces.layer(il, "x_pre")  # [T, d]
             held_ids = ids[held]
             ordered = -np.sort(-probs, axis=1)
             gap = ordered[:, k - 1] - ordered[:, k]
-            # RMSNorm(h) * g_attn -> RMSNorm(h) * g_ffn: the router's input if attention added nothing
-            no_attention = x_pre[held].astype(np.float32) / attn_norm * ffn_norm
+            # the router on the pre-attention state, as if attention added nothing
+            prior_scores = x_pre[held].astype(np.float32) @ on_x_pre[il].T
             row = {
                 "router_topk_mass": float(ordered[:, :k].sum(axis=1).mean()),
                 "router_gap_k_k1_median": float(np.median(gap)),
                 "share_gap_below_0.002": float((gap < 2e-3).mean()),
                 "router_on_x_pre_recall_at_k": float(
-                    metrics.recall_at_k(metrics.ranked(no_attention @ router.T, k), held_ids).mean()
+                    metrics.recall_at_k(metrics.ranked(prior_scores, k), held_ids).mean()
                 ),
             }
             if il != first and il - 1 in traces.layers:
-                prev_norm = weight(f"blk.{il - 1}.ffn_norm.weight").reshape(-1)
-                x_prev = traces.layer(il - 1, "x_router")[held].astype(np.float32) / prev_norm * ffn_norm
+                x_prev = traces.layer(il - 1, "x_router")[held].astype(np.float32)
                 row["router_on_x_prev_recall_at_k"] = float(
-                    metrics.recall_at_k(metrics.ranked(x_prev @ router.T, k), held_ids).mean()
+                    metrics.recall_at_k(metrics.ranked(x_prev @ on_x_prev[il].T, k), held_ids).mean()
                 )
             predicted = metrics.ranked(pset.scores(il, x_pre[held].astype(np.float32)), k)  # [N, k]
             row["heldout_recall_at_k"] = float(metrics.recall_at_k(predicted, held_ids).mean())
@@ -688,7 +680,7 @@ def main() -> int:
     )
     parser.add_argument("--curve", type=int, nargs="+", default=[10_000, 30_000, 100_000, 300_000])
     parser.add_argument("--curve-epochs", type=int, help="default: --epochs (then 'all' reuses full)")
-    parser.add_argument("--hidden", type=int, default=TrainSettings.hidden)
+    parser.add_argument("--hidden", type=int, default=2048, help="the paper's width (default 2048)")
     parser.add_argument("--curve-hidden", type=int, help="default: --hidden")
     parser.add_argument("--loss", help="skip table3's choice")
     parser.add_argument("--arch", type=int, choices=ARCHS, help="skip full's choice")

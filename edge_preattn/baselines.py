@@ -1,5 +1,6 @@
 """What a predictor must beat, on the same held-out tokens: popularity, previous token, an LRU cache,
-and the oracle (a sanity line at 1.0); and Belady's cache, the bound no cache of its size can pass.
+the router as prior (no training) and the oracle (a sanity line at 1.0); and Belady's cache, the bound no
+cache of its size can pass.
 
 The ranked-list baselines give ids [N, n] (best first) that `metrics.per_token` scores like any
 predictor's. The LRU cache has no ranked list: `lru` scores its content directly (see there).
@@ -11,10 +12,14 @@ its decode tokens):
 """
 
 from collections import OrderedDict, deque
+from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .metrics import margins
+
+NORM_FLOOR = 1e-6  # |norm weight| below this: that feature carries nothing the router could read back
 
 
 def popularity_order(train_ids: np.ndarray, n_expert: int) -> np.ndarray:
@@ -169,3 +174,39 @@ def lru_capacities(k: int, n_expert: int) -> tuple[int, ...]:
     """C = k, 2k, 4k slots per layer, those below the number of experts (a cache of all E never misses
     after warm-up and says nothing)."""
     return tuple(c for c in (k, 2 * k, 4 * k) if c < n_expert) or (k,)
+
+
+def router_prior(model: Path, layers: tuple[int, ...], source: str = "x_pre") -> dict[int, np.ndarray]:
+    """Per layer, the router's weights mapped onto a predictor's input: prior [E, d] such that
+    x @ prior.T is the router's logits on that input, as if the residual stream had not changed since.
+
+    The router reads rmsnorm(h + attn)·w_ffn; the pre-attention state is x_pre = rmsnorm(h)·w_attn,
+    so with attention's contribution left out the router input is x_pre / w_attn · w_ffn (RMS norm
+    is per token, and a per-token factor changes neither the top-k nor the order). For x_prev (the
+    previous layer's router input, rmsnorm(·)·w_ffn of that layer; the token embedding for layer 0)
+    the divisor is that layer's w_ffn (1 for the embedding). Selection biases (exp_probs_b) are not
+    included: the prior ranks by the gating logits alone.
+    """
+    import gguf
+
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(model).tensors}
+
+    def weight(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise UserError(f"{model} has no tensor {name}: the router prior needs a qwen3moe-style router")
+        tensor = tensors[name]
+        return np.asarray(gguf.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+    priors = {}
+    for il in layers:
+        ffn_norm = weight(f"blk.{il}.ffn_norm.weight").reshape(-1)  # [d]
+        router = weight(f"blk.{il}.ffn_gate_inp.weight").reshape(-1, len(ffn_norm))  # [E, d]
+        if source == "x_pre":
+            divisor = weight(f"blk.{il}.attn_norm.weight").reshape(-1)
+        elif il > 0 and f"blk.{il - 1}.ffn_norm.weight" in tensors:
+            divisor = weight(f"blk.{il - 1}.ffn_norm.weight").reshape(-1)
+        else:
+            divisor = np.ones_like(ffn_norm)
+        safe = np.where(np.abs(divisor) < NORM_FLOOR, np.inf, divisor)
+        priors[il] = router * (ffn_norm / safe)[None, :]
+    return priors

@@ -1,7 +1,10 @@
 """`edge-preattn eval`: how good are the predictors, on prompts they never saw, beside the baselines.
 
-The held-out prompts are the predictor set's validation prompts (split by prompt at training); the
-baselines run on exactly the same tokens, and popularity counts only the other (training) prompts.
+The held-out prompts are either every prompt of a separately collected trace folder (`--heldout`,
+the evaluation to trust: the validation prompts chose the training epoch), or the predictor set's
+validation prompts (split by prompt at training), which only mean something in the very traces the
+set was trained on: other traces are refused unless given as --heldout. The baselines run on exactly
+the same tokens, and popularity counts only the training prompts of the training traces.
 Every number comes from `metrics` (per token, then averaged per layer; layer means weigh each layer
 equally). Writes `accuracy-<name>.json` (read by other tools), `accuracy-<name>.md` (the analogue of
 the paper's Table 4) and two plots (figures 6-7's per-layer lines, a bar chart of the table).
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import baselines, calibration, metrics
+from . import baselines, calibration, features, metrics
 from .errors import UserError
 from .files import what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import read_layout
@@ -26,6 +29,7 @@ EXAMPLES = """\
   edge-preattn eval traces/m predictors/m-arch2
   edge-preattn eval traces/m predictors/m-arch1 --arch2 predictors/m-arch2 --cross-layer predictors/m-xl
   edge-preattn eval traces/m predictors/m-arch2 -o bench/results --name moe-ref-a
+  edge-preattn eval traces/m predictors/m --heldout traces/m-other-prompts   # every prompt of those
 """
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,15 @@ def load_set(directory: Path, fingerprint: str, int8: bool = False):
     return load_predictor_set(directory, fingerprint=fingerprint, threads=1, int8=int8)
 
 
-def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
-    """Every set: this model, this k and E, the same validation prompts, layers that were collected."""
+def _check(sets: dict, traces: TraceSet, heldout: TraceSet | None) -> tuple[list[int], tuple[int, ...]]:
+    """Every set: this model, this k and E, the same validation prompts, layers that were collected;
+    and, unless held-out traces are given, trained on exactly these traces (else their validation
+    prompt indices would pick arbitrary prompts of another collection)."""
+    from .train import traces_id
+
     val: list[int] | None = None
     layers: tuple[int, ...] = ()
+    given = traces_id(traces)
     for name, pset in sets.items():
         if pset.manifest.get("fingerprint") != traces.fingerprint:
             raise UserError(
@@ -69,14 +78,23 @@ def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
                 f"{name} predicts {pset.k} of {pset.n_expert} experts; the traces have "
                 f"{traces.k} of {traces.n_expert}"
             )
-        missing = sorted(set(pset.layers) - set(traces.layers))
+        named = pset.manifest.get("traces_id")
+        if named is not None and named != given and heldout is None:
+            raise UserError(
+                f"{traces.directory} are not the traces {name} was trained on (its manifest names "
+                f"{pset.manifest.get('traces')}): pass those, and other traces as --heldout DIR"
+            )
+        if heldout is not None and named is not None and named == traces_id(heldout):
+            raise UserError(f"--heldout {heldout.directory} holds the traces {name} was trained on")
+        scored = heldout or traces
+        missing = sorted(set(pset.layers) - set(scored.layers))
         if missing:
             raise UserError(
-                f"{name} has predictors for layers {missing} that {traces.directory} did not collect"
+                f"{name} has predictors for layers {missing} that {scored.directory} did not collect"
             )
         if val is None:
             val, layers = validation_prompts(pset.manifest), tuple(pset.layers)
-        elif validation_prompts(pset.manifest) != val:
+        elif validation_prompts(pset.manifest) != val and heldout is None:  # held-out: all its prompts
             raise UserError(f"{name} was validated on other prompts: train every set with the same split")
         elif tuple(pset.layers) != layers:
             raise UserError(f"{name} covers layers {list(pset.layers)}, the first set {list(layers)}")
@@ -84,18 +102,36 @@ def _check(sets: dict, traces: TraceSet) -> tuple[list[int], tuple[int, ...]]:
     return val, layers
 
 
-def ranked_by(pset, il: int, x: np.ndarray, n: int) -> np.ndarray:
-    """x: [N, n_embd] (any float type) → the predictor's ranked ids [N, n], scored in batches.
-    Refuses NaN or infinite scores: ranked, they would look like a real (poor) predictor."""
+def set_inputs(pset, traces: TraceSet, il: int, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+    """What a predictor set reads for layer il on the given rows: (x [N, d], {input name: [N, E]})."""
+    x = traces.x_prev(il) if pset.manifest.get("input", "x_pre") == "x_prev" else traces.layer(il, "x_pre")
+    extra = {
+        features.input_name(f): features.history(traces, il, f)[rows]
+        for f in pset.manifest.get("features") or ()
+    }
+    return x[rows], extra
+
+
+def ranked_by(pset, il: int, x: np.ndarray, n: int, extra: dict | None = None) -> np.ndarray:
+    """x: [N, n_embd] (any float type), extra: its history inputs → the predictor's ranked ids [N, n],
+    scored in batches."""
+    return metrics.ranked(set_scores(pset, il, x, extra), n)
+
+
+def set_scores(pset, il: int, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
+    """The predictor's scores [N, E] on x [N, n_embd] and its history inputs, in batches."""
     parts = []
     for i in range(0, len(x), BATCH_ROWS):
-        scores = pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32))  # [B, E]
-        if not np.isfinite(scores).all():
+        batch = x[i : i + BATCH_ROWS].astype(np.float32)
+        if extra:  # only sets trained with history features take a second argument
+            parts.append(pset.scores(il, batch, {name: a[i : i + BATCH_ROWS] for name, a in extra.items()}))
+        else:
+            parts.append(pset.scores(il, batch))
+        if not np.isfinite(parts[-1]).all():  # ranked, NaN would pass for a real (poor) predictor
             raise UserError(
                 f"{pset.directory}: layer {il}'s predictor gives NaN or infinite scores; retrain it"
             )
-        parts.append(metrics.ranked(scores, n))
-    return np.concatenate(parts)
+    return np.concatenate(parts) if parts else np.zeros((0, pset.n_expert), np.float32)
 
 
 def _block(means: list[dict]) -> dict:
@@ -112,29 +148,42 @@ def _block(means: list[dict]) -> dict:
     return {"per_layer": per_layer, "mean": layer_mean, "first_layer": means[0]}
 
 
-def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
-    """The accuracy payload (the JSON) for predictor sets {name: PredictorSet} and every baseline."""
-    val, layers = _check(sets, traces)
+def evaluate(
+    traces: TraceSet, sets: dict, model: str, heldout: TraceSet | None = None, priors: dict | None = None
+) -> dict:
+    """The accuracy payload (the JSON) for predictor sets {name: PredictorSet} and every baseline.
+
+    Scored: the validation prompts of `traces` (the sets' training traces), or, given `heldout`, every
+    prompt of those traces. Popularity always counts the training prompts of `traces` only. `priors`
+    ({layer: [E, d]}, baselines.router_prior on x_pre) adds the zero-training router-prior row.
+    """
+    val, layers = _check(sets, traces, heldout)
     meta = traces.meta()
-    held = np.isin(meta["prompt"], val)  # [N_all] bool
+    trained_on = ~np.isin(meta["prompt"], val)  # [N_train_traces] bool: the training prompts
+    scored = heldout or traces
+    scored_meta = meta if heldout is None else heldout.meta()
+    held = ~trained_on if heldout is None else np.ones(len(scored_meta["prompt"]), bool)  # [N_all]
     if not held.any():
         raise UserError(f"none of the validation prompts {val[:8]}… are in {traces.directory}")
-    present = set(np.unique(meta["prompt"][held]).tolist())
-    if len(present) < len(val):  # the report counts only the prompts it scored
-        missing = [p for p in val if p not in present]
-        log.warning(
-            "%d of the %d validation prompts are not in %s (%s): scoring the other %d",
-            len(missing), len(val), traces.directory, missing[:8], len(present),
-        )  # fmt: skip
-        val = sorted(present)
-    if held.all():
+    if heldout is None:
+        present = set(np.unique(meta["prompt"][held]).tolist())
+        if len(present) < len(val):  # the report counts only the prompts it scored
+            missing = [p for p in val if p not in present]
+            log.warning(
+                "%d of the %d validation prompts are not in %s (%s): scoring the other %d",
+                len(missing), len(val), traces.directory, missing[:8], len(present),
+            )  # fmt: skip
+            val = sorted(present)
+    if not trained_on.any():
         raise UserError(
             "every prompt of the traces is a validation prompt: no training tokens for popularity"
         )
-    prompt, phase = meta["prompt"][held], meta["phase"][held]
+    rows = np.flatnonzero(held)
+    prompt, phase = scored_meta["prompt"][held], scored_meta["phase"][held]
     k, n_expert, n = traces.k, traces.n_expert, 2 * traces.k
     capacities = baselines.lru_capacities(k, n_expert)
-    names = [*sets, "popularity", "prev-token", *(f"lru-{c}" for c in capacities), "oracle"]
+    prior_rows = ["router-prior"] if priors else []
+    names = [*sets, *prior_rows, "popularity", "prev-token", *(f"lru-{c}" for c in capacities), "oracle"]
     subsets = {name: phase == value for name, value in PHASES.items() if (phase == value).any()}
     # per method, per layer: {"all": means, "prefill": means, "decode": means} (per-token arrays dropped)
     results: dict[str, list[dict]] = {name: [] for name in names}
@@ -145,17 +194,21 @@ def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
         results[name].append(means)
 
     for il in layers:
-        ids_all = traces.layer(il, "ids").astype(np.int64)  # [N_all, k]
-        true = ids_all[held]  # [N, k]
-        order = baselines.popularity_order(ids_all[~held], n_expert)  # training prompts only
-        x_pre = None
+        true = scored.layer(il, "ids").astype(np.int64)[held]  # [N, k]
+        train_ids = traces.layer(il, "ids").astype(np.int64)[trained_on]
+        order = baselines.popularity_order(train_ids, n_expert)  # training prompts only
         for name, pset in sets.items():
-            if pset.manifest.get("input", "x_pre") == "x_prev":
-                x = traces.x_prev(il)[held]  # [N, n_embd] float16
-            else:
-                x_pre = traces.layer(il, "x_pre")[held] if x_pre is None else x_pre
-                x = x_pre
-            record(name, metrics.per_token(ranked_by(pset, il, x, n), true, n_expert))
+            x, extra = set_inputs(pset, scored, il, rows)
+            record(name, metrics.per_token(ranked_by(pset, il, x, n, extra), true, n_expert))
+        if priors:
+            x_pre = scored.layer(il, "x_pre")[held]  # [N, d] float16
+            scores = np.concatenate(
+                [
+                    x_pre[i : i + BATCH_ROWS].astype(np.float32) @ priors[il].T
+                    for i in range(0, len(x_pre), BATCH_ROWS)
+                ]
+            )  # [N, E]
+            record("router-prior", metrics.per_token(metrics.ranked(scores, n), true, n_expert))
         record("popularity", metrics.per_token(baselines.popularity(order, len(true), n), true, n_expert))
         record("prev-token", metrics.per_token(baselines.prev_token(true, prompt, order, n), true, n_expert))
         for c in capacities:
@@ -175,12 +228,17 @@ def evaluate(traces: TraceSet, sets: dict, model: str) -> dict:
         "moe_layers": list(layers),
         "heldout_tokens": int(held.sum()),
         "heldout_tokens_by_phase": {name: int((phase == value).sum()) for name, value in PHASES.items()},
-        "heldout_prompts": val,
+        "heldout_prompts": val if heldout is None else sorted(int(p) for p in np.unique(prompt)),
+        "heldout_traces": None if heldout is None else str(heldout.directory),
+        "train_traces": str(traces.directory),
         "margins": list(metrics.margins(k)),
         "first_moe_layer": layers[0],
         "lru": "cache cleared at the start of each prompt; recall_at_k = hit rate, exact_set = no miss",
         "sources": {
-            name: {key: pset.manifest.get(key) for key in ("arch", "loss", "input")}
+            name: {
+                key: pset.manifest.get(key)
+                for key in ("arch", "loss", "input", "prior", "features", "hidden")
+            }
             for name, pset in sets.items()
         },
         "methods": methods,
@@ -208,11 +266,13 @@ def markdown(payload: dict) -> str:
     k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
     columns = _columns(k, payload["margins"])
     by_phase = payload["heldout_tokens_by_phase"]
+    source = payload.get("heldout_traces")
+    prompts = "validation prompts" if source is None else f"prompts of separately collected traces ({source})"
     lines = [
         f"# Expert-prediction accuracy: {payload['model']}",
         "",
         f"Held-out: {payload['heldout_tokens']} tokens ({by_phase['prefill']} prefill, {by_phase['decode']} "
-        f"decode) of {len(payload['heldout_prompts'])} validation prompts; k = {k} of "
+        f"decode) of {len(payload['heldout_prompts'])} {prompts}; k = {k} of "
         f"{payload['n_expert']} experts; MoE layers {layers[0]}-{layers[-1]}; model fingerprint "
         f"`{payload['fingerprint'][:16]}`. Percent of tokens (recall: of experts).",
         "",
@@ -241,9 +301,10 @@ def markdown(payload: dict) -> str:
         cells = [_percent(method["mean"]["recall_at_k"])]
         cells += [_percent(method["subsets"][p]["mean"]["recall_at_k"]) for p in phases]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "cross-layer" in methods:
-        lines += ["", "## Pre-attention minus cross-layer, recall@k per layer", ""]
-        cross = np.array(methods["cross-layer"]["per_layer"]["recall_at_k"])
+    cross_name = next((name for name in methods if name.startswith("cross-layer")), None)
+    if cross_name is not None:
+        lines += ["", f"## Pre-attention minus {cross_name}, recall@k per layer", ""]
+        cross = np.array(methods[cross_name]["per_layer"]["recall_at_k"])
         for name in (n for n in methods if n.startswith("preattn")):
             diff = np.array(methods[name]["per_layer"]["recall_at_k"]) - cross
             worst = int(np.argmin(diff))
@@ -256,7 +317,9 @@ def markdown(payload: dict) -> str:
         "lru-C rows: an LRU cache of C slots per layer, cleared at each prompt start, has no ranked list: "
         "its recall columns hold the hit rate (hits / (k × tokens)), exact-set and cover its share of "
         "tokens with no miss, top-1 the share whose router's best expert was cached. oracle = the "
-        "router's own ids (a sanity line). popularity counts the training prompts only.",
+        "router's own ids (a sanity line). popularity counts the training prompts only. router-prior: "
+        "the layer's own router on the pre-attention state mapped to the router input's space "
+        "(x_pre / w_attn_norm · w_ffn_norm), no training.",
         "",
     ]
     return "\n".join(lines)
@@ -331,16 +394,13 @@ def calibrate(traces: TraceSet, pset, directory: Path) -> dict:
     per token that adaptive prefetch would upload and the recall it would reach (no cache)."""
     meta = traces.meta()
     held = np.isin(meta["prompt"], validation_prompts(pset.manifest))
-    source = pset.manifest.get("input", "x_pre")
     k = traces.k
     report: dict = {"layers": {}, "targets": {}}
     per_target = {target: {"experts": 0.0, "recall": []} for target in ADAPTIVE_TARGETS}
     for il in pset.layers:
-        x = (traces.x_prev(il) if source == "x_prev" else traces.layer(il, "x_pre"))[held]
+        x, extra = set_inputs(pset, traces, il, np.flatnonzero(held))
         true = traces.layer(il, "ids").astype(np.int64)[held]  # [N, k]
-        scores = np.concatenate(
-            [pset.scores(il, x[i : i + BATCH_ROWS].astype(np.float32)) for i in range(0, len(x), BATCH_ROWS)]
-        )  # [N, E]
+        scores = set_scores(pset, il, x, extra)  # [N, E]
         temperature = calibration.fit_temperature(scores, true)
         order = np.argsort(-scores, axis=1, kind="stable")
         rank_of = np.argsort(order, axis=1)  # [N, E]: each expert's rank
@@ -428,6 +488,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--output", default="bench/results", help="output folder (default bench/results)"
     )
+    parser.add_argument(
+        "--heldout",
+        help="trace folder collected from other prompts than TRACES: score all of its prompts "
+        "(TRACES then only supplies the training prompts' popularity)",
+    )
+    parser.add_argument(
+        "-m",
+        "--model",
+        help="the traces' GGUF, for the router-prior row (default: its path in the traces, if present)",
+    )
     parser.add_argument("--int8", action="store_true", help="evaluate the int8 predictors (train --int8)")
     parser.add_argument("--name", help="name in the output files (default: the model file's stem)")
     parser.add_argument(
@@ -436,6 +506,32 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="fit PREDICTORS' confidence on the held-out tokens (for run --mode adaptive), "
         "store it in its manifest, and report adaptive prefetch at several target recalls",
     )
+
+
+def set_name(manifest: dict) -> str:
+    """A predictor set's row name: preattn-arch2, cross-layer, with +prior and +feature suffixes."""
+    if manifest.get("input", "x_pre") == "x_prev":
+        name = "cross-layer"
+    else:
+        name = f"preattn-arch{manifest.get('arch', '?')}"
+    return (
+        name
+        + ("+prior" if manifest.get("prior") else "")
+        + "".join(f"+{f}" for f in manifest.get("features") or [])
+    )
+
+
+def prior_weights(traces: TraceSet, model: str | None, sets: dict) -> dict | None:
+    """The router prior of the evaluated layers (baselines.router_prior), or None without the GGUF."""
+    path = Path(model or traces.manifest.get("model") or "")
+    if not path.is_file():
+        if model:
+            raise UserError(f"-m {model} not found")
+        return None
+    if read_layout(path).fingerprint != traces.fingerprint:
+        raise UserError(f"{path} is not the model the traces were collected from: pass the right -m")
+    layers = tuple(next(iter(sets.values())).layers)
+    return baselines.router_prior(path, layers, "x_pre")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -458,12 +554,15 @@ def main(args: argparse.Namespace) -> int:
         if found != expected:
             flag = "--cross-layer" if found == "x_prev" else "PREDICTORS or --arch2"
             raise UserError(f"{directory} reads {found}, not {expected}: pass it as {flag}")
-        name = "cross-layer" if expected == "x_prev" else f"preattn-arch{pset.manifest.get('arch', '?')}"
+        name = set_name(pset.manifest)
         while name in sets:
             name += "'"
         sets[name] = pset
     model = args.name or Path(traces.manifest.get("model", traces.directory.name)).stem
-    payload = evaluate(traces, sets, model)
+    heldout = TraceSet(Path(args.heldout)) if args.heldout else None
+    if heldout is not None and heldout.fingerprint != traces.fingerprint:
+        raise UserError(f"--heldout {args.heldout} holds traces of another model than {args.traces}")
+    payload = evaluate(traces, sets, model, heldout, prior_weights(traces, args.model, sets))
     paths = write_reports(payload, Path(args.output), model)
     if args.calibrate:
         primary = next(iter(sets.values()))

@@ -46,34 +46,48 @@ def _session(model: bytes | str, threads: int = 1):
     return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
 
 
-def onnx_scores(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Run one ONNX predictor file on x [N, d] float32 → scores [N, E]."""
-    return _session(str(path), threads).run(["scores"], {"x": np.ascontiguousarray(x, np.float32)})[0]
+def _feeds(x: np.ndarray, extra: dict | None) -> dict:
+    feeds = {"x": x, **(extra or {})}
+    return {name: np.ascontiguousarray(a, np.float32) for name, a in feeds.items()}
 
 
-def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray) -> dict:
-    """Write `layer-NNN.onnx` (input x [N, d], output scores [N, E], N dynamic) from a torch model in
-    eval mode, check onnxruntime against torch on x_check (real validation rows), return its entry."""
+def onnx_scores(path: Path, x: np.ndarray, threads: int = 1, extra: dict | None = None) -> np.ndarray:
+    """Run one ONNX predictor file on x [N, d] (and its history inputs, {name: [N, E]}) → scores [N, E]."""
+    return _session(str(path), threads).run(["scores"], _feeds(x, extra))[0]
+
+
+def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray, extra_check: dict | None = None) -> dict:
+    """Write `layer-NNN.onnx` (inputs x [N, d] and one input per history feature, named as in
+    `extra_check`; output scores [N, E]; N dynamic) from a torch model in eval mode, check onnxruntime
+    against torch on x_check (real validation rows), return its entry.
+
+    The graph stays a plain chain the native engine can read back: (x − mean) / std, MatMul + Add,
+    activation, MatMul + Add, and with a router prior one more MatMul, a Mul by its scale and an Add."""
     import torch
 
     model = model.eval()
+    extra_check = extra_check or {}
+    names = list(extra_check)
     path = Path(out_dir) / f"layer-{il:03d}.onnx"
+    dummy = (torch.zeros(2, model.n_embd), *(torch.zeros(2, a.shape[1]) for a in extra_check.values()))
     with atomic_output(path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter: the dynamo one needs onnxscript
         torch.onnx.export(
             model,
-            (torch.zeros(2, model.n_embd),),
+            dummy,
             str(temporary),
             dynamo=False,
-            input_names=["x"],
+            input_names=["x", *names],
             output_names=["scores"],
-            dynamic_axes={"x": {0: "n_tokens"}, "scores": {0: "n_tokens"}},
+            dynamic_axes={name: {0: "n_tokens"} for name in ["x", *names, "scores"]},
             opset_version=OPSET,
         )
-    x = np.ascontiguousarray(x_check[:CHECK_ROWS], np.float32)  # [n, d]
+    rows = {"x": x_check[:CHECK_ROWS], **{n: a[:CHECK_ROWS] for n, a in extra_check.items()}}
+    rows = {name: np.ascontiguousarray(a, np.float32) for name, a in rows.items()}  # [n, ·] each
     with torch.no_grad():
-        expected = model(torch.from_numpy(x)).numpy()  # [n, E]
-    difference = float(np.abs(onnx_scores(path, x) - expected).max()) if len(x) else 0.0
+        expected = model(*(torch.from_numpy(a) for a in rows.values())).numpy()  # [n, E]
+    found = _session(str(path)).run(["scores"], rows)[0] if len(rows["x"]) else expected
+    difference = float(np.abs(found - expected).max()) if len(rows["x"]) else 0.0
     if not difference < CHECK_TOLERANCE:
         raise RuntimeError(
             f"{path}: onnxruntime differs from torch by {difference:.2e} (> {CHECK_TOLERANCE})"
@@ -82,8 +96,37 @@ def export_layer(model, out_dir: Path, il: int, x_check: np.ndarray) -> dict:
         "layer": il,
         "file": path.name,
         "sha256": sha256_bytes(path.read_bytes()),
-        "export_check": {"rows": len(x), "max_abs_diff": difference, "tolerance": CHECK_TOLERANCE},
+        "bytes": path.stat().st_size,
+        "parameters": model.parameter_count(),
+        "export_check": {"rows": len(rows["x"]), "max_abs_diff": difference, "tolerance": CHECK_TOLERANCE},
     }
+
+
+def fp16_layer(out_dir: Path, il: int) -> dict:
+    """Write `layer-NNN.fp16.onnx`: every float32 weight stored as float16 and cast back to float32
+    where it is used (one Cast per weight), so inputs, outputs and the arithmetic stay float32 and
+    any runtime reads it; the file (and the weights a GPU would hold) is half the size."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    source = Path(out_dir) / f"layer-{il:03d}.onnx"
+    path = source.with_name(f"layer-{il:03d}.fp16.onnx")
+    graph_model = onnx.load(str(source))
+    graph = graph_model.graph
+    casts = []
+    for position, initializer in enumerate(list(graph.initializer)):
+        if initializer.data_type != TensorProto.FLOAT:
+            continue
+        name = initializer.name
+        half = numpy_helper.from_array(numpy_helper.to_array(initializer).astype(np.float16), name + "_fp16")
+        graph.initializer[position].CopyFrom(half)
+        casts.append(helper.make_node("Cast", [half.name], [name], to=TensorProto.FLOAT))
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    with atomic_output(path) as temporary:
+        onnx.save(graph_model, str(temporary))
+    return {"file": path.name, "sha256": sha256_bytes(path.read_bytes()), "bytes": path.stat().st_size}
 
 
 def quantize_layer(out_dir: Path, il: int) -> dict:
@@ -98,7 +141,7 @@ def quantize_layer(out_dir: Path, il: int) -> dict:
             quantize_dynamic(source, temporary, weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
-    return {"file": path.name, "sha256": sha256_bytes(path.read_bytes())}
+    return {"file": path.name, "sha256": sha256_bytes(path.read_bytes()), "bytes": path.stat().st_size}
 
 
 def write_manifest(out_dir: Path, fields: dict) -> None:
@@ -117,6 +160,7 @@ class PredictorSet:
         self.n_expert: int = manifest["n_expert"]
         self.n_embd: int = manifest["n_embd"]
         self.input: str = manifest["input"]
+        self.features: tuple[str, ...] = tuple(manifest.get("features") or ())
         self.fingerprint: str = manifest["fingerprint"]
         self.int8 = int8
 
@@ -132,13 +176,19 @@ class PredictorSet:
                 f"E = {layout.n_expert}, MoE layers {sorted(moe_layers)}: train predictors for this model"
             )
 
-    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
-        """x [N, d] float32 → scores [N, E] float32; rank them for the predicted experts."""
+    def scores(self, il: int, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
+        """x [N, d] float32 (and, for a set trained with history features, `extra` {ONNX input name:
+        [N, E]}) → scores [N, E] float32; rank them for the predicted experts."""
         if il not in self._sessions:
             raise KeyError(f"no predictor for layer {il}: this set covers layers {list(self.layers)}")
         if x.ndim != 2 or x.shape[1] != self.n_embd:
             raise ValueError(f"x must be [N, {self.n_embd}], not {list(x.shape)}")
-        return self._sessions[il].run(["scores"], {"x": np.ascontiguousarray(x, np.float32)})[0]
+        if self.features and not extra:
+            raise UserError(
+                f"{self.directory} reads history inputs ({', '.join(self.features)}) that this caller "
+                "does not supply: use predictors trained without --features here"
+            )
+        return self._sessions[il].run(["scores"], _feeds(x, extra))[0]
 
 
 # ONNX protobuf field numbers (onnx.proto3) on the way from a model to every tensor it holds
@@ -263,6 +313,9 @@ def load_predictor_set(
     n_embd, n_expert = _require(manifest, "n_embd", int, where), _require(manifest, "n_expert", int, where)
     _require(manifest, "k", int, where)
     _require(manifest, "input", str, where)
+    features = manifest.get("features") or []
+    if not isinstance(features, list):
+        raise UserError(f"{where} lacks a valid 'features': retrain or re-export the predictors")
     sessions = {}
     for entry in _require(manifest, "predictors", list, where):
         il = _require(entry, "layer", int, where)
@@ -298,7 +351,7 @@ def load_predictor_set(
             ) from None
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if (
-            [i.name for i in inputs] != ["x"]
+            [i.name for i in inputs] != ["x", *(str(f).replace("-", "_") for f in features)]
             or [o.name for o in outputs] != ["scores"]
             or inputs[0].shape[-1] != n_embd
             or outputs[0].shape[-1] != n_expert

@@ -46,23 +46,56 @@ class InputNorm(nn.Module):
 
 
 class Predictor(nn.Module):
-    """InputNorm, then Architecture 1 or 2 of figure 4."""
+    """InputNorm, then Architecture 1 or 2 of figure 4; optionally on top of the router as prior.
 
-    def __init__(self, arch: int, n_embd: int, n_expert: int, hidden: int = DEFAULT_HIDDEN) -> None:
+    `prior` [E, d]: the layer's router weights mapped to the input's space (baselines.router_prior).
+    With it the predictor is the residual `scale · x·priorᵀ + body(x)`: its last layer starts at zero,
+    so before any training it ranks experts exactly as the prior does, and training only learns what
+    attention and the layer input add. `n_extra` widens the body's input by history features
+    (features.py) that come as further inputs, concatenated after x; the prior reads x alone.
+    """
+
+    def __init__(
+        self,
+        arch: int,
+        n_embd: int,
+        n_expert: int,
+        hidden: int = DEFAULT_HIDDEN,
+        *,
+        n_extra: int = 0,
+        prior: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
         self.arch, self.n_embd, self.n_expert, self.hidden = arch, n_embd, n_expert, hidden
-        self.norm = InputNorm(n_embd)
+        self.n_extra = n_extra
+        self.norm = InputNorm(n_embd + n_extra)
+        width = n_embd + n_extra
         if arch == 1:  # Linear → BatchNorm1d → GELU → Dropout(0.1) → Linear
-            layers = [nn.Linear(n_embd, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1)]
+            layers = [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1)]
         else:  # Linear → SiLU → Linear
-            layers = [nn.Linear(n_embd, hidden), nn.SiLU()]
+            layers = [nn.Linear(width, hidden), nn.SiLU()]
         self.body = nn.Sequential(*layers, nn.Linear(hidden, n_expert))
+        if prior is not None and tuple(prior.shape) != (n_expert, n_embd):
+            raise ValueError(f"prior must be [{n_expert}, {n_embd}], not {list(prior.shape)}")
+        # [d, E] (x @ prior), or None: no entry in the state dict
+        self.register_buffer("prior", None if prior is None else prior.float().t().contiguous())
+        if prior is not None:
+            self.prior_scale = nn.Parameter(torch.ones(()))
+            nn.init.zeros_(self.body[-1].weight)
+            nn.init.zeros_(self.body[-1].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [N, n_embd] → logits: [N, n_expert]
-        return self.body(self.norm(x))
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        # x: [N, n_embd], extra: [N, ·] each (n_extra columns in all) → logits: [N, n_expert]
+        scores = self.body(self.norm(torch.cat([x, *extra], dim=1) if extra else x))
+        if self.prior is not None:
+            scores = scores + (x @ self.prior) * self.prior_scale
+        return scores
+
+    def parameter_count(self) -> int:
+        """Numbers stored in the exported graph: weights, biases, the prior and the input statistics."""
+        return sum(t.numel() for t in self.state_dict().values() if t.dtype.is_floating_point)
 
 
 def _rank_key(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -159,10 +192,44 @@ def rank_loss(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor) -> t
     return bce + RANK_LAMBDA * ranking_hinge(logits, probs, ids)
 
 
+def distill_loss(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor, gating: str = "softmax"):
+    """Soft targets (not in the paper): cross-entropy from the router's whole probability vector to
+    the predictor's, i.e. KL(router ‖ predictor) plus the router's entropy (a constant). Softmax
+    routers: −Σ_j s_j log softmax(z)_j per token; sigmoid routers: BCE of σ(z_j) against s_j. Where
+    the router's k-th and (k+1)-th scores nearly tie, the hard top-k labels of the other losses flip
+    between near-identical inputs; the probabilities do not."""
+    if gating == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, probs.float())
+    return -(probs.float() * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-LOSSES: dict[str, Loss] = {"mse": mse_loss, "wbce": wbce_loss, "focal": focal_loss, "rank": rank_loss}
+LOSSES: dict[str, Loss] = {
+    "mse": mse_loss,
+    "wbce": wbce_loss,
+    "focal": focal_loss,
+    "rank": rank_loss,
+    "distill": distill_loss,
+}
+GATED = ("mse", "distill")  # losses that put the logits through the router's gating function
+
+
+def loss_names(name: str) -> list[str]:
+    """`rank+distill` → ["rank", "distill"]: a sum of losses; [] when a part is unknown."""
+    parts = name.split("+")
+    return parts if all(part in LOSSES for part in parts) and len(set(parts)) == len(parts) else []
 
 
 def make_loss(name: str, gating: str = "softmax") -> Loss:
-    """LOSSES[name], with the MSE's predicted scores put through the router's gating function."""
-    return functools.partial(mse_loss, gating=gating) if name == "mse" else LOSSES[name]
+    """The sum of the named LOSSES (see loss_names), each gated loss with the router's gating."""
+    parts = [
+        functools.partial(LOSSES[part], gating=gating) if part in GATED else LOSSES[part]
+        for part in loss_names(name)
+    ]
+    if not parts:
+        raise ValueError(f"unknown loss {name!r}: use one of {', '.join(LOSSES)} or a sum like rank+distill")
+
+    def total(logits: torch.Tensor, probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return sum(part(logits, probs, ids) for part in parts)
+
+    return parts[0] if len(parts) == 1 else total

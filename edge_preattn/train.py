@@ -8,6 +8,7 @@ recall@k. After each epoch a layer's state is checkpointed; rerunning the same c
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import pickle
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import features, metrics
 from .collect import parse_layers
 from .errors import UserError
 from .files import atomic_output, what_is, write_json_atomic
@@ -28,10 +29,18 @@ log = logging.getLogger(__name__)
 RESUMABLE = True  # Ctrl-C keeps per-epoch checkpoints; the same command goes on from there
 HELP = "train per-layer expert predictors on collected traces and export them to ONNX"
 EXAMPLES = """\
-  edge-preattn train traces/model -o predictors/model
+  edge-preattn train traces/model -o predictors/model   # residual on the router prior, rank+distill
+  edge-preattn train traces/model --no-prior --hidden 2048 --loss rank --epochs 30 -o predictors/paper
   edge-preattn train traces/model --arch 1 --loss wbce --epochs 1 -o runs/arch1-wbce
   edge-preattn train traces/model --input x_prev -o predictors/model-cross-layer   # FATE-like baseline
   edge-preattn train traces/model --hidden 512 --int8 --layers 0-3 -o predictors/small
+  edge-preattn train traces/model --features prev-layer,prev-token -o predictors/history   # eval only
+
+What the defaults cost (bench/results/accuracy-ablation-*.md): on a busy 2-core CPU with -t 1, about
+4 s per epoch per layer for 90k training tokens of moe-ref-a (d 384, E 64): about 5 min in all for its
+8 layers and 8 epochs (the old default, hidden 2048 for 30 epochs, took 1.5-2.5 h); under 3 min for
+the packaged model's 7 layers. The paper's shape (--no-prior --hidden 2048) is about ten times the
+arithmetic per epoch. Training uses the GPU when torch sees one.
 """
 EVAL_CHUNK = 8192
 
@@ -41,9 +50,9 @@ class TrainSettings:
     """Everything that decides the trained weights: resuming requires the same settings."""
 
     arch: int = 2
-    loss: str = "rank"
-    epochs: int = 30
-    hidden: int = 2048
+    loss: str = "rank+distill"
+    epochs: int = 8
+    hidden: int = 128
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -51,7 +60,9 @@ class TrainSettings:
     val_fraction: float = 0.15
     seed: int = 0
     max_train_samples: int | None = None
-    patience: int = 5
+    patience: int = 2
+    prior: bool = True  # a residual on the layer's router applied to the input (baselines.router_prior)
+    features: str = ""  # history inputs, comma-separated (features.FEATURES)
 
 
 def split_by_prompt(prompt: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -69,13 +80,23 @@ def val_recall(scores: np.ndarray, ids: np.ndarray) -> float:
     return float(metrics.recall_at_k(metrics.ranked(scores, ids.shape[1]), ids).mean())
 
 
-def _evaluate(model, x, ids: np.ndarray) -> float:
+def _scores(model, x, extra: list):
+    """The model's scores [M, E] on validation rows, in chunks (no gradients)."""
     import torch
 
     model.eval()
     with torch.no_grad():
-        scores = torch.cat([model(x[i : i + EVAL_CHUNK]) for i in range(0, len(x), EVAL_CHUNK)])
-    return val_recall(scores.cpu().numpy(), ids)  # scores: [M, E]
+        chunks = range(0, len(x), EVAL_CHUNK)
+        return torch.cat(
+            [model(x[i : i + EVAL_CHUNK], *(e[i : i + EVAL_CHUNK] for e in extra)) for i in chunks]
+        )
+
+
+def _evaluate(model, data: dict, loss_fn) -> tuple[float, float]:
+    """(validation loss, validation recall@k) of the model on the validation prompts."""
+    scores = _scores(model, data["x_val"], data["extra_val"])  # [M, E]
+    loss = float(loss_fn(scores, data["probs_val"], data["ids_val_t"])) if len(scores) else 0.0
+    return loss, val_recall(scores.cpu().numpy(), data["ids_val"])
 
 
 def _save(path: Path, state: dict) -> None:
@@ -105,21 +126,31 @@ def _load_checkpoint(path: Path, device) -> dict | None:
     return state
 
 
-def fit_layer(il: int, data: dict, settings: TrainSettings, *, gating: str, checkpoint: Path, bar=None):
+def fit_layer(
+    il: int, data: dict, settings: TrainSettings, *, gating: str, checkpoint: Path, prior=None, bar=None
+):
     """Train (or resume, or reload when finished) one layer's predictor; returns (best model, history).
 
-    `data` holds torch tensors on the training device: x_train [N, d], probs_train [N, E],
-    ids_train [N, k], x_val [M, d]; and ids_val [M, k] as numpy (metrics.py reads it).
+    `data` holds torch tensors on the training device: x_train [N, d], extra_train (a list of [N, E]
+    history features), probs_train [N, E], ids_train [N, k], and the same for validation (x_val,
+    extra_val, probs_val, ids_val_t), plus ids_val [M, k] as numpy (metrics.py reads it). `prior`
+    [E, d]: the router prior the predictor is a residual on (None: none). The kept model is the one
+    of the epoch with the lowest validation loss; training stops after `patience` epochs without a
+    lower one.
     """
     import torch
 
     from .predictors import Predictor, make_loss
 
     x_train, probs_train, ids_train = data["x_train"], data["probs_train"], data["ids_train"]
+    extra_train = data["extra_train"]
     device = x_train.device
     torch.manual_seed(settings.seed * 1_000_003 + il * 1009)  # initial weights
-    model = Predictor(settings.arch, x_train.shape[1], probs_train.shape[1], settings.hidden).to(device)
-    model.norm.fit(x_train)
+    n_extra = sum(e.shape[1] for e in extra_train)
+    model = Predictor(
+        settings.arch, x_train.shape[1], probs_train.shape[1], settings.hidden, n_extra=n_extra, prior=prior
+    ).to(device)
+    model.norm.fit(torch.cat([x_train, *extra_train], dim=1) if extra_train else x_train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, len(x_train) // settings.batch_size + (len(x_train) % settings.batch_size > 1))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs * steps_per_epoch)
@@ -133,7 +164,7 @@ def fit_layer(il: int, data: dict, settings: TrainSettings, *, gating: str, chec
         schedule.load_state_dict(state["schedule"])
         if bar is not None:
             bar.update(settings.epochs if state["done"] else state["epoch"])
-    best = max((h["val_recall_at_k"] for h in state["history"]), default=-1.0)
+    best = min((h["val_loss"] for h in state["history"]), default=float("inf"))
     while not state["done"]:
         epoch = state["epoch"] + 1
         started = time.monotonic()
@@ -146,23 +177,25 @@ def fit_layer(il: int, data: dict, settings: TrainSettings, *, gating: str, chec
             rows = order[first : first + settings.batch_size]  # [B]
             if len(rows) < 2:  # BatchNorm1d cannot train on one row
                 continue
-            loss = loss_fn(model(x_train[rows]), probs_train[rows], ids_train[rows])
+            logits = model(x_train[rows], *(e[rows] for e in extra_train))
+            loss = loss_fn(logits, probs_train[rows], ids_train[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             total, batches = total + loss.item(), batches + 1
-        recall = _evaluate(model, data["x_val"], data["ids_val"])
+        val_loss, recall = _evaluate(model, data, loss_fn)
         state["history"].append(
             {
                 "epoch": epoch,
                 "train_loss": total / max(1, batches),
+                "val_loss": val_loss,
                 "val_recall_at_k": recall,
                 "seconds": time.monotonic() - started,
             }
         )
-        if recall > best:
-            best, state["bad_epochs"] = recall, 0
+        if val_loss < best:
+            best, state["bad_epochs"] = val_loss, 0
             state["best_model"] = {name: t.detach().clone() for name, t in model.state_dict().items()}
         else:
             state["bad_epochs"] += 1
@@ -196,26 +229,70 @@ def _open_checkpoints(directory: Path, expected: dict) -> None:
         write_json_atomic(path, expected)
 
 
-def _layer_data(traces: TraceSet, il: int, source: str, rows: tuple, device) -> dict:
-    """One layer's training and validation tensors on the device (validation ids stay numpy);
+def _layer_data(traces: TraceSet, il: int, settings: TrainSettings, rows: tuple, device) -> dict:
+    """One layer's training and validation tensors on the device (see fit_layer);
     rows = (train rows, validation rows), token indices of the trace set."""
     import torch
 
     train_rows, val_rows = rows
-
-    x = traces.x_prev(il) if source == "x_prev" else traces.layer(il, "x_pre")  # [T, d] float16
+    x = traces.x_prev(il) if settings.input == "x_prev" else traces.layer(il, "x_pre")  # [T, d] float16
     probs, ids = traces.layer(il, "probs"), traces.layer(il, "ids")  # [T, E] float16, [T, k] int16
+    extra = [features.history(traces, il, name) for name in features.parse(settings.features)]
 
     def tensor(array: np.ndarray, rows: np.ndarray, dtype) -> "torch.Tensor":
         return torch.from_numpy(np.ascontiguousarray(array[rows])).to(device, dtype)
 
     return {
         "x_train": tensor(x, train_rows, torch.float32),
+        "extra_train": [tensor(e, train_rows, torch.float32) for e in extra],
         "probs_train": tensor(probs, train_rows, torch.float32),
         "ids_train": tensor(ids, train_rows, torch.int64),
         "x_val": tensor(x, val_rows, torch.float32),
+        "extra_val": [tensor(e, val_rows, torch.float32) for e in extra],
+        "probs_val": tensor(probs, val_rows, torch.float32),
+        "ids_val_t": tensor(ids, val_rows, torch.int64),
         "ids_val": ids[val_rows].astype(np.int64),
     }
+
+
+def traces_id(traces: TraceSet) -> str:
+    """What identifies a trace collection (its prompts file, settings and shards), wherever the folder
+    lies: `eval` refuses to take another collection's tokens for this one's validation prompts."""
+    manifest = traces.manifest
+    shards = [(s.get("name"), s.get("tokens"), s.get("prompts")) for s in manifest["shards"]]
+    key = [traces.fingerprint, manifest.get("prompts_sha256"), manifest.get("settings"), shards]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def router_priors(traces: TraceSet, layers: tuple[int, ...], source: str, model: Path | None) -> dict:
+    """{layer: prior [E, d]} from the model the traces came from (its path in the traces' manifest,
+    or `model`), refused when that file is missing or another model."""
+    from .baselines import router_prior
+    from .layout import read_layout
+
+    model = Path(model or traces.manifest.get("model") or "")
+    if not model.is_file():
+        raise UserError(f"the router prior needs the model's GGUF ({model} not found): pass -m MODEL.gguf")
+    if read_layout(model).fingerprint != traces.fingerprint:
+        raise UserError(f"{model} is not the model {traces.directory} was collected from: pass the right -m")
+    return router_prior(model, layers, source)
+
+
+def _export(model, out_dir: Path, il: int, data: dict, *, names: list[str], formats: tuple[str, ...]) -> dict:
+    """Write one layer's ONNX file (and its fp16 / int8 variants); their validation recall beside."""
+    from . import onnx_io
+
+    x_val = data["x_val"].cpu().numpy()  # [M, d]
+    extra = {name: e.cpu().numpy() for name, e in zip(names, data["extra_val"], strict=True)}  # [M, E] each
+    entry = onnx_io.export_layer(model.cpu(), out_dir, il, x_val, extra)
+    for form in formats:
+        write = onnx_io.fp16_layer if form == "fp16" else onnx_io.quantize_layer
+        written = entry[form] = write(out_dir, il)
+        fp32_scores = onnx_io.onnx_scores(out_dir / entry["file"], x_val, extra=extra)  # [M, E]
+        scores = onnx_io.onnx_scores(out_dir / written["file"], x_val, extra=extra)  # [M, E]
+        written["fp32_val_recall_at_k"] = val_recall(fp32_scores, data["ids_val"])
+        written["val_recall_at_k"] = val_recall(scores, data["ids_val"])
+    return entry
 
 
 def train(
@@ -225,20 +302,29 @@ def train(
     *,
     layers: tuple[int, ...] | None = None,
     int8: bool = False,
+    fp16: bool = False,
     device: str | None = None,
+    model: Path | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train, export and describe one predictor per layer; returns the written manifest."""
+    """Train, export and describe one predictor per layer; returns the written manifest.
+    `threads`: torch's CPU threads (default torch's own: every core; on a machine shared with other
+    work, 1 is often many times faster, since torch's threads wait on each other)."""
     import torch
     from tqdm import tqdm
 
-    from . import onnx_io
-    from .predictors import LOSSES
+    if threads:
+        torch.set_num_threads(threads)
 
-    if settings.loss not in LOSSES:
-        raise UserError(f"--loss must be one of {', '.join(LOSSES)}")
+    from . import onnx_io
+    from .predictors import loss_names
+
+    if not loss_names(settings.loss):
+        raise UserError("--loss must be one of mse, wbce, focal, rank, distill, or a sum like rank+distill")
     if settings.input not in ("x_pre", "x_prev"):
         raise UserError("--input must be x_pre or x_prev")
+    names = [features.input_name(f) for f in features.parse(settings.features)]
     traces = TraceSet(traces_dir)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise UserError(f"-o {out_dir} is {what_is(out_dir)}: give a folder for the predictors")
@@ -246,6 +332,7 @@ def train(
     missing = sorted(set(layers) - set(traces.layers))
     if missing:
         raise UserError(f"layers {missing} are not in the traces (collected: {list(traces.layers)})")
+    priors = router_priors(traces, layers, settings.input, model) if settings.prior else {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = traces.meta()
     train_mask, val_prompts = split_by_prompt(meta["prompt"], settings.val_fraction, settings.seed)
@@ -265,30 +352,26 @@ def train(
     )
     entries = []
     started = time.monotonic()
+    formats = tuple(form for form, wanted in (("fp16", fp16), ("int8", int8)) if wanted)
     bar = tqdm(total=len(layers) * settings.epochs, unit="epoch", disable=not progress)
     with bar:
         for il in layers:
-            data = _layer_data(traces, il, settings.input, (train_rows, val_rows), device)
+            data = _layer_data(traces, il, settings, (train_rows, val_rows), device)
             checkpoint = checkpoints / f"layer-{il:03d}.pt"
-            model, history = fit_layer(
-                il, data, settings, gating=traces.gating, checkpoint=checkpoint, bar=bar
+            prior = torch.from_numpy(priors[il]) if il in priors else None
+            predictor, history = fit_layer(
+                il, data, settings, gating=traces.gating, checkpoint=checkpoint, prior=prior, bar=bar
             )
-            x_val = data["x_val"].cpu().numpy()  # [M, d]
-            entry = onnx_io.export_layer(model.cpu(), out_dir, il, x_val)
-            best = max(history, key=lambda h: h["val_recall_at_k"])
+            entry = _export(predictor, out_dir, il, data, names=names, formats=formats)
+            best = min(history, key=lambda h: h["val_loss"])
             entry["validation"] = {
                 "recall_at_k_per_epoch": [h["val_recall_at_k"] for h in history],
                 "train_loss_per_epoch": [h["train_loss"] for h in history],
+                "val_loss_per_epoch": [h["val_loss"] for h in history],
                 "seconds_per_epoch": [h["seconds"] for h in history],
                 "best_recall_at_k": best["val_recall_at_k"],
                 "best_epoch": best["epoch"],
             }
-            if int8:
-                quantized = entry["int8"] = onnx_io.quantize_layer(out_dir, il)
-                fp32_scores = onnx_io.onnx_scores(out_dir / entry["file"], x_val)  # [M, E]
-                int8_scores = onnx_io.onnx_scores(out_dir / quantized["file"], x_val)  # [M, E]
-                quantized["fp32_val_recall_at_k"] = val_recall(fp32_scores, data["ids_val"])
-                quantized["val_recall_at_k"] = val_recall(int8_scores, data["ids_val"])
             entries.append(entry)
     manifest = {
         "fingerprint": traces.fingerprint,
@@ -298,6 +381,9 @@ def train(
         "arch": settings.arch,
         "loss": settings.loss,
         "input": settings.input,
+        "prior": settings.prior,
+        "features": list(features.parse(settings.features)),
+        "traces_id": traces_id(traces),
         "k": traces.k,
         "n_expert": traces.n_expert,
         "n_embd": traces.n_embd,
@@ -307,7 +393,8 @@ def train(
         "validation_prompts": val_prompts,
         "train_tokens": len(train_rows),
         "validation_tokens": len(val_rows),
-        "settings": {**dataclasses.asdict(settings), "device": device, "int8": int8},
+        "settings": {**dataclasses.asdict(settings), "device": device, "int8": int8, "fp16": fp16},
+        "parameters_per_layer": entries[0]["parameters"],
         "train_seconds": time.monotonic() - started,
         "predictors": entries,
     }
@@ -327,9 +414,18 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch", type=int, choices=(1, 2), default=defaults.arch, help="paper's architecture"
     )
-    parser.add_argument("--loss", choices=("mse", "wbce", "focal", "rank"), default=defaults.loss)
+    parser.add_argument(
+        "--loss",
+        default=defaults.loss,
+        help="mse, wbce, focal, rank (the paper's), distill (soft targets), or a sum such as rank+distill",
+    )
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--hidden", type=int, default=defaults.hidden, help="hidden width (default 2048)")
+    parser.add_argument(
+        "--hidden",
+        type=int,
+        default=defaults.hidden,
+        help=f"hidden width (default {defaults.hidden}; the paper's 2048)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -346,8 +442,28 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-train-samples", type=int, help="train on at most this many tokens (default: all)"
     )
+    parser.add_argument(
+        "--prior",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.prior,
+        help="train a residual on the layer's own router applied to the input (needs the model's GGUF)",
+    )
+    parser.add_argument(
+        "-m", "--model", help="the traces' GGUF for --prior (default: its path in the traces)"
+    )
+    parser.add_argument(
+        "--features",
+        default=defaults.features,
+        help="history inputs, comma-separated: prev-layer (this token's routing at the previous MoE "
+        "layer), prev-token (the previous token's routing at this layer), prev-x (the previous token's "
+        "pre-attention state at this layer)",
+    )
     parser.add_argument("--int8", action="store_true", help="also write int8 models (dynamic quantization)")
+    parser.add_argument("--fp16", action="store_true", help="also write fp16-weight models")
     parser.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    parser.add_argument(
+        "-t", "--threads", type=int, help="CPU threads for torch (default all; 1 on a busy machine)"
+    )
 
 
 def check_device(name: str | None) -> None:
@@ -393,6 +509,8 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_train_samples=args.max_train_samples,
         patience=args.patience,
+        prior=args.prior,
+        features=",".join(features.parse(args.features)),
     )
     manifest = train(
         Path(args.traces),
@@ -400,16 +518,19 @@ def main(args: argparse.Namespace) -> int:
         settings,
         layers=parse_layers(args.layers),
         int8=args.int8,
+        fp16=args.fp16,
         device=args.device,
+        model=Path(args.model) if args.model else None,
+        threads=args.threads,
     )
     print(f"validation recall@{manifest['k']} on {len(manifest['validation_prompts'])} held-out prompts:")
-    print("layer  epochs  epoch-1  best" + ("    int8" if args.int8 else ""))
+    formats = [form for form in ("fp16", "int8") if getattr(args, form)]
+    print("layer  epochs  epoch-1  best" + "".join(f"    {form}" for form in formats))
     for entry in manifest["predictors"]:
         val = entry["validation"]
         line = f"{entry['layer']:5d}  {len(val['recall_at_k_per_epoch']):6d}  "
         line += f"{val['recall_at_k_per_epoch'][0]:.4f}   {val['best_recall_at_k']:.4f}"
-        if "int8" in entry:
-            line += f"  {entry['int8']['val_recall_at_k']:.4f}"
+        line += "".join(f"  {entry[form]['val_recall_at_k']:.4f}" for form in formats)
         print(line)
     mean = np.mean([e["validation"]["best_recall_at_k"] for e in manifest["predictors"]])
     print(

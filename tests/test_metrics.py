@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import baselines, cli, evaluate, metrics
+from edge_preattn import baselines, cli, evaluate, metrics, train
 from edge_preattn.errors import UserError
 from edge_preattn.traces import TraceSet
 
@@ -277,3 +277,28 @@ def test_eval_reads_predictors_written_by_onnx_io(tmp_path):
     check_block(payload["methods"]["preattn-arch2"], len(LAYERS))
     with pytest.raises(UserError):
         evaluate.load_set(out, "0" * 64)
+
+
+def test_eval_heldout_scores_every_prompt_and_refuses_unnamed_traces(tmp_path):
+    routers = write_traces(tmp_path / "traces")
+    write_traces(tmp_path / "other", prompts=6)
+    traces, other = TraceSet(tmp_path / "traces"), TraceSet(tmp_path / "other")
+    named = StandIn(routers)
+    named.manifest["traces_id"] = train.traces_id(traces)
+    with pytest.raises(UserError, match="--heldout"):
+        evaluate.evaluate(other, {"p": named}, "fake")  # its validation indices mean nothing there
+    payload = evaluate.evaluate(traces, {"p": named}, "fake", heldout=other)
+    assert payload["heldout_tokens"] == len(other.meta()["prompt"])
+    assert payload["heldout_prompts"] == sorted(set(other.meta()["prompt"].tolist()))
+    assert payload["heldout_traces"] == str(other.directory)
+    with pytest.raises(UserError, match="trained on"):
+        evaluate.evaluate(traces, {"p": named}, "fake", heldout=traces)
+
+
+def test_router_prior_row_is_the_router_on_the_mapped_pre_attention_state(tmp_path):
+    routers = write_traces(tmp_path / "traces")
+    traces = TraceSet(tmp_path / "traces")
+    priors = {il: routers[il] for il in LAYERS}  # unit norms: the prior is the router itself
+    payload = evaluate.evaluate(traces, {"p": StandIn(routers)}, "fake", priors=priors)
+    row, stand_in = payload["methods"]["router-prior"], payload["methods"]["p"]
+    assert row["per_layer"]["recall_at_k"] == stand_in["per_layer"]["recall_at_k"]

@@ -18,7 +18,9 @@ from edge_preattn.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
 from edge_preattn.predictors import (
     LOSSES,
     Predictor,
+    distill_loss,
     focal_loss,
+    make_loss,
     mse_loss,
     rank_loss,
     ranking_hinge,
@@ -39,7 +41,9 @@ PROMPTS = [
     "for i in range(10):",
     "Explain why the sky is blue.",
 ]
-SETTINGS = train.TrainSettings(hidden=64, epochs=4, batch_size=64, lr=3e-3, val_fraction=0.25, patience=10)
+SETTINGS = train.TrainSettings(  # the paper's recipe (no prior), small
+    hidden=64, epochs=4, batch_size=64, lr=3e-3, val_fraction=0.25, patience=10, prior=False, loss="rank"
+)
 
 
 def softplus(z: float) -> float:
@@ -332,3 +336,100 @@ def test_eval_calibrate_stores_temperatures_and_reports_adaptive_prefetch(
     assert rows[-1]["recall"] == 1.0  # target 1.0: every expert
     assert load_predictor_set(directory).manifest["calibration"]  # still loads (ONNX untouched)
     assert (reports / "calibration-moe-ref-a.png").stat().st_size > 0
+
+
+# ---- the router prior, history features, soft targets ------------------------------------------
+
+
+def test_distill_is_the_cross_entropy_to_the_router_probabilities():
+    probs = torch.tensor([[0.5, 0.25, 0.25]])
+    logits = torch.log(probs)
+    assert distill_loss(logits, probs, torch.tensor([[0]])).item() == pytest.approx(
+        -(probs * torch.log(probs)).sum().item()  # KL = 0: only the router's entropy is left
+    )
+    summed = make_loss("rank+distill")(logits, probs, torch.tensor([[0]]))
+    assert summed.item() == pytest.approx(
+        (rank_loss(logits, probs, torch.tensor([[0]])) + 1.0397).item(), 1e-3
+    )
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_loss("rank+nope")
+
+
+def test_untrained_residual_ranks_as_the_prior_and_exports_it():
+    torch.manual_seed(0)
+    prior = torch.randn(8, 16)  # [E, d]
+    model = Predictor(2, 16, 8, hidden=4, n_extra=8, prior=prior).eval()
+    x, extra = torch.randn(32, 16), torch.rand(32, 8)
+    model.norm.fit(torch.cat([x, extra], 1))
+    assert torch.allclose(model(x, extra), x @ prior.T, atol=1e-5)  # the correction starts at zero
+    assert model.parameter_count() == 16 * 8 + (24 * 4 + 4) + (4 * 8 + 8) + 1 + 2 * 24
+
+
+def test_router_prior_maps_the_pre_attention_state_onto_the_router_input(moe_ref_a):
+    import gguf
+
+    from edge_preattn.baselines import router_prior
+
+    tensors = {t.name: t for t in gguf.GGUFReader(moe_ref_a).tensors}
+    weight = {
+        n: np.asarray(gguf.dequantize(tensors[n].data, tensors[n].tensor_type), np.float32)
+        for n in ("blk.3.attn_norm.weight", "blk.3.ffn_norm.weight", "blk.3.ffn_gate_inp.weight")
+    }
+    router = weight["blk.3.ffn_gate_inp.weight"].reshape(64, -1)
+    normed = np.random.default_rng(0).standard_normal((5, router.shape[1])).astype(np.float32)
+    x_pre = normed * weight["blk.3.attn_norm.weight"]  # what the hook captures before attention
+    router_input = normed * weight["blk.3.ffn_norm.weight"]  # what the router reads, were attention zero
+    prior = router_prior(moe_ref_a, (3,))[3]
+    assert np.allclose(x_pre @ prior.T, router_input @ router.T, atol=1e-3)
+
+
+def test_history_features_shift_within_prompts(traces_dir):
+    from edge_preattn import features
+
+    traces = TraceSet(traces_dir)
+    prompt = traces.meta()["prompt"]
+    token = features.history(traces, 1, "prev-token")
+    probs = traces.layer(1, "probs")
+    first = np.r_[True, prompt[1:] != prompt[:-1]]
+    assert (token[first] == 0).all() and np.array_equal(token[~first], probs[np.flatnonzero(~first) - 1])
+    assert np.array_equal(features.history(traces, 1, "prev-layer"), traces.layer(0, "probs"))
+    assert not features.history(traces, 0, "prev-layer").any()
+    assert features.parse("prev-token,prev-layer") == ("prev-layer", "prev-token")
+    with pytest.raises(UserError, match="unknown --features"):
+        features.parse("next-token")
+
+
+def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_ref_a, tmp_path):
+    from edge_preattn import evaluate
+
+    settings = dataclasses.replace(
+        SETTINGS, epochs=2, prior=True, features="prev-layer,prev-token", loss="rank+distill"
+    )
+    manifest = train.train(
+        traces_dir, tmp_path / "p", settings, layers=(1,), fp16=True, device="cpu", progress=False
+    )
+    entry = manifest["predictors"][0]
+    assert manifest["features"] == ["prev-layer", "prev-token"] and manifest["prior"]
+    assert entry["export_check"]["max_abs_diff"] < 1e-4
+    assert 0 <= entry["fp16"]["val_recall_at_k"] <= 1 and entry["fp16"]["bytes"] < entry["bytes"]
+    traces = TraceSet(traces_dir)
+    pset = load_predictor_set(tmp_path / "p", fingerprint=traces.fingerprint)
+    payload = evaluate.evaluate(
+        traces, {"p": pset}, "m", priors=evaluate.prior_weights(traces, None, {"p": pset})
+    )
+    assert {"p", "router-prior"} <= set(payload["methods"])
+    assert payload["methods"]["p"]["mean"]["recall_at_k"] > 0.3
+
+
+def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
+    from edge_preattn import onnx_io
+
+    model = Predictor(2, 8, 4, hidden=4, n_extra=4)
+    x, extra = np.zeros((3, 8), np.float32), {"prev_token": np.zeros((3, 4), np.float32)}
+    entry = onnx_io.export_layer(model, tmp_path, 0, x, extra)
+    fields = {"fingerprint": "f" * 64, "k": 2, "n_expert": 4, "n_embd": 8, "input": "x_pre"}
+    onnx_io.write_manifest(tmp_path, fields | {"features": ["prev-token"], "predictors": [entry]})
+    pset = load_predictor_set(tmp_path)
+    assert pset.scores(0, x, extra).shape == (3, 4)
+    with pytest.raises(UserError, match="history inputs"):
+        pset.scores(0, x)

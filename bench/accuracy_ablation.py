@@ -1,0 +1,318 @@
+"""Issue 18's ablation: what each part of the predictor recipe gains, on separately collected held-out
+prompts, and what the predictors cost in size.
+
+Every recipe is trained on the training traces with seed 0 (so all hold out the same validation
+prompts, which choose the epoch and the winner: nothing is selected on the held-out traces), then
+all are scored together by `evaluate.evaluate(..., heldout=...)` on every prompt of the held-out
+traces, beside the baselines (router-prior, popularity from the training prompts, prev-token, LRU,
+oracle). Writes, under --results:
+
+- accuracy-ablation-<name>.{json,md}: the evaluate payload (schema `k`, `methods` → `mean` /
+  `per_layer` → `recall_at_k`, `exact_set`, `top1`, `recall_at_k_plus_m`, `cover_at_k_plus_m`) plus
+  `recipes` (settings, parameters, bytes, validation recall, train seconds, fp16/int8 recall) and
+  `size_qwen3_30b` (the analytical size of each recipe for d = 2048, E = 128, 48 layers);
+- accuracy-<name>.{json,md,png}: the same evaluation for the paper's recipe, the cross-layer one, the
+  winner and the baselines (the file other tools read).
+
+Runs resume (each is an `edge-preattn train` folder under --runs). Example (2 cores, nice):
+    nice -n 10 python bench/accuracy_ablation.py /work/traces-pred/ref-train \
+        --heldout /work/traces-pred/ref-heldout --runs /work/traces-pred/runs --name moe-ref-a
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_preattn import evaluate, features, onnx_io
+from edge_preattn.files import write_json_atomic, write_text_atomic
+from edge_preattn.traces import TraceSet
+from edge_preattn.train import TrainSettings, train
+
+QWEN3_30B = {"n_embd": 2048, "n_expert": 128, "n_layer": 48}
+BUDGET_BYTES = 0.02 * 6 * 2**30  # 2 % of a 6 GiB card
+PAPER = {"arch": 2, "hidden": 2048, "loss": "rank", "prior": False}
+PRIOR = {"arch": 2, "hidden": 128, "loss": "rank", "prior": True}
+DISTILL = {**PRIOR, "loss": "rank+distill"}
+BOTH = "prev-layer,prev-token"
+# cheap ones first: a run cut short still has them; the paper's hidden 2048 (≈ 10x the compute of
+# hidden 128) is left to --recipes paper-h2048
+RECIPES: dict[str, dict] = {
+    "paper-h128": {**PAPER, "hidden": 128},
+    "prior-h128": PRIOR,
+    "prior-h128+distill": DISTILL,
+    "prior-h128+distill+prev-layer": {**DISTILL, "features": "prev-layer"},
+    "prior-h128+distill+prev-token": {**DISTILL, "features": "prev-token"},
+    "prior-h128+distill+prev-x": {**DISTILL, "features": "prev-x"},
+    "prior-h128+distill+both": {**DISTILL, "features": BOTH},
+    "cross-layer-prior-h128+distill": {**DISTILL, "input": "x_prev"},
+    "cross-layer-prior-h128+distill+both": {**DISTILL, "features": BOTH, "input": "x_prev"},
+    "paper-h2048": PAPER,
+}
+DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048"]
+SIZES = (64, 256)  # hidden widths also tried for the winning recipe (128 is in RECIPES)
+GAINS = {  # row: (what it adds, the row it is compared with)
+    "prior-h128": ("router prior (residual)", "paper-h128"),
+    "prior-h128+distill": ("distill loss", "prior-h128"),
+    "prior-h128+distill+prev-layer": ("prev-layer input", "prior-h128+distill"),
+    "prior-h128+distill+prev-token": ("prev-token input", "prior-h128+distill"),
+    "prior-h128+distill+prev-x": ("prev-x input", "prior-h128+distill"),
+    "prior-h128+distill+both": ("prev-layer + prev-token", "prior-h128+distill"),
+    "paper-h128": ("hidden 2048 → 128", "paper-h2048"),
+}
+
+
+def settings_for(recipe: dict, epochs: int, patience: int) -> TrainSettings:
+    return TrainSettings(**{"epochs": epochs, "patience": patience, **recipe})
+
+
+def parameters(recipe: dict, n_embd: int, n_expert: int) -> int:
+    """The recipe's numbers per layer at another model's shape (the real module, counted)."""
+    import torch
+
+    from edge_preattn.predictors import Predictor
+
+    n_extra = sum(features.width(f, n_embd, n_expert) for f in features.parse(recipe.get("features")))
+    prior = torch.zeros(n_expert, n_embd) if recipe.get("prior") else None
+    model = Predictor(recipe["arch"], n_embd, n_expert, recipe["hidden"], n_extra=n_extra, prior=prior)
+    return model.parameter_count()
+
+
+def qwen3_size(recipe: dict) -> dict:
+    per_layer = parameters(recipe, QWEN3_30B["n_embd"], QWEN3_30B["n_expert"])
+    total = per_layer * QWEN3_30B["n_layer"]
+    sizes = {"parameters_per_layer": per_layer, "parameters": total}
+    for form, width in (("fp32", 4), ("fp16", 2), ("int8", 1)):
+        sizes[f"{form}_mib"] = round(total * width / 2**20, 2)
+        sizes[f"{form}_within_2pct_of_6gib"] = total * width <= BUDGET_BYTES
+    return sizes
+
+
+def trained(args, name: str, recipe: dict, formats: bool = False) -> dict:
+    directory = Path(args.runs) / name
+    settings = settings_for(recipe, args.epochs, args.patience)
+    manifest_path = directory / onnx_io.MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if not formats or manifest["settings"].get("fp16"):
+            return manifest
+    started = time.monotonic()
+    print(f"[ablation] training {name}", flush=True)
+    manifest = train(
+        Path(args.traces), directory, settings, int8=formats, fp16=formats, progress=args.progress
+    )
+    print(f"[ablation] {name}: val recall@k {mean_val(manifest):.4f} ({time.monotonic() - started:.0f}s)")
+    return manifest
+
+
+def mean_val(manifest: dict) -> float:
+    return float(np.mean([e["validation"]["best_recall_at_k"] for e in manifest["predictors"]]))
+
+
+def describe(manifest: dict) -> dict:
+    entries = manifest["predictors"]
+    row = {
+        "settings": manifest["settings"],
+        "parameters_per_layer": entries[0].get("parameters"),
+        "bytes_per_layer": entries[0].get("bytes"),
+        "val_recall_at_k": mean_val(manifest),
+        "epochs_run": [len(e["validation"]["recall_at_k_per_epoch"]) for e in entries],
+        "train_seconds": sum(sum(e["validation"]["seconds_per_epoch"]) for e in entries),
+        "train_tokens": manifest["train_tokens"],
+    }
+    for form in ("fp16", "int8"):
+        if form in entries[0]:
+            row[form] = {
+                "bytes_per_layer": entries[0][form]["bytes"],
+                "val_recall_at_k": float(np.mean([e[form]["val_recall_at_k"] for e in entries])),
+                "fp32_val_recall_at_k": float(np.mean([e[form]["fp32_val_recall_at_k"] for e in entries])),
+            }
+    return row
+
+
+def markdown(payload: dict) -> str:
+    k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
+    half = str(math.ceil(k / 2))
+    phases = payload["heldout_tokens_by_phase"]
+    lines = [
+        f"# Predictor ablation: {payload['model']} (issue 18)",
+        "",
+        f"Held-out: {payload['heldout_tokens']} tokens ({phases['prefill']} prefill, "
+        f"{phases['decode']} decode) of {len(payload['heldout_prompts'])} prompts collected separately "
+        f"({payload['heldout_traces']}); trained on {payload['train_traces']}; k = {k} of "
+        f"{payload['n_expert']}. Epochs chosen on the training traces' validation prompts (loss); nothing "
+        "selected on the held-out prompts. Percent; 'dec' columns: decode tokens only (a prefill batch "
+        "routes all at once, so the prev-token input exists at decode time only).",
+        "",
+        f"| method | params/layer | val recall@{k} | recall@{k} | dec recall@{k} | top-1 | dec top-1 "
+        f"| recall@{k}+{half} | dec recall@{k}+{half} | cover@{k}+{half} | exact-set | epochs | epoch s |",
+        "|---" * 13 + "|",
+    ]
+    recipes = payload["recipes"]
+    for name, method in methods.items():
+        mean, recipe = method["mean"], recipes.get(name, {})
+        decode = method["subsets"].get("decode", method)["mean"]
+        cells = [
+            str(recipe.get("parameters_per_layer", "")),
+            f"{100 * recipe['val_recall_at_k']:.2f}" if recipe else "",
+            f"{100 * mean['recall_at_k']:.2f}",
+            f"{100 * decode['recall_at_k']:.2f}",
+            f"{100 * mean['top1']:.2f}",
+            f"{100 * decode['top1']:.2f}",
+            f"{100 * mean['recall_at_k_plus_m'][half]:.2f}",
+            f"{100 * decode['recall_at_k_plus_m'][half]:.2f}",
+            f"{100 * mean['cover_at_k_plus_m'][half]:.2f}",
+            f"{100 * mean['exact_set']:.2f}",
+            str(max(recipe["epochs_run"])) if recipe else "",
+            f"{recipe['train_seconds']:.0f}" if recipe else "",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"## recall@{k} per layer",
+        "",
+        "| method | " + " | ".join(f"L{il}" for il in layers) + " |",
+    ]
+    lines.append("|---" * (len(layers) + 1) + "|")
+    for name, method in methods.items():
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in method["per_layer"]["recall_at_k"]) + " |"
+        )
+    lines += ["", "## Gains (held-out recall@k, points; mean and per layer)", ""]
+    lines += ["| item | vs | mean | " + " | ".join(f"L{il}" for il in layers) + " |"]
+    lines.append("|---" * (len(layers) + 3) + "|")
+    for row, (item, base) in payload["gains"].items():
+        diff = np.array(methods[row]["per_layer"]["recall_at_k"]) - np.array(
+            methods[base]["per_layer"]["recall_at_k"]
+        )
+        lines.append(
+            f"| {item} ({row}) | {base} | {100 * diff.mean():+.2f} | "
+            + " | ".join(f"{100 * d:+.2f}" for d in diff)
+            + " |"
+        )
+    pairs = [(n, f"cross-layer-{n}") for n in methods if f"cross-layer-{n}" in methods]
+    if pairs:
+        lines += ["", "## Pre-attention minus cross-layer, same recipe (held-out recall@k, points)", ""]
+        lines += ["| recipe | mean | " + " | ".join(f"L{il}" for il in layers) + " | layers ≥ 0 |"]
+        lines.append("|---" * (len(layers) + 3) + "|")
+        for pre, cross in pairs:
+            diff = np.array(methods[pre]["per_layer"]["recall_at_k"]) - np.array(
+                methods[cross]["per_layer"]["recall_at_k"]
+            )
+            cells = [
+                f"{100 * diff.mean():+.2f}",
+                *(f"{100 * d:+.2f}" for d in diff),
+                f"{(diff >= 0).sum()}/{len(diff)}",
+            ]
+            lines.append(f"| {pre} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Size (analytical, Qwen3-30B-A3B shape: d = 2048, E = 128, 48 layers; budget 2 % of 6 GiB = "
+        f"{BUDGET_BYTES / 2**20:.1f} MiB)",
+        "",
+        "| recipe | params/layer | fp32 MiB | fp16 MiB | int8 MiB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, size in payload["size_qwen3_30b"].items():
+        cells = [
+            f"{size[f'{form}_mib']:.1f}" + (" ✓" if size[f"{form}_within_2pct_of_6gib"] else "")
+            for form in ("fp32", "fp16", "int8")
+        ]
+        lines.append(f"| {name} | {size['parameters_per_layer']} | " + " | ".join(cells) + " |")
+    formats = {n: r for n, r in recipes.items() if "fp16" in r}
+    if formats:
+        lines += ["", "## Weight formats (validation recall@k, mean over layers)", ""]
+        lines += ["| recipe | fp32 | fp16 | int8 | bytes/layer fp32 / fp16 / int8 |", "|---|---|---|---|---|"]
+        for name, r in formats.items():
+            recalls = [
+                r["fp16"]["fp32_val_recall_at_k"],
+                r["fp16"]["val_recall_at_k"],
+                r["int8"]["val_recall_at_k"],
+            ]
+            sizes = [r["bytes_per_layer"], r["fp16"]["bytes_per_layer"], r["int8"]["bytes_per_layer"]]
+            cells = [f"{100 * v:.2f}" for v in recalls] + [" / ".join(str(b) for b in sizes)]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *payload.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("traces", help="training traces")
+    parser.add_argument("--heldout", required=True, help="traces of other prompts: every prompt is scored")
+    parser.add_argument("--runs", required=True, help="folder of the trained sets (resumable)")
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--name", default="moe-ref-a")
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--patience", type=int, default=TrainSettings.patience)
+    parser.add_argument("--recipes", nargs="+", help="train only these (default all, then the sizes)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument(
+        "--size-base",
+        default="prior-h128+distill",
+        help="the recipe whose hidden width --sizes varies and whose fp16/int8 cost is measured "
+        "(default: the best one the runtime can feed, without history inputs)",
+    )
+    parser.add_argument(
+        "--compare", action="append", default=[], help="another predictor folder to score beside (repeatable)"
+    )
+    parser.add_argument("--train-only", action="store_true", help="train, write nothing (parallel runs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--note", action="append", default=[], help="a line for the notes")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    names = args.recipes or DEFAULT_RECIPES
+    manifests = {name: trained(args, name, RECIPES[name]) for name in names}
+    recipes_used = {name: RECIPES[name] for name in names}
+    for hidden in args.sizes:
+        name = f"{args.size_base.replace('-h128', '')}@h{hidden}"
+        recipes_used[name] = {**RECIPES[args.size_base], "hidden": hidden}
+        manifests[name] = trained(args, name, recipes_used[name])
+    if args.size_base in manifests:
+        manifests[args.size_base] = trained(args, args.size_base, RECIPES[args.size_base], formats=True)
+    if args.train_only:
+        return 0
+    pre = {n: m for n, m in manifests.items() if m["input"] == "x_pre"}
+    winner = max(pre, key=lambda n: mean_val(pre[n]))  # on validation prompts of the training traces
+    traces, heldout = TraceSet(Path(args.traces)), TraceSet(Path(args.heldout))
+    sets = {name: evaluate.load_set(Path(args.runs) / name, traces.fingerprint) for name in manifests}
+    for directory in args.compare:  # sets trained elsewhere (e.g. the shipped ones), scored alike
+        sets[f"compare:{Path(directory).name}"] = evaluate.load_set(Path(directory), traces.fingerprint)
+    priors = evaluate.prior_weights(traces, None, sets)
+    payload = evaluate.evaluate(traces, sets, args.name, heldout, priors)
+    payload["recipes"] = {name: describe(m) for name, m in manifests.items()}
+    payload["winner"] = winner
+    payload["gains"] = {row: gain for row, gain in GAINS.items() if row in manifests and gain[1] in manifests}
+    payload["size_qwen3_30b"] = {name: qwen3_size(recipe) for name, recipe in recipes_used.items()}
+    payload["notes"] = [
+        f"Highest validation recall@k of the pre-attention recipes: {winner}. Sizes and formats: "
+        f"{args.size_base}.",
+        f"epoch s: seconds spent in training epochs, summed over layers, {args.threads} torch thread(s) on "
+        "this machine's CPU as it was (shared, nice 10): an upper bound, not a benchmark.",
+        *args.note,
+    ]
+    results = Path(args.results)
+    path = results / f"accuracy-ablation-{args.name}.json"
+    write_json_atomic(path, payload)
+    write_text_atomic(path.with_suffix(".md"), markdown(payload))
+    crosses = [n for n in manifests if n.startswith("cross-layer")]  # the first is the one compared
+    shown = ["paper-h2048", "paper-h128", args.size_base, winner, *crosses]
+    main_sets = {
+        f"{evaluate.set_name(sets[n].manifest)} ({n})": sets[n] for n in dict.fromkeys(shown) if n in sets
+    }
+    evaluate.write_reports(
+        evaluate.evaluate(traces, main_sets, args.name, heldout, priors), results, args.name
+    )
+    print(markdown(payload))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

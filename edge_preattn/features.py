@@ -1,0 +1,61 @@
+"""History inputs a predictor may read besides its activation (`train --features`).
+
+Both exist at decode time before layer l's attention runs, so a predictor that reads them still
+prefetches during that attention:
+
+- `prev-layer`: this token's router probabilities at the previous MoE layer (routed before layer l
+  started); zeros for the first MoE layer.
+- `prev-token`: the previous token's router probabilities at this layer (routed one step earlier);
+  zeros for the first token of a prompt. In a prefill batch the tokens route together, so this input
+  is only a decode-time input (training uses it as the traces hold it).
+- `prev-x`: the previous token's pre-attention state at this layer (what its own predictor read one
+  step earlier), zeros for a prompt's first token: the attention this predictor cannot see mixes in
+  earlier tokens, the previous one most of all. Same decode-time caveat.
+
+Each is [N, E] float16 ([N, d] for prev-x), one row per trace token; the exported ONNX graph takes
+them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`, `prev_x`), after
+`x`.
+"""
+
+import numpy as np
+
+from .baselines import first_of_prompt
+from .errors import UserError
+from .traces import TraceSet
+
+FEATURES = ("prev-layer", "prev-token", "prev-x")
+
+
+def parse(text: str | None) -> tuple[str, ...]:
+    """`prev-layer,prev-token` → ("prev-layer", "prev-token") in FEATURES order; '' or None → ()."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    unknown = sorted(set(names) - set(FEATURES))
+    if unknown:
+        raise UserError(f"unknown --features {', '.join(unknown)}: choose from {', '.join(FEATURES)}")
+    return tuple(name for name in FEATURES if name in names)
+
+
+def input_name(feature: str) -> str:
+    """The ONNX input that carries a feature."""
+    return feature.replace("-", "_")
+
+
+def width(feature: str, n_embd: int, n_expert: int) -> int:
+    """Columns of a feature: d for prev-x, E for the routing ones."""
+    return n_embd if feature == "prev-x" else n_expert
+
+
+def history(traces: TraceSet, il: int, feature: str) -> np.ndarray:
+    """One feature of layer il for every token of the traces: [N, E] or [N, d] float16 (module doc)."""
+    if feature == "prev-layer":
+        position = traces.layers.index(il)
+        if position == 0:
+            return np.zeros((len(traces.meta()["prompt"]), traces.n_expert), np.float16)
+        return traces.layer(traces.layers[position - 1], "probs").astype(np.float16)
+    if feature in ("prev-token", "prev-x"):
+        own = traces.layer(il, "probs" if feature == "prev-token" else "x_pre").astype(np.float16)  # [N, ·]
+        previous = np.zeros_like(own)
+        previous[1:] = own[:-1]
+        previous[first_of_prompt(traces.meta()["prompt"])] = 0
+        return previous
+    raise UserError(f"unknown feature {feature!r}: choose from {', '.join(FEATURES)}")
