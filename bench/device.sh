@@ -3,8 +3,11 @@
 # Each step fits one device call; /tmp survives between calls while the machine is warm. Results and
 # logs go to $OUT (at most 8 files come back: each step packs its folder into one archive).
 #
-#   setup            wheels, the llama.cpp source, the patched cuda-hopper build and a stock libllama
-#                    on that build's ggml (carry: .carry/whl .carry/llama-src.tgz)
+#   setup            wheels, the llama.cpp source and the patched cuda-hopper build
+#                    (carry: .carry/whl .carry/llama-src.tgz)
+#   stock            a stock libllama on the patched build's ggml (bench compares against it)
+#   modes MODEL ARGS greedy `run` of MODEL in stock placement and in lru/exact/oracle (ARGS: cache flags),
+#                    each with --stats-json in $OUT: same tokens, counters
 #   part FILE...     keep carried model parts in /tmp/parts (a model over 64 MiB travels in parts)
 #   join NAME SHA256 join /tmp/parts/NAME.part-* into /tmp/models/NAME and check its sha256
 #   widen MODEL      synth --widen-from MODEL --expert-bytes-like qwen3-30b-a3b -> /tmp/models/<stem>-wide.gguf
@@ -29,6 +32,8 @@ setup)
     mkdir -p /tmp/llsrc && tar xzf .carry/llama-src.tgz -C /tmp/llsrc
     nvidia-smi --query-gpu=name,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv
     edge build --preset "$PRESET" 2>&1 | tail -2
+    ;;
+stock)
     patched=$(patched_lib)
     # stock llama.cpp: the unpatched libllama compiled against the patched build's ggml (the patches
     # touch libllama only, and ggml's sources are the same), so both load the very same ggml files
@@ -48,6 +53,16 @@ part) cp "$@" /tmp/parts/ && ls -la /tmp/parts ;;
 join)
     cat /tmp/parts/"$1".part-* > /tmp/models/"$1"
     echo "$2  /tmp/models/$1" | sha256sum -c - || exit 1
+    ;;
+modes)
+    model=$1; shift
+    for mode in off lru exact oracle; do
+        cache=(); [ "$mode" = off ] || cache=(--mode "$mode" "$@")
+        [ "$mode" = exact ] && cache+=(--predictors edge_preattn/onnx_models/edge-moe-default)
+        EDGE_PREATTN_LIB=$(patched_lib) edge run -m "$model" --temp 0 -n 48 "${cache[@]}" \
+            --stats-json "$OUT/run-$mode.json" > "$OUT/run-$mode.txt" 2>&1
+        echo "$mode: exit $? $(head -c 300 "$OUT/run-$mode.txt" | md5sum | cut -c1-8) $(grep -E 'decode|host synchron' "$OUT/run-$mode.txt" | tr '\n' ' ' | cut -c1-300)"
+    done
     ;;
 widen)
     stem=$(basename "$1" .gguf)
