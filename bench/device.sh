@@ -56,13 +56,16 @@ join)
     ;;
 modes)
     model=$1; shift
+    dir=/tmp/results/modes-$(basename "$model" .gguf); mkdir -p "$dir"
     for mode in off lru exact oracle; do
         cache=(); [ "$mode" = off ] || cache=(--mode "$mode" "$@")
         [ "$mode" = exact ] && cache+=(--predictors edge_preattn/onnx_models/edge-moe-default)
         EDGE_PREATTN_LIB=$(patched_lib) edge run -m "$model" --temp 0 -n 48 "${cache[@]}" \
-            --stats-json "$OUT/run-$mode.json" > "$OUT/run-$mode.txt" 2>&1
-        echo "$mode: exit $? $(head -c 300 "$OUT/run-$mode.txt" | md5sum | cut -c1-8) $(grep -E 'decode|host synchron' "$OUT/run-$mode.txt" | tr '\n' ' ' | cut -c1-300)"
+            --stats-json "$dir/run-$mode.json" > "$dir/run-$mode.txt" 2> "$dir/run-$mode.err"
+        echo "$mode: exit $?, text $(md5sum < "$dir/run-$mode.txt" | cut -c1-8);" \
+            "$(grep -E 'decode|host synchron' "$dir/run-$mode.err" | tr '\n' ' ' | cut -c1-260)"
     done
+    pack "$(basename "$dir")" "$dir"
     ;;
 widen)
     stem=$(basename "$1" .gguf)
