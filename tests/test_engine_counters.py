@@ -101,7 +101,8 @@ def run_packaged(tmp_path, *options: str) -> tuple[str, dict]:
     """`edge-preattn run` on the packaged model in a process of its own (one library per process, and
     the cache's offload setting is read at import): (the text it printed, its --stats-json)."""
     stats_file = tmp_path / f"stats{len(list(tmp_path.iterdir()))}.json"
-    command = [sys.executable, "-m", "edge_preattn.cli", "run", "-n", "32", "--stats-json", str(stats_file)]
+    command = [sys.executable, "-m", "edge_preattn.cli", "run", "-n", "32", "--temp", "0"]
+    command += ["--stats-json", str(stats_file)]
     done = subprocess.run([*command, *options], capture_output=True, text=True, check=True, timeout=600)
     return done.stdout, json.loads(stats_file.read_text())
 
