@@ -86,9 +86,12 @@ def qwen3_size(recipe: dict) -> dict:
     per_layer = parameters(recipe, QWEN3_30B["n_embd"], QWEN3_30B["n_expert"])
     total = per_layer * QWEN3_30B["n_layer"]
     sizes = {"parameters_per_layer": per_layer, "parameters": total}
+    # int8 files keep the prior's MatMul in float32 (onnx_io.quantize_layer says why)
+    prior = QWEN3_30B["n_embd"] * QWEN3_30B["n_expert"] * QWEN3_30B["n_layer"] if recipe.get("prior") else 0
     for form, width in (("fp32", 4), ("fp16", 2), ("int8", 1)):
-        sizes[f"{form}_mib"] = round(total * width / 2**20, 2)
-        sizes[f"{form}_within_2pct_of_6gib"] = total * width <= BUDGET_BYTES
+        size_bytes = (total - prior) * width + prior * (4 if form == "int8" else width)
+        sizes[f"{form}_mib"] = round(size_bytes / 2**20, 2)
+        sizes[f"{form}_within_2pct_of_6gib"] = size_bytes <= BUDGET_BYTES
     return sizes
 
 
@@ -212,7 +215,7 @@ def markdown(payload: dict) -> str:
     lines += [
         "",
         "## Size (analytical, Qwen3-30B-A3B shape: d = 2048, E = 128, 48 layers; budget 2 % of 6 GiB = "
-        f"{BUDGET_BYTES / 2**20:.1f} MiB)",
+        f"{BUDGET_BYTES / 2**20:.1f} MiB; int8 keeps the router prior in float32; ✓ = within budget)",
         "",
         "| recipe | params/layer | fp32 MiB | fp16 MiB | int8 MiB |",
         "|---|---|---|---|---|",
@@ -236,6 +239,12 @@ def markdown(payload: dict) -> str:
             sizes = [r["bytes_per_layer"], r["fp16"]["bytes_per_layer"], r["int8"]["bytes_per_layer"]]
             cells = [f"{100 * v:.2f}" for v in recalls] + [" / ".join(str(b) for b in sizes)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "curve" in payload:
+        lines += ["", f"## Data-size curve: {payload['curve']['recipe']} (held-out, mean over layers)", ""]
+        lines += [f"| training tokens | recall@{k} | top-1 | recall@{k}+{half} |", "|---|---|---|---|"]
+        for tokens, mean in sorted(payload["curve"]["points"].items(), key=lambda item: int(item[0])):
+            values = [mean["recall_at_k"], mean["top1"], mean["recall_at_k_plus_m"][half]]
+            lines.append(f"| {tokens} | " + " | ".join(f"{100 * v:.2f}" for v in values) + " |")
     lines += ["", *payload.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -260,6 +269,9 @@ def main() -> int:
     parser.add_argument(
         "--compare", action="append", default=[], help="another predictor folder to score beside (repeatable)"
     )
+    parser.add_argument(
+        "--curve", type=int, nargs="*", default=[], help="training-token counts for --size-base"
+    )
     parser.add_argument("--train-only", action="store_true", help="train, write nothing (parallel runs)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
     parser.add_argument("--progress", action="store_true")
@@ -277,6 +289,12 @@ def main() -> int:
         manifests[name] = trained(args, name, recipes_used[name])
     if args.size_base in manifests:
         manifests[args.size_base] = trained(args, args.size_base, RECIPES[args.size_base], formats=True)
+    curve = {
+        tokens: trained(
+            args, f"{args.size_base}@n{tokens}", {**RECIPES[args.size_base], "max_train_samples": tokens}
+        )
+        for tokens in args.curve
+    }
     if args.train_only:
         return 0
     pre = {n: m for n, m in manifests.items() if m["input"] == "x_pre"}
@@ -289,8 +307,20 @@ def main() -> int:
     payload = evaluate.evaluate(traces, sets, args.name, heldout, priors)
     payload["recipes"] = {name: describe(m) for name, m in manifests.items()}
     payload["winner"] = winner
+    if curve:  # the data-size curve of --size-base: held-out means per training-token count
+        curve_sets = {
+            n: evaluate.load_set(Path(args.runs) / f"{args.size_base}@n{n}", traces.fingerprint)
+            for n in curve
+        }
+        scored = evaluate.evaluate(traces, curve_sets, args.name, heldout)["methods"]
+        full = payload["methods"][args.size_base]["mean"]
+        points = {str(n): scored[n]["mean"] for n in curve} | {
+            str(manifests[args.size_base]["train_tokens"]): full
+        }
+        payload["curve"] = {"recipe": args.size_base, "points": points}
     payload["gains"] = {row: gain for row, gain in GAINS.items() if row in manifests and gain[1] in manifests}
-    payload["size_qwen3_30b"] = {name: qwen3_size(recipe) for name, recipe in recipes_used.items()}
+    sized = {"paper-h2048": PAPER, **recipes_used}  # the paper's shape is sized even when not trained
+    payload["size_qwen3_30b"] = {name: qwen3_size(recipe) for name, recipe in sized.items()}
     payload["notes"] = [
         f"Highest validation recall@k of the pre-attention recipes: {winner}. Sizes and formats: "
         f"{args.size_base}.",

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -406,12 +407,14 @@ def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_re
         SETTINGS, epochs=2, prior=True, features="prev-layer,prev-token", loss="rank+distill"
     )
     manifest = train.train(
-        traces_dir, tmp_path / "p", settings, layers=(1,), fp16=True, device="cpu", progress=False
+        traces_dir, tmp_path / "p", settings, layers=(1,), fp16=True, int8=True, device="cpu", progress=False
     )
     entry = manifest["predictors"][0]
     assert manifest["features"] == ["prev-layer", "prev-token"] and manifest["prior"]
     assert entry["export_check"]["max_abs_diff"] < 1e-4
     assert 0 <= entry["fp16"]["val_recall_at_k"] <= 1 and entry["fp16"]["bytes"] < entry["bytes"]
+    int8_graph = onnx.load(str(tmp_path / "p" / entry["int8"]["file"])).graph
+    assert any(n.op_type == "MatMul" and "prior" in n.input for n in int8_graph.node)  # the prior stays float
     traces = TraceSet(traces_dir)
     pset = load_predictor_set(tmp_path / "p", fingerprint=traces.fingerprint)
     payload = evaluate.evaluate(
