@@ -11,6 +11,12 @@ three things that decide a MoE offload benchmark closer to the user's machine:
   misses alike (pinned host-to-device stays about 50 GB/s under MPS, so the cap is what binds);
 - the host: stock offload computes its host-resident experts on the CPU, so every configuration gets the
   same thread count, a consumer CPU's, instead of whatever cores the benchmark host has.
+
+Not yet faithful (measured on an H100, 2026-12-07, bench/results/widened-default/): at 8 SMs every kernel
+is slow, not only memory (the widened packaged model's all-on-GPU decode step went from 0.58 to 2.76 ms, so
+the "GPU" fell behind the host's 8 threads), and the thread count does not cap the server host's memory
+bandwidth. A real RTX 4070 has 46 SMs and a desktop CPU far less bandwidth: both push these profiles'
+numbers against the GPU cache.
 """
 
 import contextlib
