@@ -113,8 +113,9 @@ def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
         read_mlp(tmp_path / "broken.onnx")
 
 
-def test_history_features_are_left_to_onnxruntime_in_one_line(tmp_path):
-    """A residual that also reads history features (extra inputs) is not what the library evaluates."""
+def test_history_features_are_left_to_onnxruntime_in_one_line(tiny, tmp_path):
+    """A residual that also reads history features (extra inputs) is not what the library evaluates:
+    neither its graph nor a set whose manifest names features."""
     prior = torch.randn(8, 24)
     model = Predictor(2, 24, 8, 16, n_extra=8, prior=prior).eval()
     extra = {"prev_layer": np.zeros((2, 8), np.float32)}
@@ -122,6 +123,10 @@ def test_history_features_are_left_to_onnxruntime_in_one_line(tmp_path):
     with pytest.raises(Unsupported, match="history features") as caught:
         read_mlp(tmp_path / entry["file"])
     assert "\n" not in str(caught.value)
+    predictors = export_predictors(read_layout(tiny), tmp_path / "predictors", prior=True)
+    predictors.features = ("prev-layer",)
+    with pytest.raises(Unsupported, match="history features"):
+        read_predictor_set(predictors)
 
 
 @dataclass(frozen=True)
