@@ -1,6 +1,7 @@
 """The runtime: hooks → predictor → cache policy → uploads, with per-token statistics.
 
-Pre-attention predictors the library can read (the exported MLPs of `train`) are handed to it, and it
+Pre-attention predictors the library can read (the exported MLPs of `train`, router prior and all) are
+handed to it, and it
 evaluates them itself at each cached layer's pre-attention output, on the decode thread, and
 prefetches what they name (`--lookahead D`: layers l..l+D from layer l's activation); `oracle` gives it
 the recorded routing instead. Then a decode token calls no Python at all. Otherwise (onnxruntime:
@@ -318,6 +319,8 @@ class Controller:
                     temperature=self.temperatures.get(il, 1.0),
                     target=self.target if adaptive else 0.0,
                 )
+                if weights[il].prior_w is not None:  # a residual on the router (train --prior)
+                    self.bank.set_predictor_prior(il, weights[il].prior_w)
         self.bank.set_lookahead(lookahead)
         return True
 

@@ -3,10 +3,13 @@
 The library evaluates a predictor inside the pre-attention observation, where the activation is on
 the host already, so a decode token needs no Python. It reads one shape of graph, the one `train`
 exports: [Sub(mean) → Div(std)] → Gemm → [BatchNormalization] → SiLU or GELU → Gemm, i.e. Arch 2
-and Arch 1 of `predictors.Predictor`. The input normalization and the batch norm are folded into the
-first Gemm. Anything else (an int8 graph, another architecture) is refused with one line saying why,
-and the runtime keeps onnxruntime for it. A read graph is checked against onnxruntime on random rows
-before the library gets it, so a misread graph cannot pass for a predictor.
+and Arch 1 of `predictors.Predictor`, and with a router prior (`train --prior`, the residual
+body(norm(x)) + scale · x·prior) the branch MatMul(x, prior) → Mul(scale) → Add to the body's
+output (patch 16). The input normalization and the batch norm are folded into the first Gemm, the
+scale into the prior. Anything else (an int8 graph, history features as extra inputs, another
+architecture) is refused with one line saying why, and the runtime keeps onnxruntime for it. A
+read graph is checked against onnxruntime on random rows before the library gets it, so a misread
+graph cannot pass for a predictor.
 """
 
 from dataclasses import dataclass
@@ -25,17 +28,20 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class MlpWeights:
-    """scores = w2 · act(w1 · x + b1) + b2 for one token's activation x [n_embd]."""
+    """scores = w2 · act(w1 · x + b1) + b2 [+ prior_w · x] for one token's activation x [n_embd]."""
 
     w1: np.ndarray  # [n_hidden, n_embd] float32
     b1: np.ndarray  # [n_hidden]
     activation: str  # a key of ACTIVATIONS
     w2: np.ndarray  # [n_expert, n_hidden]
     b2: np.ndarray  # [n_expert]
+    prior_w: np.ndarray | None = None  # [n_expert, n_embd]: the router prior times its scale, on the raw x
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """x [N, n_embd] → [N, n_expert], in float64 (the check's reference)."""
-        h = x.astype(np.float64) @ self.w1.T.astype(np.float64) + self.b1
+        x = x.astype(np.float64)
+        prior = 0.0 if self.prior_w is None else x @ self.prior_w.T.astype(np.float64)
+        h = x @ self.w1.T.astype(np.float64) + self.b1
         if self.activation == "silu":
             h = h / (1.0 + np.exp(-h))
         elif self.activation == "gelu":
@@ -44,7 +50,7 @@ class MlpWeights:
             h = 0.5 * h * (1.0 + np.vectorize(erf)(h / sqrt(2.0)))
         else:
             h = 0.5 * h * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (h + 0.044715 * h**3)))
-        return h @ self.w2.T.astype(np.float64) + self.b2
+        return h @ self.w2.T.astype(np.float64) + self.b2 + prior
 
 
 def _attribute(node, name: str, default):
@@ -67,7 +73,9 @@ class _Graph:
             if node.op_type == "Constant":
                 self.constants[node.output[0]] = numpy_helper.to_array(_attribute(node, "value", None))
         self.nodes = [node for node in model.graph.node if node.op_type != "Constant"]
+        self.inputs = [i.name for i in model.graph.input if i.name not in self.constants]
         self.consumers: dict[str, list] = {}
+        self.producers = {name: node for node in self.nodes for name in node.output}
         for node in self.nodes:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
@@ -115,15 +123,41 @@ def _activation(graph: _Graph, z: str) -> tuple[str, str]:
     raise Unsupported(f"an activation the library does not evaluate ({', '.join(kinds) or 'none'})")
 
 
+def _prior(graph: _Graph, body: str) -> tuple[np.ndarray, object]:
+    """The router prior added to the body's output `body`: scores = body + (x · prior) · scale.
+    Returns (scale · priorᵀ [E, d], the prior's MatMul node)."""
+    add = graph.only_consumer(body)
+    if add is None or add.op_type != "Add" or list(add.output) != ["scores"] or len(add.input) != 2:
+        raise Unsupported("more after the second Linear than a router prior (another architecture)")
+    mul = graph.producers.get(add.input[1] if add.input[0] == body else add.input[0])
+    if mul is None or mul.op_type != "Mul" or sum(name in graph.constants for name in mul.input) != 1:
+        raise Unsupported("a branch beside the MLP that is not a scaled router prior")
+    scale_index = 0 if mul.input[0] in graph.constants else 1
+    matmul = graph.producers.get(mul.input[1 - scale_index])
+    if matmul is None or matmul.op_type != "MatMul" or matmul.input[0] != "x":
+        raise Unsupported("a branch beside the MLP that is not x · prior")
+    scale, prior = graph.constant(mul, scale_index), graph.constant(matmul, 1)
+    single_use = graph.only_consumer(matmul.output[0]) is mul and graph.only_consumer(mul.output[0]) is add
+    if scale.size != 1 or prior.ndim != 2 or not single_use:
+        raise Unsupported("a router prior that is not one matrix times one scale")
+    return prior.T * scale.item(), matmul
+
+
 def read_mlp(path: Path) -> MlpWeights:
-    """The weights of one exported predictor, normalization and batch norm folded in."""
+    """The weights of one exported predictor, normalization and batch norm folded in (and a router
+    prior's scale into the prior)."""
     import onnx
 
     try:
         graph = _Graph(onnx.load(str(path)))
     except Exception as error:  # onnx raises its own types for a damaged file
         raise Unsupported(f"{path.name} is not readable as ONNX ({type(error).__name__})") from None
-    node = graph.only_consumer("x")
+    extra = [name for name in graph.inputs if name != "x"]
+    if extra:
+        raise Unsupported(f"inputs beside x ({', '.join(extra)}: history features) need onnxruntime")
+    readers = graph.consumers.get("x", [])  # the body's first node, and the prior's MatMul if any
+    body = [node for node in readers if node.op_type != "MatMul"]
+    node = body[0] if len(body) == 1 else None
     shift, scale = None, None
     if node is not None and node.op_type == "Sub" and node.input[0] == "x":  # InputNorm: (x − mean) / std
         shift = graph.constant(node, 1)
@@ -143,8 +177,11 @@ def read_mlp(path: Path) -> MlpWeights:
     activation, h = _activation(graph, z)
     last = graph.only_consumer(h)
     w2, b2 = _gemm(graph, last)
-    if list(last.output) != ["scores"] or graph.consumers.get("scores"):
-        raise Unsupported("more after the second Linear (another architecture)")
+    if graph.consumers.get("scores"):
+        raise Unsupported("more after the scores (another architecture)")
+    prior_w, prior_matmul = (None, None) if last.output[0] == "scores" else _prior(graph, last.output[0])
+    if len(readers) != 1 + (prior_matmul is not None):
+        raise Unsupported("x goes to more than the MLP and its router prior (another architecture)")
     if shift is not None:  # W1 · ((x − shift) · scale) + b1 = (W1 · scale) · x + (b1 − W1 · (shift · scale))
         shift, scale = np.broadcast_to(shift, w1.shape[1:]), np.broadcast_to(scale, w1.shape[1:])
         b1 = b1 - w1 @ (shift * scale)
@@ -155,6 +192,7 @@ def read_mlp(path: Path) -> MlpWeights:
         activation=activation,
         w2=np.ascontiguousarray(w2, np.float32),
         b2=np.ascontiguousarray(np.broadcast_to(b2, w2.shape[:1]), np.float32),
+        prior_w=None if prior_w is None else np.ascontiguousarray(prior_w, np.float32),
     )
 
 
@@ -162,12 +200,15 @@ def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
     if predictors.int8:
         raise Unsupported("int8 predictors are evaluated by onnxruntime")
+    if predictors.features:
+        raise Unsupported(f"history features ({', '.join(predictors.features)}) are evaluated by onnxruntime")
     names = {entry["layer"]: entry["file"] for entry in predictors.manifest["predictors"]}
     rng = np.random.default_rng(0)
     weights = {}
     for il in predictors.layers:
         mlp = read_mlp(Path(predictors.directory) / names[il])
-        if mlp.w1.shape[1] != predictors.n_embd or mlp.w2.shape[0] != predictors.n_expert:
+        prior_fits = mlp.prior_w is None or mlp.prior_w.shape == (predictors.n_expert, predictors.n_embd)
+        if mlp.w1.shape[1] != predictors.n_embd or mlp.w2.shape[0] != predictors.n_expert or not prior_fits:
             raise Unsupported(f"layer {il}'s graph has other shapes than its manifest")
         x = rng.standard_normal((CHECK_ROWS, predictors.n_embd)).astype(np.float32)
         expected = predictors.scores(il, x)

@@ -205,6 +205,16 @@ def bind_cache_functions(api: NativeApi) -> None:
     # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
     lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+    # int32_t llama_edge_predictor_set_prior(struct llama_context * ctx, int32_t il, const float * prior_w,
+    #                                        int32_t n_expert, int32_t n_embd);
+    lib.llama_edge_predictor_set_prior.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_prior.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        floats,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
 
 
 class SlotAllocationError(UserError):
@@ -244,9 +254,10 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 15:
+        if api.patch_version() < 16:
             raise UserError(
-                "this llama.cpp build predates predictor graphs (patch < 15): run `edge-preattn build`"
+                "this llama.cpp build predates router priors in predictors (patch < 16): "
+                "run `edge-preattn build`"
             )
         bind_cache_functions(api)
         self.api, self.ctx = api, ctx
@@ -347,6 +358,18 @@ class SlotBank:
         )
         if status != 0:
             raise ValueError(f"the library refused layer {il}'s predictor (status {status})")
+
+    def set_predictor_prior(self, il: int, prior_w: np.ndarray | None) -> None:
+        """Layer il's predictor (set first) adds prior_w [n_expert, n_embd] · x to its scores, on the raw
+        activation: the router prior of a residual predictor, its scale folded in (None removes it)."""
+        if prior_w is None:
+            status = self.api.lib.llama_edge_predictor_set_prior(self.ctx, il, None, 0, 0)
+        else:
+            prior_w = np.ascontiguousarray(prior_w, np.float32)
+            pointer = prior_w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            status = self.api.lib.llama_edge_predictor_set_prior(self.ctx, il, pointer, *prior_w.shape)
+        if status != 0:
+            raise ValueError(f"the library refused layer {il}'s router prior (status {status})")
 
     def set_predictor_threads(self, n_threads: int) -> None:
         """Predictors set from now on run as ggml graphs on a CPU backend with a pool of `n_threads`

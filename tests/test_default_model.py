@@ -90,6 +90,16 @@ def test_run_without_a_model_prefetches_with_the_packaged_predictors(llama_lib, 
     assert "prefetches issued" in capsys.readouterr().err
 
 
+def test_the_packaged_predictors_run_in_the_library(llama_lib, tmp_path, caplog):
+    """The shipped predictors (residuals on the router prior) are read and evaluated by the library
+    itself: no onnxruntime fallback, and not one Python callback per token."""
+    stats_file = tmp_path / "stats.json"
+    assert cli.main(["run", "--temp", "0", "-n", "16", "--stats-json", str(stats_file)]) == 0
+    stats = json.loads(stats_file.read_text())
+    assert "onnxruntime" not in caplog.text
+    assert stats["python_callbacks_per_token"] == 0 and stats["native_predictions_per_token"] > 0
+
+
 def test_wheel_and_sdist_carry_the_model_and_predictors(tmp_path):
     """Built offline with setuptools' own PEP 517 hooks, from a copy, so the repo gets no build output."""
     pytest.importorskip("setuptools")

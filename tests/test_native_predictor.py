@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from edge_preattn import onnx_io
+from edge_preattn.baselines import router_prior
 from edge_preattn.controller import CacheRuntime, RuntimeStats
 from edge_preattn.hooks import Hooks
 from edge_preattn.layout import read_layout
@@ -19,10 +20,17 @@ from edge_preattn.slots import SlotBank
 from .test_cache import greedy, host_experts_engine
 
 
-def random_predictor(arch: int, n_embd: int, n_expert: int, hidden: int, seed: int) -> Predictor:
-    """An untrained predictor with every folded part non-trivial (input statistics, batch norm)."""
+def random_predictor(
+    arch: int, n_embd: int, n_expert: int, hidden: int, seed: int, prior: np.ndarray | None = None
+) -> Predictor:
+    """An untrained predictor with every folded part non-trivial (input statistics, batch norm); with
+    `prior` [E, d], a residual on it as if trained: the body's last layer no longer zero, a scale not 1."""
     torch.manual_seed(seed)
-    model = Predictor(arch, n_embd, n_expert, hidden)
+    router = None if prior is None else torch.from_numpy(prior)
+    model = Predictor(arch, n_embd, n_expert, hidden, prior=router)
+    if prior is not None:
+        model.body[-1].reset_parameters()
+        model.prior_scale.data.fill_(0.75)
     model.norm.mean.normal_()
     model.norm.std.uniform_(0.5, 2.0)
     if arch == 1:
@@ -34,16 +42,17 @@ def random_predictor(arch: int, n_embd: int, n_expert: int, hidden: int, seed: i
     return model.eval()
 
 
-def export_predictors(layout, out, arch: int = 2, hidden: int = 32, models: dict | None = None):
-    """A predictors folder for every MoE layer of `layout`, as `train` writes it (random weights)."""
+def export_predictors(layout, out, arch: int = 2, hidden: int = 32, prior: bool = False):
+    """A predictors folder for every MoE layer of `layout`, as `train` writes it (random weights; with
+    `prior`, residuals on the model's own router prior, as `train --prior` makes them)."""
     out.mkdir(parents=True, exist_ok=True)
     x = np.random.default_rng(0).standard_normal((8, layout.n_embd)).astype(np.float32)
+    indices = tuple(layer.index for layer in layout.moe_layers)
+    priors = router_prior(layout.path, indices) if prior else {}
     entries = []
-    for layer in layout.moe_layers:
-        model = (models or {}).get(layer.index) or random_predictor(
-            arch, layout.n_embd, layout.n_expert, hidden, layer.index
-        )
-        entries.append(onnx_io.export_layer(model, out, layer.index, x))
+    for il in indices:
+        model = random_predictor(arch, layout.n_embd, layout.n_expert, hidden, il, priors.get(il))
+        entries.append(onnx_io.export_layer(model, out, il, x))
     onnx_io.write_manifest(
         out,
         {
@@ -67,12 +76,15 @@ def tiny(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("arch", [1, 2])
-def test_the_exported_graph_is_read_with_normalization_and_batch_norm_folded(tmp_path, arch):
-    model = random_predictor(arch, 24, 8, 16, seed=3)
+@pytest.mark.parametrize(("arch", "prior"), [(1, False), (2, False), (1, True), (2, True)])
+def test_the_exported_graph_is_read_with_normalization_and_batch_norm_folded(tmp_path, arch, prior):
+    """With a router prior the scale is folded into it, and it reads the raw x (not the normalized one)."""
+    router = np.random.default_rng(2).standard_normal((8, 24)).astype(np.float32) if prior else None
+    model = random_predictor(arch, 24, 8, 16, seed=3, prior=router)
     entry = onnx_io.export_layer(model, tmp_path, 0, np.zeros((2, 24), np.float32))
     mlp = read_mlp(tmp_path / entry["file"])
     assert mlp.activation == ("gelu" if arch == 1 else "silu")
+    assert (mlp.prior_w is not None) == prior
     x = np.random.default_rng(1).standard_normal((5, 24)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
@@ -89,6 +101,9 @@ def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
         def forward(self, x):
             return self.body(x)
 
+        def parameter_count(self) -> int:  # what export_layer records
+            return sum(p.numel() for p in self.parameters())
+
     entry = onnx_io.export_layer(Relu(), tmp_path, 0, np.zeros((2, 8), np.float32))
     with pytest.raises(Unsupported, match="activation") as caught:
         read_mlp(tmp_path / entry["file"])
@@ -96,6 +111,22 @@ def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
     (tmp_path / "broken.onnx").write_bytes(b"not a graph")
     with pytest.raises(Unsupported, match="not readable"):
         read_mlp(tmp_path / "broken.onnx")
+
+
+def test_history_features_are_left_to_onnxruntime_in_one_line(tiny, tmp_path):
+    """A residual that also reads history features (extra inputs) is not what the library evaluates:
+    neither its graph nor a set whose manifest names features."""
+    prior = torch.randn(8, 24)
+    model = Predictor(2, 24, 8, 16, n_extra=8, prior=prior).eval()
+    extra = {"prev_layer": np.zeros((2, 8), np.float32)}
+    entry = onnx_io.export_layer(model, tmp_path, 0, np.zeros((2, 24), np.float32), extra)
+    with pytest.raises(Unsupported, match="history features") as caught:
+        read_mlp(tmp_path / entry["file"])
+    assert "\n" not in str(caught.value)
+    predictors = export_predictors(read_layout(tiny), tmp_path / "predictors", prior=True)
+    predictors.features = ("prev-layer",)
+    with pytest.raises(Unsupported, match="history features"):
+        read_predictor_set(predictors)
 
 
 @dataclass(frozen=True)
@@ -133,13 +164,22 @@ def test_native_prediction_is_bit_identical_and_calls_no_python(llama_lib, tiny,
     assert total.prediction_stale == 0  # made on the decode thread, before each routing
 
 
-def test_native_and_onnxruntime_prefetch_the_same_experts(llama_lib, tiny, tmp_path):
+@pytest.mark.parametrize("prior", [False, True])
+def test_native_and_onnxruntime_prefetch_the_same_experts(llama_lib, tiny, tmp_path, prior):
     """onnxruntime waited for at each routing makes the same predictions at the same point: the same
-    uploads, hits and waste, layer by layer (the predictor is the same function, evaluated twice)."""
+    uploads, hits and waste, layer by layer (the predictor is the same function, evaluated twice), and
+    so do the loop and the graph (--predictor-threads 1) with a router prior (`train --prior`)."""
     layout = read_layout(tiny)
-    predictors = export_predictors(layout, tmp_path / "predictors")
+    predictors = export_predictors(layout, tmp_path / "predictors", prior=prior)
+    if prior:  # the prior decides something here: without it the library would predict otherwise
+        mlp = read_predictor_set(predictors)[layout.moe_layers[0].index]
+        x = np.random.default_rng(5).standard_normal((64, layout.n_embd)).astype(np.float32)
+        prior_part = x.astype(np.float64) @ mlp.prior_w.T.astype(np.float64)
+        assert (mlp.scores(x).argmax(1) != (mlp.scores(x) - prior_part).argmax(1)).any()
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
     counts = {}
-    for engine_name in ("native", "onnxruntime"):
+    for engine_name, threads in (("native", 0), ("native", 1), ("onnxruntime", 0)):
         run = run_native(
             llama_lib,
             tiny,
@@ -148,14 +188,16 @@ def test_native_and_onnxruntime_prefetch_the_same_experts(llama_lib, tiny, tmp_p
             "exact",
             2 * layout.n_expert_used,
             predictor_engine=engine_name,
+            predictor_threads=threads,
             wait_for_prefetch=True,
         )
         assert run.native == (engine_name == "native")
-        counts[engine_name] = {
+        assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+        counts[engine_name, threads] = {
             il: (c.hits, c.prefetch_hits, c.misses, c.prefetch_issued, c.prefetch_wasted)
             for il, c in run.stats.layers.items()
         }
-    assert counts["native"] == counts["onnxruntime"]
+    assert counts["native", 0] == counts["onnxruntime", 0] == counts["native", 1]
 
 
 def test_lookahead_in_the_library_keeps_the_output(llama_lib, tiny, tmp_path):
@@ -217,6 +259,45 @@ def test_predictor_c_api_refuses_bad_arguments(llama_lib, tiny, tmp_path):
         assert lib.llama_edge_predictor_set_lookahead(engine.ctx, -1) == -1
         assert lib.llama_edge_predictor_set_lookahead(None, 1) == -1
         bank.set_lookahead(2)
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_prior_c_api_refuses_bad_arguments(llama_lib, tiny, tmp_path, threads):
+    """The prior needs the layer's predictor, its shapes and finite numbers; NULL removes it. The same
+    for the loop and the graph, whose weights are placed anew with the prior."""
+    layout = read_layout(tiny)
+    mlp = read_predictor_set(export_predictors(layout, tmp_path / "predictors", prior=True))[0]
+    with host_experts_engine(llama_lib, tiny) as engine:
+        lib = engine.api.lib
+        bank = SlotBank(engine.api, engine.ctx, (0,), n_slots=8)
+        bank.set_predictor_threads(threads)
+        floats = ctypes.POINTER(ctypes.c_float)
+        prior = mlp.prior_w.ctypes.data_as(floats)
+        d, e = layout.n_embd, layout.n_expert
+        assert lib.llama_edge_predictor_set_prior(engine.ctx, 0, prior, e, d) == -2  # no predictor yet
+        assert lib.llama_edge_predictor_set_prior(engine.ctx, 0, None, 0, 0) == 0  # nothing to remove
+        bank.set_predictor(0, mlp, 4)
+        good = [engine.ctx, 0, prior, e, d]
+        assert lib.llama_edge_predictor_set_prior(*good) == 0
+        for index, bad in [
+            (0, None),  # no context
+            (1, 1),  # layer 1 is not cached
+            (1, -1),
+            (3, e - 1),  # not the predictor's experts
+            (3, 0),
+            (4, d + 1),  # not its n_embd
+            (4, -d),
+        ]:
+            args = list(good)
+            args[index] = bad
+            assert lib.llama_edge_predictor_set_prior(*args) in (-1, -2), index
+        nan = mlp.prior_w.copy()
+        nan[1, 2] = np.inf
+        assert lib.llama_edge_predictor_set_prior(engine.ctx, 0, nan.ctypes.data_as(floats), e, d) == -1
+        bank.set_predictor_prior(0, None)  # removed
+        bank.set_predictor_prior(0, mlp.prior_w)
+        with pytest.raises(ValueError, match="router prior"):
+            bank.set_predictor_prior(0, mlp.prior_w[:, :-1])
 
 
 def test_a_callers_pre_attention_hook_sees_the_activation_beside_the_native_predictor(
