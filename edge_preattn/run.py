@@ -548,8 +548,7 @@ def format_stats(stats: dict) -> str:
             f"stall {stats['stall_ms_per_token']:.2f} ms\n"
             f"prefetches issued {stats['prefetch_issued']}, hit {stats['prefetch_hits']}, "
             f"wasted {stats['prefetch_wasted']}, too late {stats['prefetch_late']}, "
-            f"over budget {stats['prefetch_dropped']} | "
-            f"predictor {stats['predictor_ms_per_call']:.3f} ms/call | "
+            f"over budget {stats['prefetch_dropped']} | " + predictor_place(stats) + " | "
             f"slot banks {format_bytes(stats['bank_bytes'])} | "
             + upload_source(stats)
             + (
@@ -567,6 +566,13 @@ def format_stats(stats: dict) -> str:
             + f" | stale predictions dropped {stats['stale_predictions']}"
         )
     return "\n".join(lines)
+
+
+def predictor_place(stats: dict) -> str:
+    """Where the predictors ran: onnxruntime from Python (its time per call), the library, or nowhere."""
+    if stats["predictor_ms_per_call"]:
+        return f"predictor {stats['predictor_ms_per_call']:.3f} ms/call in onnxruntime"
+    return "predictor in the library" if stats["native_predictions_per_token"] else "no predictor"
 
 
 def upload_source(stats: dict) -> str:
