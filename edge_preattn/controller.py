@@ -450,7 +450,7 @@ class Controller:
 
     def _look_ahead(self, il: int, x: np.ndarray, epoch: int, ubatch: int) -> None:
         """Layer il's experts predicted from an earlier layer's activation, by il's own predictor
-        (bench/lookahead_accuracy.py measures what that loses), unless il's own prediction came first."""
+        (bench/results/lookahead/ measures what that loses), unless il's own prediction came first."""
         if self.epoch[il] != epoch:
             self.python[il].lookahead_superseded += 1
             return
