@@ -127,6 +127,7 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     source, output = Path(source), Path(output)
     if source.resolve() == output.resolve():
         raise UserError(f"-o {output} is the model being widened: choose another file")
+    read_layout(source)  # a missing, special or corrupt file: one line, before gguf-py's reader sees it
     reader = gguf.GGUFReader(source)
     arch_field = reader.fields.get("general.architecture")
     arch = arch_field.contents() if arch_field else ""

@@ -1,0 +1,94 @@
+"""Regressions of bench/hostile_round.py's findings: each input that once gave a traceback or a hang
+now ends in one `edge-preattn: error:` line (exit 2), or in the right result."""
+
+import os
+
+import pytest
+
+from edge_preattn import cli
+from edge_preattn.errors import UserError
+from edge_preattn.files import output_folder
+from edge_preattn.synth import write_synthetic
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "tiny.gguf"
+    write_synthetic("tiny", path, progress=False)
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("edge-preattn")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_negative_seeds_are_refused(tmp_path, capsys):
+    assert cli.main(["synth", "--preset", "tiny", "--seed", "-1", "-o", str(tmp_path / "t.gguf")]) == 2
+    assert "--seed" in one_error_line(capsys)
+    assert not (tmp_path / "t.gguf").exists()
+    assert cli.main(["train", str(tmp_path), "--seed", "-1", "-o", str(tmp_path / "p")]) == 2
+    assert "--seed" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo"])
+def test_widen_from_a_path_that_is_not_a_model(tmp_path, capsys, kind):
+    source = tmp_path / "source.gguf"
+    if kind == "directory":
+        source.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(source)  # gguf-py's reader would block on it forever
+    rc = cli.main(["synth", "--widen-from", str(source), "-o", str(tmp_path / "wide.gguf")])
+    assert rc == 2
+    assert "source.gguf" in one_error_line(capsys)
+    assert not (tmp_path / "wide.gguf").exists()
+
+
+def test_huge_n_cpu_moe_means_every_layer(lib_dir, tiny, capsys):
+    """One override pattern per layer: 2**63 layers once built a list until the machine gave up."""
+    rc = cli.main(
+        ["run", "-m", str(tiny), "-p", "hi", "-n", "2", "-t", "1", "--temp", "0", "--n-cpu-moe", str(2**63)]
+    )
+    assert rc == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_training_that_diverges_says_so(lib_dir, tiny, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"prompt {i} about cats\n" for i in range(6)))
+    traces = tmp_path / "traces"
+    collect_args = [str(tiny), "--prompts", str(prompts), "-n", "2", "-t", "1", "-o", str(traces)]
+    assert cli.main(["collect", *collect_args]) == 0
+    capsys.readouterr()
+    rc = cli.main(
+        [
+            "train",
+            str(traces),
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+            "--hidden",
+            "8",
+            "-t",
+            "1",
+            "-o",
+            str(tmp_path / "preds"),
+        ]
+    )
+    assert rc == 2
+    assert "diverged" in one_error_line(capsys)
+
+
+def test_outputs_onto_a_symlink_loop(tmp_path, capsys):
+    """pathlib's resolve() raised RuntimeError on a loop, and mkdir a FileExistsError."""
+    loop = tmp_path / "a"
+    os.symlink(tmp_path / "b", loop)
+    os.symlink(loop, tmp_path / "b")
+    assert cli.main(["synth", "--preset", "tiny", "-o", str(loop)]) == 2
+    assert "symbolic links" in one_error_line(capsys)
+    with pytest.raises(UserError, match="not a folder"):
+        output_folder(loop)
