@@ -92,3 +92,15 @@ def test_outputs_onto_a_symlink_loop(tmp_path, capsys):
     assert "symbolic links" in one_error_line(capsys)
     with pytest.raises(UserError, match="not a folder"):
         output_folder(loop)
+
+
+def test_widen_onto_a_fifo_or_a_link_loop(tiny, tmp_path, capsys):
+    """widen wrote through its own temporary name: a FIFO or a link loop was replaced by the model."""
+    fifo, loop = tmp_path / "fifo", tmp_path / "a"
+    os.mkfifo(fifo)
+    os.symlink(tmp_path / "b", loop)
+    os.symlink(loop, tmp_path / "b")
+    for output in (fifo, loop):
+        assert cli.main(["synth", "--widen-from", str(tiny), "-o", str(output)]) == 2
+        one_error_line(capsys)
+    assert fifo.is_fifo() and loop.is_symlink()
