@@ -47,6 +47,8 @@ class TraceSet:
         if not all(isinstance(s, dict) and SHARD_NAME.match(str(s.get("name"))) for s in shards):
             raise _damaged(path, "a shard name")  # also keeps every read inside the folder
         self.fingerprint: str = _field(manifest, "fingerprint", str, path)
+        if not isinstance(manifest.get("model", ""), str):  # a path that train and eval open
+            raise _damaged(path, "the field 'model'")
         self.n_embd: int = _field(layout, "n_embd", int, path)
         self.n_expert: int = _field(layout, "n_expert", int, path)
         self.k: int = _field(layout, "n_expert_used", int, path)

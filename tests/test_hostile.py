@@ -1,6 +1,7 @@
 """Regressions of bench/hostile_round.py's findings: each input that once gave a traceback or a hang
 now ends in one `edge-preattn: error:` line (exit 2), or in the right result."""
 
+import json
 import os
 
 import pytest
@@ -104,3 +105,28 @@ def test_widen_onto_a_fifo_or_a_link_loop(tiny, tmp_path, capsys):
         assert cli.main(["synth", "--widen-from", str(tiny), "-o", str(output)]) == 2
         one_error_line(capsys)
     assert fifo.is_fifo() and loop.is_symlink()
+
+
+def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
+    """A manifest whose 'model' was a number reached os.fspath in train and eval (a TypeError)."""
+    from edge_preattn.traces import TraceSet
+
+    (tmp_path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "model": 17,
+                "fingerprint": "f",
+                "layout": {
+                    "n_embd": 8,
+                    "n_expert": 4,
+                    "n_expert_used": 2,
+                    "gating": "softmax",
+                    "moe_layers": [0],
+                },
+                "settings": {},
+                "shards": [{"name": "shard-00000"}],
+            }
+        )
+    )
+    with pytest.raises(UserError, match="'model'"):
+        TraceSet(tmp_path)
