@@ -1252,21 +1252,19 @@ def signal_cases() -> list[Case]:
     cases = []
     long_run = [
         "run",
-        "-m",
-        "fx/tiny.gguf",
         "-p",
-        "once upon a time",
+        "def fibonacci(n):",
         "-n",
-        "100000",
+        "1000",
         "-c",
-        "4096",
+        "1024",
         "-t",
         "1",
         "--temp",
-        "0.8",
-    ]
+        "0",
+    ]  # ~4 s
     for sig in (signal.SIGINT, signal.SIGTERM):
-        for delay in (0.3, 1.5):
+        for delay in (0.5, 2.0):
             cases.append(
                 Case("signals", f"run {sig.name} at {delay}s", long_run, "error", interrupt=(sig, delay))
             )
@@ -1283,7 +1281,7 @@ def signal_cases() -> list[Case]:
                 Case(
                     "signals",
                     f"run --mode top1 {sig.name} at {delay}s",
-                    [*long_run, "--mode", "top1", "--predictors", "fx/preds"],
+                    [*long_run, "--mode", "top1"],
                     "error",
                     interrupt=(sig, delay),
                 )
@@ -1294,13 +1292,13 @@ def signal_cases() -> list[Case]:
                 f"collect {sig.name}",
                 [
                     "collect",
-                    "fx/tiny.gguf",
+                    str(PACKAGED),
                     "--prompts",
-                    "fx/p-huge.txt",
+                    "fx/prompts.txt",
                     "-n",
-                    "2000",
+                    "500",
                     "-c",
-                    "32768",
+                    "1024",
                     "-t",
                     "1",
                     "-o",
@@ -1327,15 +1325,15 @@ def signal_cases() -> list[Case]:
                 f"bench {sig.name}",
                 [
                     "bench",
-                    "fx/tiny.gguf",
+                    str(PACKAGED),
                     "--vram-budget",
                     "1MiB",
                     "-n",
-                    "5000",
+                    "1000",
                     "--rounds",
                     "1",
                     "-c",
-                    "8192",
+                    "1024",
                     "--configs",
                     "lru",
                     "-t",
@@ -1678,6 +1676,9 @@ def main() -> int:
     parser.add_argument("--only", help="run only this category")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # started with `&`, SIGINT is ignored: children too
     root = (args.scratch or Path(tempfile.mkdtemp(prefix="hostile-"))).resolve()
     if not (root / "fx").exists():
         make_fixtures(root)

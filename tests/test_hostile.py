@@ -3,6 +3,9 @@ now ends in one `edge-preattn: error:` line (exit 2), or in the right result."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -130,3 +133,23 @@ def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
     )
     with pytest.raises(UserError, match="'model'"):
         TraceSet(tmp_path)
+
+
+def test_sigterm_stops_run_like_ctrl_c(lib_dir):
+    """SIGTERM (`timeout`, `kill`) killed `run` by the signal; now it stops at a token boundary with 143."""
+    argv = ["run", "-p", "def fibonacci(n):", "-n", "1000", "-c", "1024", "-t", "1", "--temp", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge_preattn.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, EDGE_PREATTN_LIB=str(lib_dir)),
+    )
+    proc.stdout.read(1)  # the first generated text: decoding has begun
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    text = err.decode()
+    assert proc.returncode == 143, text
+    assert "Traceback" not in text
+    assert text.strip().splitlines()[-1] == "edge-preattn: terminated"
