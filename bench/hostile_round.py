@@ -200,7 +200,7 @@ MANIFEST_MUTATIONS = {  # name -> how to break the traces' manifest.json, the pr
     "format-int": (_json_set("format", 7),) * 2,
     "fingerprint-nan": (_json_set("fingerprint", float("nan")),) * 2,
     "model-int": (_json_set("model", 17),) * 2,
-    "shape-str": (_json_set("layout", "x"), _json_set("layers", "0,1")),
+    "shape-str": (_json_set("layout", "x"), _json_set("n_expert", "16")),
     "list-dict": (_json_set("shards", {}), _json_set("predictors", {})),
 }
 
@@ -764,7 +764,7 @@ def prompt_cases() -> list[Case]:
         Case(
             "prompts",
             "run -p huge (ctx default)",
-            ["run", "-m", "fx/tiny.gguf", "-n", "2", "-t", "1", "-p", "word " * 50000],
+            ["run", "-m", "fx/tiny.gguf", "-n", "2", "-t", "1", "-p", "word " * 20000],
             "any",
         )
     )
@@ -1489,7 +1489,7 @@ def run_case(case: Case, root: Path) -> dict:
             start_new_session=True,
         )
     else:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # argv stays under the kernel's 128 KiB per argument
             [*CLI, *case.argv],
             cwd=root,
             env=env,

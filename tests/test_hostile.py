@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from edge_preattn import cli
+from edge_preattn.collect import FORMAT
 from edge_preattn.errors import UserError
 from edge_preattn.files import output_folder
 from edge_preattn.synth import write_synthetic
@@ -117,6 +118,7 @@ def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text(
         json.dumps(
             {
+                "format": FORMAT,
                 "model": 17,
                 "fingerprint": "f",
                 "layout": {
@@ -132,6 +134,9 @@ def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
         )
     )
     with pytest.raises(UserError, match="'model'"):
+        TraceSet(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 7}))
+    with pytest.raises(UserError, match="is not an edge-preattn-traces"):
         TraceSet(tmp_path)
 
 
