@@ -7,6 +7,7 @@ Heavy imports (llama_cpp, torch) stay inside those functions so that `edge-preat
 
 import argparse
 import copy
+import errno
 import importlib
 import logging
 import os
@@ -196,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as error:  # files are written through files.py (UserError): this is stdout (>/dev/full)
+        if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+        quiet_stdout()
+        print(f"edge-preattn: error: cannot write the output: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class TraceSet:
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{path} is not valid JSON: collect the traces again into a new folder") from None
         manifest = self.manifest if isinstance(self.manifest, dict) else {}
-        if not str(manifest.get("format", "")).startswith(FORMAT):  # another writer's, or a damaged one
+        if not str(manifest.get("format", FORMAT)).startswith(FORMAT):  # another writer's, or damaged
             raise UserError(f"{path} is not an {FORMAT} manifest: collect the traces again into a new folder")
         layout, settings, shards = (manifest.get(key) for key in ("layout", "settings", "shards"))
         if not isinstance(layout, dict) or not isinstance(settings, dict) or not isinstance(shards, list):

@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from .errors import UserError
-from .files import output_target, temporary_path
+from .files import output_target, regular_input, temporary_path
 from .layout import ROUTING_FINGERPRINT_KEY, read_layout
 from .synth import PRESETS, QTYPES
 from .units import format_bytes, parse_bytes
@@ -125,7 +125,7 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     """Write `source` with every routed expert padded to the smallest width whose expert weighs at least
     `target_expert_bytes` (a whole number of quantization blocks)."""
     source, output = Path(source), Path(output)
-    read_layout(source)  # a missing, special or corrupt file: one line, before gguf-py's reader sees it
+    regular_input(source, "the model")  # missing, a folder, a FIFO, a link loop: before gguf-py's reader
     if os.path.realpath(source) == os.path.realpath(output):  # realpath, unlike resolve(), takes loops
         raise UserError(f"-o {output} is the model being widened: choose another file")
     reader = gguf.GGUFReader(source)

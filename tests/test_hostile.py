@@ -135,7 +135,7 @@ def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
     )
     with pytest.raises(UserError, match="'model'"):
         TraceSet(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": 7}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else/2"}))
     with pytest.raises(UserError, match="is not an edge-preattn-traces"):
         TraceSet(tmp_path)
 
@@ -158,3 +158,18 @@ def test_sigterm_stops_run_like_ctrl_c(lib_dir):
     assert proc.returncode == 143, text
     assert "Traceback" not in text
     assert text.strip().splitlines()[-1] == "edge-preattn: terminated"
+
+
+def test_a_full_stdout_is_one_line(tiny):
+    """`inspect m.gguf >/dev/full`: ENOSPC on stdout was a traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_preattn.cli", "inspect", str(tiny)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+        )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and err.startswith("edge-preattn: error: cannot write the output")
