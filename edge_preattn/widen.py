@@ -128,11 +128,14 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     regular_input(source, "the model")  # missing, a folder, a FIFO, a link loop: before gguf-py's reader
     if os.path.realpath(source) == os.path.realpath(output):  # realpath, unlike resolve(), takes loops
         raise UserError(f"-o {output} is the model being widened: choose another file")
-    reader = gguf.GGUFReader(source)
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field else ""
-    width_field = reader.fields.get(f"{arch}.expert_feed_forward_length")
-    experts = _expert_tensors(reader)
+    try:  # gguf-py reads lazily: a damaged header fails here or in the first contents()
+        reader = gguf.GGUFReader(source)
+        arch_field = reader.fields.get("general.architecture")
+        arch = arch_field.contents() if arch_field else ""
+        width_field = reader.fields.get(f"{arch}.expert_feed_forward_length")
+        experts = _expert_tensors(reader)
+    except (ValueError, KeyError, IndexError, OverflowError) as error:
+        raise UserError(f"{source} is not a valid GGUF ({error}); pass a MoE .gguf model") from None
     if width_field is None or not experts:
         raise UserError(
             f"{source} has no separate routed-expert tensors (blk.N.ffn_gate/up/down_exps) with "

@@ -174,3 +174,10 @@ def test_a_full_stdout_is_one_line(tiny):
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert "Traceback" not in err and err.startswith("edge-preattn: error: cannot write the output")
+
+
+def test_widen_from_a_file_that_is_not_gguf(tmp_path, capsys):
+    source = tmp_path / "prompts.txt"
+    source.write_text("hello world\n" * 10)
+    assert cli.main(["synth", "--widen-from", str(source), "-o", str(tmp_path / "wide.gguf")]) == 2
+    assert "not a valid GGUF" in one_error_line(capsys)
