@@ -1027,13 +1027,13 @@ def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: di
                 else:
                     progress.set_postfix_str(f"{key}: {record['decode_tok_s']:.1f} tok/s")
             write_results(out_dir, stem, results_now())
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, Interrupted) as stop:
         written = write_results(out_dir, stem, results_now())
         progress.close()
         print(
             f"interrupted: partial results in {written[0].parent}; the same command resumes", file=sys.stderr
         )
-        return 130
+        return 128 + signal.SIGTERM if isinstance(stop, Interrupted) else 130  # like `timeout` expects
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     progress.close()

@@ -7,9 +7,11 @@ Heavy imports (llama_cpp, torch) stay inside those functions so that `edge-preat
 
 import argparse
 import copy
+import errno
 import importlib
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -143,7 +145,25 @@ def check_text_options(options: dict) -> None:
                     raise UserError(f"the {shown} {item!r} is not UTF-8 text: pass it as UTF-8") from None
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def terminate_like_ctrl_c(terminated: list[int]):
+    """A SIGTERM handler (`timeout`, `kill`, a job scheduler) that stops the way Ctrl-C does: it sends
+    this process SIGINT, so that native calls finish their token or batch first (interrupts.py) and
+    the verb unwinds and keeps its work; main() then exits 143 instead of 130."""
+
+    def handler(signum: int, _frame) -> None:
+        terminated.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
+    terminated: list[int] = []
+    if argv is None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # the program, not a caller
+        signal.signal(signal.SIGTERM, terminate_like_ctrl_c(terminated))
     argv = sys.argv[1:] if argv is None else argv
     reopen_closed_std_streams()
     verb = next((word for word in argv if not word.startswith("-")), None)
@@ -172,11 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
         resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
-        print(f"\nedge-preattn: interrupted{resume}", file=sys.stderr)
-        return 130
+        print(f"\nedge-preattn: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else 130
     except BrokenPipeError:
         quiet_stdout()
         return EXIT_BROKEN_PIPE
+    except OSError as error:  # files are written through files.py (UserError): this is stdout (>/dev/full)
+        if error.errno not in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise
+        quiet_stdout()
+        print(f"edge-preattn: error: cannot write the output: {error.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

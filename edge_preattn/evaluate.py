@@ -20,7 +20,7 @@ import numpy as np
 
 from . import baselines, calibration, features, metrics
 from .errors import UserError
-from .files import what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
+from .files import output_folder, what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import read_layout
 from .traces import TraceSet
 
@@ -375,7 +375,7 @@ def plots(payload: dict) -> dict[str, bytes]:
 
 
 def write_reports(payload: dict, out_dir: Path, name: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     paths = [out_dir / f"accuracy-{name}.json", out_dir / f"accuracy-{name}.md"]
     write_json_atomic(paths[0], payload)
     write_text_atomic(paths[1], markdown(payload))

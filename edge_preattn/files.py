@@ -63,7 +63,7 @@ def output_target(path: Path, inputs: tuple[Path, ...] = ()) -> Path:
     does not exist yet in an existing folder, and is none of the command's `inputs` (`inspect m.gguf
     --json m.gguf` replaced the model with its own layout)."""
     path = Path(path)
-    target = path.resolve() if path.is_symlink() else path
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a loop: os.stat says so
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -81,6 +81,19 @@ def output_target(path: Path, inputs: tuple[Path, ...] = ()) -> Path:
     if not os.access(target.parent, os.W_OK):  # a read-only disk too: refused before the work
         raise UserError(f"cannot write {path}: its folder {target.parent} is read-only to you")
     return target
+
+
+def output_folder(path: Path) -> Path:
+    """Make the output folder `path` (and its parents); a file, a link loop or a read-only parent in
+    the way is refused with one line instead of mkdir's traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"cannot make the folder {path}: something that is not a folder is there") from None
+    except OSError as error:
+        raise UserError(f"cannot make the folder {path}: {error.strerror or error}") from None
+    return path
 
 
 @contextlib.contextmanager

@@ -356,7 +356,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.cpu_moe or args.mode != "off":
         overrides += expert_overrides(None)
     elif args.n_cpu_moe is not None:
-        overrides += expert_overrides(args.n_cpu_moe)
+        overrides += expert_overrides(min(args.n_cpu_moe, layout.n_layer))  # one pattern per layer
     predictors = None
     if args.mode in PREDICTION_MODES:
         if not args.predictors:

@@ -432,6 +432,8 @@ def write_synthetic(  # noqa: PLR0917 (the signature other modules call position
     n_layer = config.n_layer if n_layers is None else n_layers
     if not 1 <= n_layer <= config.n_layer:
         raise UserError(f"--layers must be between 1 and {config.n_layer} for {preset}, not {n_layers}")
+    if seed < 0:  # numpy's SeedSequence takes non-negative integers only
+        raise UserError(f"--seed must be 0 or more, not {seed}")
     qtype = qtype or config.default_qtype
     if qtype not in QTYPES:
         raise UserError(f"unknown type {qtype!r}; choose one of {', '.join(QTYPES)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .collect import FORMAT
 from .errors import UserError
 
 META_FIELDS = ("tokens", "positions", "prompt", "phase")
@@ -37,6 +38,8 @@ class TraceSet:
         except (ValueError, UnicodeDecodeError):
             raise UserError(f"{path} is not valid JSON: collect the traces again into a new folder") from None
         manifest = self.manifest if isinstance(self.manifest, dict) else {}
+        if not str(manifest.get("format", FORMAT)).startswith(FORMAT):  # another writer's, or damaged
+            raise UserError(f"{path} is not an {FORMAT} manifest: collect the traces again into a new folder")
         layout, settings, shards = (manifest.get(key) for key in ("layout", "settings", "shards"))
         if not isinstance(layout, dict) or not isinstance(settings, dict) or not isinstance(shards, list):
             raise _damaged(path, "the layout, settings or shard list")
@@ -47,6 +50,8 @@ class TraceSet:
         if not all(isinstance(s, dict) and SHARD_NAME.match(str(s.get("name"))) for s in shards):
             raise _damaged(path, "a shard name")  # also keeps every read inside the folder
         self.fingerprint: str = _field(manifest, "fingerprint", str, path)
+        if not isinstance(manifest.get("model", ""), str):  # a path that train and eval open
+            raise _damaged(path, "the field 'model'")
         self.n_embd: int = _field(layout, "n_embd", int, path)
         self.n_expert: int = _field(layout, "n_expert", int, path)
         self.k: int = _field(layout, "n_expert_used", int, path)

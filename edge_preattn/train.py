@@ -21,7 +21,7 @@ import numpy as np
 from . import features, metrics
 from .collect import parse_layers
 from .errors import UserError
-from .files import atomic_output, what_is, write_json_atomic
+from .files import atomic_output, output_folder, what_is, write_json_atomic
 from .traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -208,12 +208,16 @@ def fit_layer(
         if bar is not None:
             bar.update(settings.epochs - epoch + 1 if state["done"] else 1)
             bar.set_postfix(layer=il, epoch=epoch, val_recall=f"{recall:.4f}")
+    if state["best_model"] is None:  # every epoch's loss was NaN or infinite: nothing worth keeping
+        raise UserError(
+            f"layer {il}: training diverged (no finite validation loss): lower --lr (now {settings.lr})"
+        )
     model.load_state_dict(state["best_model"])
     return model.eval(), state["history"]
 
 
 def _open_checkpoints(directory: Path, expected: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    output_folder(directory)
     path = directory / "settings.json"
     if path.is_file():
         try:
@@ -493,6 +497,8 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--val-fraction must lie between 0 and 1")
     if not args.lr > 0 or args.weight_decay < 0:
         raise UserError("--lr must be above 0 and --weight-decay 0 or more")
+    if args.seed < 0:  # numpy's and torch's generators take non-negative seeds
+        raise UserError(f"--seed must be 0 or more, not {args.seed}")
     if args.patience < 1 or (args.max_train_samples is not None and args.max_train_samples < 1):
         raise UserError("--patience and --max-train-samples must be at least 1")
     check_device(args.device)

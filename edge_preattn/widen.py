@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from .errors import UserError
-from .files import temporary_path
+from .files import output_target, regular_input, temporary_path
 from .layout import ROUTING_FINGERPRINT_KEY, read_layout
 from .synth import PRESETS, QTYPES
 from .units import format_bytes, parse_bytes
@@ -125,13 +125,17 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     """Write `source` with every routed expert padded to the smallest width whose expert weighs at least
     `target_expert_bytes` (a whole number of quantization blocks)."""
     source, output = Path(source), Path(output)
-    if source.resolve() == output.resolve():
+    regular_input(source, "the model")  # missing, a folder, a FIFO, a link loop: before gguf-py's reader
+    if os.path.realpath(source) == os.path.realpath(output):  # realpath, unlike resolve(), takes loops
         raise UserError(f"-o {output} is the model being widened: choose another file")
-    reader = gguf.GGUFReader(source)
-    arch_field = reader.fields.get("general.architecture")
-    arch = arch_field.contents() if arch_field else ""
-    width_field = reader.fields.get(f"{arch}.expert_feed_forward_length")
-    experts = _expert_tensors(reader)
+    try:  # gguf-py reads lazily: a damaged header fails here or in the first contents()
+        reader = gguf.GGUFReader(source)
+        arch_field = reader.fields.get("general.architecture")
+        arch = arch_field.contents() if arch_field else ""
+        width_field = reader.fields.get(f"{arch}.expert_feed_forward_length")
+        experts = _expert_tensors(reader)
+    except (ValueError, KeyError, IndexError, OverflowError) as error:
+        raise UserError(f"{source} is not a valid GGUF ({error}); pass a MoE .gguf model") from None
     if width_field is None or not experts:
         raise UserError(
             f"{source} has no separate routed-expert tensors (blk.N.ffn_gate/up/down_exps) with "
@@ -149,8 +153,7 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
         for name, t in experts.items()
     }
     added_bytes = sum(int(np.prod(shapes[n])) * t.data.itemsize - t.data.nbytes for n, t in experts.items())
-    if not output.parent.is_dir():
-        raise UserError(f"cannot write {output}: directory {output.parent} does not exist")
+    output = output_target(output, inputs=(source,))  # a device, FIFO, link loop or missing folder: refused
     needed = source.stat().st_size + added_bytes
     free = shutil.disk_usage(output.parent).free
     if needed > free:
