@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 
 from .errors import UserError
-from .files import output_target, regular_input, temporary_path
+from .files import atomic_output, output_target, regular_input
 from .layout import ROUTING_FINGERPRINT_KEY, read_layout
 from .synth import PRESETS, QTYPES
 from .units import format_bytes, parse_bytes
@@ -170,30 +170,24 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     )
 
     started = time.monotonic()
-    temporary = temporary_path(output)
-    writer = gguf.GGUFWriter(temporary, arch)
-    try:
-        _copy_metadata(reader, writer, arch, n_ff_to, read_layout(source).routing_fingerprint)
-        for tensor in reader.tensors:
-            shape = shapes.get(tensor.name, tensor.data.shape)
-            nbytes = int(np.prod(shape)) * tensor.data.itemsize
-            writer.add_tensor_info(
-                tensor.name, shape, tensor.data.dtype, nbytes, raw_dtype=tensor.tensor_type
-            )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
+    with atomic_output(output) as temporary:  # renamed over `output` when complete; OSError: one line
+        writer = gguf.GGUFWriter(temporary, arch)
         try:
+            _copy_metadata(reader, writer, arch, n_ff_to, read_layout(source).routing_fingerprint)
+            for tensor in reader.tensors:
+                shape = shapes.get(tensor.name, tensor.data.shape)
+                nbytes = int(np.prod(shape)) * tensor.data.itemsize
+                writer.add_tensor_info(
+                    tensor.name, shape, tensor.data.dtype, nbytes, raw_dtype=tensor.tensor_type
+                )
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
             for tensor in reader.tensors:  # one padded tensor in memory at a time
                 pad = pads.get(tensor.name)
                 writer.write_tensor_data(tensor.data if pad is None else np.pad(tensor.data, pad))
+        finally:
             writer.close()
-        except OSError as error:
-            raise UserError(f"cannot write {output}: {error.strerror or error}") from error
-        os.replace(temporary, output)
-    finally:
-        writer.close()
-        temporary.unlink(missing_ok=True)
     return WidenResult(
         path=output,
         n_ff_from=n_ff_from,
