@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import build, native
 from .controller import MODES, PREDICTION_MODES
 from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
 from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
+from .model import build, native
+from .model.layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
 from .units import format_bytes, parse_bytes, parse_rate
 
 log = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def plan_runs(
 
 def _merged(records):
     """One Generation over every prompt: run_stats then reads the whole workload."""
-    from .engine import Generation
+    from .model.engine import Generation
 
     return Generation(
         prompt_tokens=[t for r in records for t in r.prompt_tokens],
@@ -290,8 +290,8 @@ def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) ->
 def run_config(spec: RunSpec, work: Workload) -> dict:
     """Generate the workload in this process with the library EDGE_PREATTN_LIB names."""
     from .controller import CacheRuntime
-    from .engine import Engine, EngineConfig, Sampling, complete, expert_overrides
     from .machine import VramProbe
+    from .model.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
     from .run import run_stats
 
     probe = VramProbe.start()

@@ -20,9 +20,9 @@ from .units import check_numeric_options
 
 # verb -> module, in data-flow order
 VERBS = {
-    "build": "edge_preattn.build",
-    "inspect": "edge_preattn.layout",
-    "synth": "edge_preattn.synth",
+    "build": "edge_preattn.model.build",
+    "inspect": "edge_preattn.model.layout",
+    "synth": "edge_preattn.model.synth",
     "collect": "edge_preattn.collect",
     "train": "edge_preattn.train",
     "eval": "edge_preattn.evaluate",

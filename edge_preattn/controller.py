@@ -34,7 +34,7 @@ import numpy as np
 from .cache import EVICTION_POLICIES, UploadBudget
 from .calibration import prefetch_counts
 from .hooks import Hooks, Routing
-from .layout import MoeLayout
+from .model.layout import MoeLayout
 from .slots import SlotBank
 
 log = logging.getLogger(__name__)

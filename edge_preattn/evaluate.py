@@ -21,7 +21,7 @@ import numpy as np
 from . import baselines, calibration, features, metrics
 from .errors import UserError
 from .files import output_folder, what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .layout import read_layout
+from .model.layout import read_layout
 from .traces import TraceSet
 
 HELP = "measure predictor accuracy on held-out prompts beside cross-layer, popularity, prev-token and LRU"

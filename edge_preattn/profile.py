@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import native
-from .engine import Engine, EngineConfig
 from .errors import UserError
 from .files import write_json_atomic, write_text_atomic
-from .layout import MoeLayout, read_layout
 from .machine import command_line, git_commit, machine_info
+from .model import native
+from .model.engine import Engine, EngineConfig
+from .model.layout import MoeLayout, read_layout
 from .units import format_bytes
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from types import ModuleType
 
 import numpy as np
 
-from . import build, native
 from .cache import EVICTION_POLICIES
 from .controller import (
     MISS_POLICIES,
@@ -25,10 +24,11 @@ from .controller import (
     CacheRuntime,
     record_routing,
 )
-from .engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
 from .errors import UserError
 from .files import output_target, write_json_atomic
-from .layout import MoeLayout, plan_slots, read_layout
+from .model import build, native
+from .model.engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
+from .model.layout import MoeLayout, plan_slots, read_layout
 from .slots import shrink_until_allocated
 from .units import format_bytes, parse_bytes, parse_rate
 

@@ -23,8 +23,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from . import run
-from .engine import Engine, Sampling, stream_text
 from .errors import UserError
+from .model.engine import Engine, Sampling, stream_text
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from .errors import UserError
-from .native import NativeApi
+from .model.native import NativeApi
 from .predictor_weights import ACTIVATIONS, MlpWeights
 
 log = logging.getLogger(__name__)

@@ -147,7 +147,7 @@ def verify_capture(
     """Recompute gating and top-k for a sample of tokens of every layer; compare with the capture."""
     import gguf
 
-    from .layout import read_layout
+    from .model.layout import read_layout
 
     if read_layout(model).fingerprint != traces.fingerprint:
         raise UserError(f"{traces.directory} was collected from another model than {model}")

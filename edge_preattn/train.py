@@ -272,7 +272,7 @@ def router_priors(traces: TraceSet, layers: tuple[int, ...], source: str, model:
     """{layer: prior [E, d]} from the model the traces came from (its path in the traces' manifest,
     or `model`), refused when that file is missing or another model."""
     from .baselines import router_prior
-    from .layout import read_layout
+    from .model.layout import read_layout
 
     model = Path(model or traces.manifest.get("model") or "")
     if not model.is_file():

@@ -16,9 +16,9 @@ import pytest
 
 from edge_preattn import cli, onnx_io
 from edge_preattn.collect import CollectSettings, collect
-from edge_preattn.layout import _read_header, model_fingerprint
+from edge_preattn.model.layout import _read_header, model_fingerprint
+from edge_preattn.model.synth import write_synthetic
 from edge_preattn.predictors import Predictor
-from edge_preattn.synth import write_synthetic
 
 from . import test_layout as builders
 from .gguf_fuzz import number_spans
@@ -208,7 +208,7 @@ def test_a_bad_model_is_one_line_for_every_command(ws, capsys, monkeypatch, verb
         def refuse(path, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr("edge_preattn.layout.open", refuse, raising=False)
+        monkeypatch.setattr("edge_preattn.model.layout.open", refuse, raising=False)
     argv = {
         "inspect": ["inspect", model],
         "run": ["run", "-m", model, "-n", "4"],
@@ -476,7 +476,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
 def test_no_code_path_unpickles_user_files():
     """What users pass is data: no pickle.load, allow_pickle=True, or torch.load without weights_only."""
     root = Path(__file__).resolve().parents[1]
-    for source in [*root.glob("edge_preattn/*.py"), *root.glob("bench/*.py")]:
+    for source in [*root.glob("edge_preattn/**/*.py"), *root.glob("bench/*.py")]:
         for number, line in enumerate(source.read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert "pickle.load" not in code and "allow_pickle=True" not in code, f"{source}:{number}"

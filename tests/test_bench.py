@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from edge_preattn import bench, build, cli
-from edge_preattn.layout import read_layout
-from edge_preattn.synth import write_synthetic
+from edge_preattn import bench, cli
+from edge_preattn.model import build
+from edge_preattn.model.layout import read_layout
+from edge_preattn.model.synth import write_synthetic
 
 GiB = 1024**3
 CONFIG_KEYS = {

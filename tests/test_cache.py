@@ -8,10 +8,10 @@ import pytest
 from edge_preattn import baselines
 from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
 from edge_preattn.hooks import Hooks
-from edge_preattn.layout import read_layout
+from edge_preattn.model.engine import Engine, EngineConfig, Sampling
+from edge_preattn.model.layout import read_layout
 from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -237,7 +237,7 @@ def test_belady_simulation_is_optimal_on_a_known_sequence():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     write_synthetic("tiny", path, progress=False)
@@ -332,7 +332,7 @@ def test_upload_budget_is_a_token_bucket():
 @pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
 @pytest.mark.parametrize("mode", ["lru", "exact", "oracle"])
 def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, preset, mode):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     model = tmp_path / f"{preset}.gguf"
     write_synthetic(preset, model, progress=False)

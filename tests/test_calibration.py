@@ -4,7 +4,7 @@ import numpy as np
 
 from edge_preattn import calibration
 from edge_preattn.controller import RandomRanking
-from edge_preattn.layout import read_layout
+from edge_preattn.model.layout import read_layout
 
 from .test_cache import run_mode
 

@@ -15,8 +15,8 @@ import pytest
 
 from edge_preattn import cli
 from edge_preattn.controller import CacheRuntime
-from edge_preattn.engine import Engine, EngineConfig, expert_overrides
-from edge_preattn.layout import read_layout
+from edge_preattn.model.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.model.layout import read_layout
 from edge_preattn.onnx_io import MANIFEST, load_predictor_set
 from edge_preattn.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
 

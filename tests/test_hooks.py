@@ -5,9 +5,9 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.engine import Engine, EngineConfig
 from edge_preattn.hooks import Hooks, bind_hook_functions
-from edge_preattn.native import NativeApi
+from edge_preattn.model.engine import Engine, EngineConfig
+from edge_preattn.model.native import NativeApi
 
 PROMPT = "def fibonacci(n):\n    if n < 2:"
 

@@ -13,7 +13,7 @@ from edge_preattn import cli
 from edge_preattn.collect import FORMAT
 from edge_preattn.errors import UserError
 from edge_preattn.files import output_folder
-from edge_preattn.synth import write_synthetic
+from edge_preattn.model.synth import write_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli, collect, run, train
-from edge_preattn.synth import write_synthetic
+from edge_preattn.model.synth import write_synthetic
 
 from .robustness_log import record
 

@@ -160,7 +160,7 @@ def test_a_model_template_renders_the_chat():
 def test_a_gguf_with_a_chat_template_gets_its_own_prompt(llama_lib, tmp_path, monkeypatch):
     import gguf
 
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     add_eos = gguf.GGUFWriter.add_add_eos_token
 

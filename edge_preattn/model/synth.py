@@ -29,9 +29,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_output, output_target
-from .units import format_bytes
+from ..errors import UserError
+from ..files import atomic_output, output_target
+from ..units import format_bytes
 
 log = logging.getLogger(__name__)
 

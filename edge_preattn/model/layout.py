@@ -26,9 +26,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .errors import UserError
-from .files import file_kind, output_target, write_json_atomic
-from .units import format_bytes, parse_bytes
+from ..errors import UserError
+from ..files import file_kind, output_target, write_json_atomic
+from ..units import format_bytes, parse_bytes
 
 log = logging.getLogger(__name__)
 
