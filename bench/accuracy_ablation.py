@@ -30,7 +30,7 @@ import numpy as np
 
 from edge_preattn import evaluate, features, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.trace_set import TraceSet
 from edge_preattn.train import TrainSettings, train
 
 QWEN3_30B = {"n_embd": 2048, "n_expert": 128, "n_layer": 48}

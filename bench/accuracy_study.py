@@ -49,7 +49,7 @@ import numpy as np
 
 from edge_preattn import evaluate, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.trace_set import TraceSet
 from edge_preattn.train import TrainSettings, train
 
 LOSSES = ("mse", "wbce", "focal", "rank")

@@ -867,7 +867,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _matrix(args: argparse.Namespace, layout: MoeLayout, n_ctx: int):
     """The command's checked choices: (config names, [(budget text, bytes)], [(rate, label)], prompts)."""
-    from .collect import read_prompts
+    from .traces.collect import read_prompts
 
     if args.n_predict < 2:
         raise UserError("-n must be at least 2 (decode speed needs a second token)")

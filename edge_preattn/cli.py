@@ -23,7 +23,7 @@ VERBS = {
     "build": "edge_preattn.model.build",
     "inspect": "edge_preattn.model.layout",
     "synth": "edge_preattn.model.synth",
-    "collect": "edge_preattn.collect",
+    "collect": "edge_preattn.traces.collect",
     "train": "edge_preattn.train",
     "eval": "edge_preattn.evaluate",
     "run": "edge_preattn.run",

@@ -33,9 +33,9 @@ import numpy as np
 
 from .cache import EVICTION_POLICIES, UploadBudget
 from .calibration import prefetch_counts
-from .hooks import Hooks, Routing
 from .model.layout import MoeLayout
 from .slots import SlotBank
+from .traces.hooks import Hooks, Routing
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .baselines import first_of_prompt
 from .errors import UserError
-from .traces import TraceSet
+from .traces.trace_set import TraceSet
 
 FEATURES = ("prev-layer", "prev-token", "prev-x")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from . import features, metrics
-from .collect import parse_layers
 from .errors import UserError
 from .files import atomic_output, output_folder, what_is, write_json_atomic
-from .traces import TraceSet
+from .traces.collect import parse_layers
+from .traces.trace_set import TraceSet
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli, onnx_io
-from edge_preattn.collect import CollectSettings, collect
 from edge_preattn.model.layout import _read_header, model_fingerprint
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.predictors import Predictor
+from edge_preattn.traces.collect import CollectSettings, collect
 
 from . import test_layout as builders
 from .gguf_fuzz import number_spans
@@ -451,7 +451,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
 
     from edge_preattn import train
     from edge_preattn.errors import UserError
-    from edge_preattn.traces import TraceSet
+    from edge_preattn.traces.trace_set import TraceSet
 
     marker = tmp_path / "executed"
     traces = shutil.copytree(ws.traces, tmp_path / "traces")

@@ -9,10 +9,10 @@ from edge_preattn import baselines
 from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.errors import UserError
-from edge_preattn.hooks import Hooks
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
 from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
+from edge_preattn.traces.hooks import Hooks
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect
-from edge_preattn.collect import CollectSettings
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.traces import TraceSet, verify_capture
+from edge_preattn.traces import collect
+from edge_preattn.traces.collect import CollectSettings
+from edge_preattn.traces.trace_set import TraceSet, verify_capture
 
 PROMPTS = [
     "Whales are mammals, which means that",

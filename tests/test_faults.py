@@ -10,13 +10,14 @@ import pathlib
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect
+from edge_preattn import cli
 from edge_preattn.controller import CacheRuntime, RandomRanking
 from edge_preattn.model.engine import Engine, EngineConfig
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.native import NativeApi
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
+from edge_preattn.traces import collect
 
 from .robustness_log import record
 

@@ -17,11 +17,11 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_preattn.collect import CollectSettings, collect
 from edge_preattn.errors import UserError
 from edge_preattn.model import layout
 from edge_preattn.model.synth import write_synthetic
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.collect import CollectSettings, collect
+from edge_preattn.traces.trace_set import TraceSet
 
 from .gguf_fuzz import number_spans
 from .robustness_log import record

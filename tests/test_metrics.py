@@ -8,7 +8,7 @@ import pytest
 
 from edge_preattn import baselines, cli, evaluate, metrics, train
 from edge_preattn.errors import UserError
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.trace_set import TraceSet
 
 FINGERPRINT = "f" * 64
 

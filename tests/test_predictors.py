@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from edge_preattn import cli, train
-from edge_preattn.collect import CollectSettings, collect
 from edge_preattn.errors import UserError
 from edge_preattn.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
 from edge_preattn.predictors import (
@@ -27,7 +26,8 @@ from edge_preattn.predictors import (
     ranking_hinge,
     wbce_loss,
 )
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.collect import CollectSettings, collect
+from edge_preattn.traces.trace_set import TraceSet
 
 from .robustness_log import record
 

@@ -242,8 +242,8 @@ def test_weights_have_their_planned_scale_and_every_expert_is_distinct(written):
 
 
 def test_routing_of_a_random_model_is_spread_over_experts(llama_lib, written):
-    from edge_preattn.hooks import Hooks
     from edge_preattn.model.engine import Engine, EngineConfig
+    from edge_preattn.traces.hooks import Hooks
 
     chosen: dict[int, list[np.ndarray]] = {}
     with Engine(llama_lib, EngineConfig(str(written("tiny").path), n_ctx=128)) as engine:
