@@ -321,7 +321,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
             predictors = None
             mode, miss = edge_mode(spec.name)
             if mode in PREDICTION_MODES:
-                from .onnx_io import load_predictor_set
+                from .predictors.onnx_io import load_predictor_set
 
                 predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.routing_fingerprint)
             oracle = (

@@ -361,7 +361,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.mode in PREDICTION_MODES:
         if not args.predictors:
             raise UserError(f"--mode {args.mode} needs --predictors DIR (made by `edge-preattn train`)")
-        from .onnx_io import load_predictor_set
+        from .predictors.onnx_io import load_predictor_set
 
         predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.routing_fingerprint)
         predictors.check_fits(layout)

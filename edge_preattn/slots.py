@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .model.native import NativeApi
-from .predictor_weights import ACTIVATIONS, MlpWeights
+from .predictors.predictor_weights import ACTIVATIONS, MlpWeights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,10 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_preattn import cli, onnx_io
+from edge_preattn import cli
 from edge_preattn.model.layout import _read_header, model_fingerprint
 from edge_preattn.model.synth import write_synthetic
-from edge_preattn.predictors import Predictor
+from edge_preattn.predictors import onnx_io
+from edge_preattn.predictors.networks import Predictor
 from edge_preattn.traces.collect import CollectSettings, collect
 
 from . import test_layout as builders
@@ -449,8 +450,8 @@ class Payload:
 def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, caplog):
     import torch
 
-    from edge_preattn import train
     from edge_preattn.errors import UserError
+    from edge_preattn.predictors import train
     from edge_preattn.traces.trace_set import TraceSet
 
     marker = tmp_path / "executed"

@@ -5,12 +5,12 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn import baselines
 from edge_preattn.cache import UploadBudget
 from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import baselines
 from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
 from edge_preattn.traces.hooks import Hooks
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import cli, run, train
+from edge_preattn import cli, run
 from edge_preattn.model.synth import write_synthetic
+from edge_preattn.predictors import train
 from edge_preattn.traces import collect
 
 from .robustness_log import record

@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import baselines, cli, evaluate, metrics, train
+from edge_preattn import cli
 from edge_preattn.errors import UserError
+from edge_preattn.predictors import baselines, evaluate, metrics, train
 from edge_preattn.traces.trace_set import TraceSet
 
 FINGERPRINT = "f" * 64
@@ -257,8 +258,8 @@ def test_eval_command(tmp_path, monkeypatch, capsys):
 
 def test_eval_reads_predictors_written_by_onnx_io(tmp_path):
     torch = pytest.importorskip("torch")
-    from edge_preattn import onnx_io
-    from edge_preattn.predictors import Predictor
+    from edge_preattn.predictors import onnx_io
+    from edge_preattn.predictors.networks import Predictor
 
     write_traces(tmp_path / "traces")
     traces = TraceSet(tmp_path / "traces")

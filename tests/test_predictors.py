@@ -12,10 +12,10 @@ import onnx
 import pytest
 import torch
 
-from edge_preattn import cli, train
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
-from edge_preattn.predictors import (
+from edge_preattn.predictors import train
+from edge_preattn.predictors.networks import (
     LOSSES,
     Predictor,
     distill_loss,
@@ -26,6 +26,7 @@ from edge_preattn.predictors import (
     ranking_hinge,
     wbce_loss,
 )
+from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
 from edge_preattn.traces.collect import CollectSettings, collect
 from edge_preattn.traces.trace_set import TraceSet
 
@@ -369,7 +370,7 @@ def test_untrained_residual_ranks_as_the_prior_and_exports_it():
 def test_router_prior_maps_the_pre_attention_state_onto_the_router_input(moe_ref_a):
     import gguf
 
-    from edge_preattn.baselines import router_prior
+    from edge_preattn.predictors.baselines import router_prior
 
     tensors = {t.name: t for t in gguf.GGUFReader(moe_ref_a).tensors}
     weight = {
@@ -385,7 +386,7 @@ def test_router_prior_maps_the_pre_attention_state_onto_the_router_input(moe_ref
 
 
 def test_history_features_shift_within_prompts(traces_dir):
-    from edge_preattn import features
+    from edge_preattn.predictors import features
 
     traces = TraceSet(traces_dir)
     prompt = traces.meta()["prompt"]
@@ -401,7 +402,7 @@ def test_history_features_shift_within_prompts(traces_dir):
 
 
 def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_ref_a, tmp_path):
-    from edge_preattn import evaluate
+    from edge_preattn.predictors import evaluate
 
     settings = dataclasses.replace(
         SETTINGS, epochs=2, prior=True, features="prev-layer,prev-token", loss="rank+distill"
@@ -425,7 +426,7 @@ def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_re
 
 
 def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
-    from edge_preattn import onnx_io
+    from edge_preattn.predictors import onnx_io
 
     model = Predictor(2, 8, 4, hidden=4, n_extra=4)
     x, extra = np.zeros((3, 8), np.float32), {"prev_token": np.zeros((3, 4), np.float32)}

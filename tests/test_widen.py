@@ -11,7 +11,7 @@ from edge_preattn.errors import UserError
 from edge_preattn.model import widen
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
-from edge_preattn.onnx_io import load_predictor_set
+from edge_preattn.predictors.onnx_io import load_predictor_set
 from edge_preattn.run import DEFAULT_MODEL, DEFAULT_PREDICTORS
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n"

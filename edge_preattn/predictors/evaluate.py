@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from ..files import output_folder, what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..model.layout import read_layout
+from ..traces.trace_set import TraceSet
 from . import baselines, calibration, features, metrics
-from .errors import UserError
-from .files import output_folder, what_is, write_bytes_atomic, write_json_atomic, write_text_atomic
-from .model.layout import read_layout
-from .traces.trace_set import TraceSet
 
 HELP = "measure predictor accuracy on held-out prompts beside cross-layer, popularity, prev-token and LRU"
 EXAMPLES = """\

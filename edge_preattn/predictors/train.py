@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from ..files import atomic_output, output_folder, what_is, write_json_atomic
+from ..traces.collect import parse_layers
+from ..traces.trace_set import TraceSet
 from . import features, metrics
-from .errors import UserError
-from .files import atomic_output, output_folder, what_is, write_json_atomic
-from .traces.collect import parse_layers
-from .traces.trace_set import TraceSet
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def fit_layer(
     """
     import torch
 
-    from .predictors import Predictor, make_loss
+    from .networks import Predictor, make_loss
 
     x_train, probs_train, ids_train = data["x_train"], data["probs_train"], data["ids_train"]
     extra_train = data["extra_train"]
@@ -271,8 +271,8 @@ def traces_id(traces: TraceSet) -> str:
 def router_priors(traces: TraceSet, layers: tuple[int, ...], source: str, model: Path | None) -> dict:
     """{layer: prior [E, d]} from the model the traces came from (its path in the traces' manifest,
     or `model`), refused when that file is missing or another model."""
+    from ..model.layout import read_layout
     from .baselines import router_prior
-    from .model.layout import read_layout
 
     model = Path(model or traces.manifest.get("model") or "")
     if not model.is_file():
@@ -322,7 +322,7 @@ def train(
         torch.set_num_threads(threads)
 
     from . import onnx_io
-    from .predictors import loss_names
+    from .networks import loss_names
 
     if not loss_names(settings.loss):
         raise UserError("--loss must be one of mse, wbce, focal, rank, distill, or a sum like rank+distill")
