@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .controller import MODES, PREDICTION_MODES
 from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
 from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .model import build, native
 from .model.layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
+from .runtime.controller import MODES, PREDICTION_MODES
 from .units import format_bytes, parse_bytes, parse_rate
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def _merged(records):
 
 def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) -> dict:
     """The routing of every prompt in turn, ubatches numbered as one runtime will count them."""
-    from .controller import record_routing
+    from .runtime.controller import record_routing
 
     merged, offset = {}, 0
     for prompt in prompts:
@@ -289,10 +289,10 @@ def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) ->
 
 def run_config(spec: RunSpec, work: Workload) -> dict:
     """Generate the workload in this process with the library EDGE_PREATTN_LIB names."""
-    from .controller import CacheRuntime
     from .machine import VramProbe
     from .model.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
-    from .run import run_stats
+    from .runtime.controller import CacheRuntime
+    from .runtime.run import run_stats
 
     probe = VramProbe.start()
     # (with misses on the CPU, the CPU side's expert matmuls must stay on the CPU)

@@ -26,8 +26,8 @@ VERBS = {
     "collect": "edge_preattn.traces.collect",
     "train": "edge_preattn.predictors.train",
     "eval": "edge_preattn.predictors.evaluate",
-    "run": "edge_preattn.run",
-    "serve": "edge_preattn.serve",
+    "run": "edge_preattn.runtime.run",
+    "serve": "edge_preattn.runtime.serve",
     "bench": "edge_preattn.bench",
     "profile": "edge_preattn.profile",
 }

@@ -5,13 +5,13 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.cache import UploadBudget
-from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import baselines
-from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
+from edge_preattn.runtime.cache import UploadBudget
+from edge_preattn.runtime.controller import CacheRuntime, RandomRanking, record_routing
+from edge_preattn.runtime.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
 from edge_preattn.traces.hooks import Hooks
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -481,7 +481,7 @@ def test_prediction_switches_off_when_predictions_come_late(llama_lib, moe_ref_a
     the pre-attention hook goes at the first check, the rest runs as lru, the output never changes."""
     import logging
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
     layout = read_layout(moe_ref_a)
@@ -531,7 +531,7 @@ def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_l
     (With misses on the CPU the library keeps observing every layer, so the controller has to notice.)"""
     import logging
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     layout = read_layout(moe_ref_a)
     with (
@@ -646,7 +646,7 @@ def test_cross_layer_predictors_read_the_router_input_and_output_stays(llama_lib
 
 def test_cross_layer_prediction_switches_off_like_pre_attention(llama_lib, moe_ref_a, monkeypatch):
     """The late check drops the router-input hook too: no predictions after the switch."""
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
     layout = read_layout(moe_ref_a)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.controller import CacheRuntime
 from edge_preattn.model.layout import read_layout
+from edge_preattn.runtime.controller import CacheRuntime
 
 from .test_cache import greedy, host_experts_engine
 from .test_native_predictor import export_predictors

@@ -11,12 +11,17 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.controller import CacheRuntime, RandomRanking
 from edge_preattn.model.engine import Engine, EngineConfig
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.native import NativeApi
 from edge_preattn.model.synth import write_synthetic
-from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
+from edge_preattn.runtime.controller import CacheRuntime, RandomRanking
+from edge_preattn.runtime.slots import (
+    LLAMA_EDGE_ERR_ALLOC,
+    SlotAllocationError,
+    SlotBank,
+    bind_cache_functions,
+)
 from edge_preattn.traces import collect
 
 from .robustness_log import record
@@ -147,7 +152,7 @@ def test_a_predictor_that_never_returns_neither_stalls_nor_changes_the_run(
     import threading
     import time
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "CLOSE_WAIT_S", 0.2)
     release = threading.Event()

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import cli, run
+from edge_preattn import cli
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.predictors import train
+from edge_preattn.runtime import run
 from edge_preattn.traces import collect
 
 from .robustness_log import record

@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from edge_preattn import cli, serve
+from edge_preattn import cli
+from edge_preattn.runtime import serve
 
 PROMPT = "def fibonacci(n):"
 N = 12

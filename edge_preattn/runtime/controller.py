@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..model.layout import MoeLayout
+from ..predictors.calibration import prefetch_counts
+from ..traces.hooks import Hooks, Routing
 from .cache import EVICTION_POLICIES, UploadBudget
-from .model.layout import MoeLayout
-from .predictors.calibration import prefetch_counts
 from .slots import SlotBank
-from .traces.hooks import Hooks, Routing
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ class Controller:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
         and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
         `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel)."""
-        from .predictors.predictor_weights import Unsupported, read_predictor_set
+        from ..predictors.predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
             return False  # not an exported predictor set (a test's stand-in): Python only

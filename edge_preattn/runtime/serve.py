@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ..errors import UserError
+from ..model.engine import Engine, Sampling, stream_text
 from . import run
-from .errors import UserError
-from .model.engine import Engine, Sampling, stream_text
 
 log = logging.getLogger(__name__)
 

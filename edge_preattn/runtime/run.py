@@ -15,6 +15,12 @@ from types import ModuleType
 
 import numpy as np
 
+from ..errors import UserError
+from ..files import output_target, write_json_atomic
+from ..model import build, native
+from ..model.engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
+from ..model.layout import MoeLayout, plan_slots, read_layout
+from ..units import format_bytes, parse_bytes, parse_rate
 from .cache import EVICTION_POLICIES
 from .controller import (
     MISS_POLICIES,
@@ -24,13 +30,7 @@ from .controller import (
     CacheRuntime,
     record_routing,
 )
-from .errors import UserError
-from .files import output_target, write_json_atomic
-from .model import build, native
-from .model.engine import Engine, EngineConfig, Generation, Sampling, expert_overrides, stream_text
-from .model.layout import MoeLayout, plan_slots, read_layout
 from .slots import shrink_until_allocated
-from .units import format_bytes, parse_bytes, parse_rate
 
 HELP = "generate text from a MoE GGUF (default: the packaged model), streaming, with timing statistics"
 EXAMPLES = """\
@@ -46,7 +46,7 @@ EXAMPLES = """\
 """
 
 DEFAULT_PROMPT = "def fibonacci(n):"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # edge_preattn/, which ships data/ and onnx_models/
 DEFAULT_MODEL = PACKAGE_DIR / "data" / "edge-moe-default.gguf"  # card: data/edge-moe-default.md
 DEFAULT_PREDICTORS = PACKAGE_DIR / "onnx_models" / "edge-moe-default"
 DEFAULT_MODEL_MODE = "top1"
@@ -361,7 +361,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     if args.mode in PREDICTION_MODES:
         if not args.predictors:
             raise UserError(f"--mode {args.mode} needs --predictors DIR (made by `edge-preattn train`)")
-        from .predictors.onnx_io import load_predictor_set
+        from ..predictors.onnx_io import load_predictor_set
 
         predictors = load_predictor_set(Path(args.predictors), fingerprint=layout.routing_fingerprint)
         predictors.check_fits(layout)
