@@ -28,8 +28,8 @@ VERBS = {
     "eval": "edge_preattn.predictors.evaluate",
     "run": "edge_preattn.runtime.run",
     "serve": "edge_preattn.runtime.serve",
-    "bench": "edge_preattn.bench",
-    "profile": "edge_preattn.profile",
+    "bench": "edge_preattn.measure.bench",
+    "profile": "edge_preattn.measure.profile",
 }
 
 

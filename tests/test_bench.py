@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from edge_preattn import bench, cli
+from edge_preattn import cli
+from edge_preattn.measure import bench
 from edge_preattn.model import build
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.synth import write_synthetic

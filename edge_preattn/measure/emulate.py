@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
+from ..files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from ..model import build, native
+from ..model.layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
+from ..runtime.controller import MODES, PREDICTION_MODES
+from ..units import format_bytes, parse_bytes, parse_rate
 from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
-from .errors import UserError
-from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
-from .model import build, native
-from .model.layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
-from .runtime.controller import MODES, PREDICTION_MODES
-from .units import format_bytes, parse_bytes, parse_rate
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def plan_runs(
 
 def _merged(records):
     """One Generation over every prompt: run_stats then reads the whole workload."""
-    from .model.engine import Generation
+    from ..model.engine import Generation
 
     return Generation(
         prompt_tokens=[t for r in records for t in r.prompt_tokens],
@@ -277,7 +277,7 @@ def _merged(records):
 
 def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) -> dict:
     """The routing of every prompt in turn, ubatches numbered as one runtime will count them."""
-    from .runtime.controller import record_routing
+    from ..runtime.controller import record_routing
 
     merged, offset = {}, 0
     for prompt in prompts:
@@ -289,10 +289,10 @@ def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) ->
 
 def run_config(spec: RunSpec, work: Workload) -> dict:
     """Generate the workload in this process with the library EDGE_PREATTN_LIB names."""
+    from ..model.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
+    from ..runtime.controller import CacheRuntime
+    from ..runtime.run import run_stats
     from .machine import VramProbe
-    from .model.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
-    from .runtime.controller import CacheRuntime
-    from .runtime.run import run_stats
 
     probe = VramProbe.start()
     # (with misses on the CPU, the CPU side's expert matmuls must stay on the CPU)
@@ -321,7 +321,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
             predictors = None
             mode, miss = edge_mode(spec.name)
             if mode in PREDICTION_MODES:
-                from .predictors.onnx_io import load_predictor_set
+                from ..predictors.onnx_io import load_predictor_set
 
                 predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.routing_fingerprint)
             oracle = (
@@ -362,7 +362,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
 
 
 def worker_main(argv: list[str]) -> int:
-    """`python -m edge_preattn.bench JOB.json OUT.json`: what the bench runs in each subprocess."""
+    """`python -m edge_preattn.measure.bench JOB.json OUT.json`: what the bench runs in each subprocess."""
     job = json.loads(Path(argv[0]).read_text())
     if job["task"] == "bandwidth":
         from .profile import measure_bandwidth
@@ -423,7 +423,7 @@ def run_worker(job: dict, lib_dir: Path, timeout_s: float, extra_env: dict[str, 
         job_path.write_text(json.dumps(job))
         env = {**os.environ, **(extra_env or {}), "EDGE_PREATTN_LIB": str(lib_dir), "PYTHONUNBUFFERED": "1"}
         env.pop("LLAMA_CPP_LIB_PATH", None)
-        command = [sys.executable, "-m", "edge_preattn.bench", str(job_path), str(out_path)]
+        command = [sys.executable, "-m", "edge_preattn.measure.bench", str(job_path), str(out_path)]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             output, _ = process.communicate(timeout=timeout_s)
@@ -867,7 +867,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def _matrix(args: argparse.Namespace, layout: MoeLayout, n_ctx: int):
     """The command's checked choices: (config names, [(budget text, bytes)], [(rate, label)], prompts)."""
-    from .traces.collect import read_prompts
+    from ..traces.collect import read_prompts
 
     if args.n_predict < 2:
         raise UserError("-n must be at least 2 (decode speed needs a second token)")

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .files import write_json_atomic, write_text_atomic
+from ..errors import UserError
+from ..files import write_json_atomic, write_text_atomic
+from ..model import native
+from ..model.engine import Engine, EngineConfig
+from ..model.layout import MoeLayout, read_layout
+from ..units import format_bytes
 from .machine import command_line, git_commit, machine_info
-from .model import native
-from .model.engine import Engine, EngineConfig
-from .model.layout import MoeLayout, read_layout
-from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
