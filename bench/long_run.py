@@ -20,7 +20,7 @@ from edge_preattn.files import write_json_atomic
 from edge_preattn.model import native
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling, complete
 from edge_preattn.model.layout import read_layout
-from edge_preattn.runtime.controller import CacheRuntime, RandomRanking
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Node:", "The weather today", "for i in range(10):"]
 

@@ -4,7 +4,7 @@ import numpy as np
 
 from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import calibration
-from edge_preattn.runtime.controller import RandomRanking
+from edge_preattn.runtime.cache_runtime import RandomRanking
 
 from .test_cache import run_mode
 

@@ -17,7 +17,7 @@ from edge_preattn import cli
 from edge_preattn.model.engine import Engine, EngineConfig, expert_overrides
 from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set
-from edge_preattn.runtime.controller import CacheRuntime
+from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
 
 REPO = Path(__file__).resolve().parents[1]

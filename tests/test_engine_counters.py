@@ -11,7 +11,7 @@ import pytest
 
 from edge_preattn import cli
 from edge_preattn.model.layout import read_layout
-from edge_preattn.runtime.controller import CacheRuntime
+from edge_preattn.runtime.cache_runtime import CacheRuntime
 
 from .test_cache import greedy, host_experts_engine
 from .test_native_predictor import export_predictors

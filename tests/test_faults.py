@@ -15,7 +15,7 @@ from edge_preattn.model.engine import Engine, EngineConfig
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.native import NativeApi
 from edge_preattn.model.synth import write_synthetic
-from edge_preattn.runtime.controller import CacheRuntime, RandomRanking
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
 from edge_preattn.runtime.slots import (
     LLAMA_EDGE_ERR_ALLOC,
     SlotAllocationError,

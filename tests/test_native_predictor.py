@@ -13,8 +13,9 @@ from edge_preattn.predictors import onnx_io
 from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
 from edge_preattn.predictors.predictor_weights import Unsupported, read_mlp, read_predictor_set
-from edge_preattn.runtime.controller import CacheRuntime, RuntimeStats
+from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.slots import SlotBank
+from edge_preattn.runtime.stats import RuntimeStats
 from edge_preattn.traces.hooks import Hooks
 
 from .test_cache import greedy, host_experts_engine

@@ -11,7 +11,7 @@ from edge_preattn.model import widen
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors.onnx_io import load_predictor_set
-from edge_preattn.runtime.controller import record_routing
+from edge_preattn.runtime.cache_runtime import record_routing
 from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n"

@@ -277,7 +277,7 @@ def _merged(records):
 
 def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) -> dict:
     """The routing of every prompt in turn, ubatches numbered as one runtime will count them."""
-    from ..runtime.controller import record_routing
+    from ..runtime.cache_runtime import record_routing
 
     merged, offset = {}, 0
     for prompt in prompts:
@@ -290,8 +290,8 @@ def record_oracle(engine, prompts: tuple[str, ...], n_predict: int, sampling) ->
 def run_config(spec: RunSpec, work: Workload) -> dict:
     """Generate the workload in this process with the library EDGE_PREATTN_LIB names."""
     from ..model.engine import Engine, EngineConfig, Sampling, complete, expert_overrides
-    from ..runtime.controller import CacheRuntime
-    from ..runtime.run import run_stats
+    from ..runtime.cache_runtime import CacheRuntime
+    from ..runtime.stats import run_stats
     from .machine import VramProbe
 
     probe = VramProbe.start()

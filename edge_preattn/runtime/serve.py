@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ..errors import UserError
 from ..model.engine import Engine, Sampling, stream_text
 from . import run
+from .stats import run_stats
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ class Service:
 
     def _count(self, record) -> None:
         """Add one generation to the totals; the cache's counters are read here, under the engine lock."""
-        stats = run.run_stats(record, self.loaded.engine, self.loaded.runtime)
+        stats = run_stats(record, self.loaded.engine, self.loaded.runtime)
         cache = {key: stats[key] for key in CACHE_KEYS if key in stats}
         with self.totals_lock:
             totals = self.totals
