@@ -9,8 +9,6 @@ from ..model.layout import MoeLayout, _read_header, estimate_compute_buffer_byte
 from ..runtime.controller import MODES, PREDICTION_MODES
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
-
-
 # "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU)
 EDGE_CONFIGS = (*MODES[1:], "lru+cpu", "exact+cpu", "oracle+cpu", "lru+auto", "exact+auto")
 

@@ -13,8 +13,6 @@ from ..units import format_bytes
 from .bench_plan import STOCK_CONFIGS, RunSpec, edge_mode
 
 log = logging.getLogger(__name__)
-
-
 SUMMARY_STATS = (
     "hit_rate",
     "misses_per_token",

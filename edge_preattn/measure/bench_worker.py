@@ -118,7 +118,7 @@ def worker_main(argv: list[str]) -> int:
     """`python -m edge_preattn.measure.bench_worker JOB.json OUT.json`: what bench runs per process."""
     job = json.loads(Path(argv[0]).read_text())
     if job["task"] == "bandwidth":
-        from .profile import measure_bandwidth
+        from .transfers import measure_bandwidth
 
         api = native.NativeApi(native.load_llama(native.find_library()))
         result = {"gpu": bool(api.gpus())}
