@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.model.layout import _read_header, model_fingerprint
+from edge_preattn.model.gguf_header import model_fingerprint, read_header
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.predictors import onnx_io
 from edge_preattn.predictors.networks import Predictor
@@ -103,7 +103,7 @@ def ws(llama_lib, tmp_path_factory) -> SimpleNamespace:
     model("NaN norm epsilon", patched(raw, metadata, eps, struct.pack("<f", nan)))
     rope = "qwen3moe.rope.freq_base"
     model("infinite rope frequency base", patched(raw, metadata, rope, struct.pack("<f", inf)))
-    tensors = {t.name: t for t in _read_header(good).tensors}
+    tensors = {t.name: t for t in read_header(good).tensors}
     at = tensors["blk.1.attn_norm.weight"].data_offset + 4 * 5  # its 6th float32
     model("a NaN in a norm weight (F32)", raw[:at] + struct.pack("<f", nan) + raw[at + 4 :])
     at = tensors["blk.0.attn_q.weight"].data_offset + 34 * 3  # the float16 scale of its 4th block
@@ -209,7 +209,7 @@ def test_a_bad_model_is_one_line_for_every_command(ws, capsys, monkeypatch, verb
         def refuse(path, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr("edge_preattn.model.layout.open", refuse, raising=False)
+        monkeypatch.setattr("edge_preattn.model.gguf_header.open", refuse, raising=False)
     argv = {
         "inspect": ["inspect", model],
         "run": ["run", "-m", model, "-n", "4"],

@@ -13,11 +13,11 @@ import pytest
 
 from edge_preattn import cli
 from edge_preattn.errors import UserError
+from edge_preattn.model.gguf_header import model_fingerprint
 from edge_preattn.model.layout import (
     ExpertTensor,
     MoeLayer,
     MoeLayout,
-    model_fingerprint,
     plan_slots,
     read_layout,
 )

@@ -5,7 +5,8 @@ Split from bench.py, unchanged."""
 from dataclasses import dataclass
 
 from ..errors import UserError
-from ..model.layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots
+from ..model.gguf_header import read_header
+from ..model.layout import MoeLayout, estimate_compute_buffer_bytes, plan_slots
 from ..runtime.controller import MODES, PREDICTION_MODES
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
@@ -62,7 +63,7 @@ class WeightBytes:
 
 def weight_bytes(layout: MoeLayout) -> WeightBytes:
     """Bytes per block from the header (token_embd stays in host RAM, as llama.cpp keeps it)."""
-    tensors = {t.name: t.n_bytes for t in _read_header(layout.path).tensors}  # validated by read_layout
+    tensors = {t.name: t.n_bytes for t in read_header(layout.path).tensors}  # validated by read_layout
     block = [0] * layout.n_layer
     for name, n_bytes in tensors.items():
         if name.startswith("blk."):
