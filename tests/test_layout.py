@@ -574,7 +574,8 @@ def test_inspect_of_full_size_synthetic_presets(
     tmp_path, preset, n_moe, n_dense, n_expert, k, shared, expert_ff, n_embd
 ):
     """Layouts of config-faithful files at true size (sparse: no disk) equal numbers computed by hand."""
-    from edge_preattn.model.synth import PRESETS, write_synthetic
+    from edge_preattn.model.presets import PRESETS
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path / f"{preset}.gguf"
     write_synthetic(preset, path, qtype="q4_0", sparse=True, progress=False)

@@ -12,7 +12,8 @@ from gguf.quants import dequantize
 from edge_preattn import cli
 from edge_preattn.errors import UserError
 from edge_preattn.model import synth
-from edge_preattn.model.synth import PRESETS, expected_params, tensor_plan, write_synthetic
+from edge_preattn.model.presets import PRESETS, expected_params, tensor_plan
+from edge_preattn.model.synth import write_synthetic
 
 Q4_0, Q8_0, F32 = (gguf.GGMLQuantizationType[n] for n in ("Q4_0", "Q8_0", "F32"))
 BIG = ("qwen3-30b-a3b", "deepseek-v2-lite", "phi-mini-moe")

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..files import atomic_output, output_target, regular_input
 from ..units import format_bytes, parse_bytes
 from .layout import ROUTING_FINGERPRINT_KEY, read_layout
-from .synth import PRESETS, QTYPES
+from .presets import PRESETS, QTYPES
 
 log = logging.getLogger(__name__)
 
