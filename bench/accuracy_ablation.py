@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_preattn.files import write_json_atomic, write_text_atomic
-from edge_preattn.predictors import evaluate, features, onnx_io
+from edge_preattn.predictors import eval_report, evaluate, features, onnx_io
 from edge_preattn.predictors.train import TrainSettings, train
 from edge_preattn.traces.trace_set import TraceSet
 
@@ -337,7 +337,7 @@ def main() -> int:
     main_sets = {
         f"{evaluate.set_name(sets[n].manifest)} ({n})": sets[n] for n in dict.fromkeys(shown) if n in sets
     }
-    evaluate.write_reports(
+    eval_report.write_reports(
         evaluate.evaluate(traces, main_sets, args.name, heldout, priors), results, args.name
     )
     print(markdown(payload))
