@@ -451,7 +451,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
     import torch
 
     from edge_preattn.errors import UserError
-    from edge_preattn.predictors import train
+    from edge_preattn.predictors import fit
     from edge_preattn.traces.trace_set import TraceSet
 
     marker = tmp_path / "executed"
@@ -464,7 +464,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
     checkpoint = tmp_path / "layer-000.pt"
     torch.save({"epoch": Payload(marker)}, checkpoint)
     with caplog.at_level("WARNING", logger="edge_preattn"):
-        assert train._load_checkpoint(checkpoint, "cpu") is None  # weights_only: refused, layer retrained
+        assert fit._load_checkpoint(checkpoint, "cpu") is None  # weights_only: refused, layer retrained
     assert not marker.exists()
     record("untrusted input", "a pickle (object array) in a trace shard", str(refused.value))
     record(

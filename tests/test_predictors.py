@@ -14,7 +14,7 @@ import torch
 
 from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.predictors import train
+from edge_preattn.predictors import fit, train
 from edge_preattn.predictors.networks import (
     LOSSES,
     Predictor,
@@ -198,7 +198,7 @@ def test_onnx_equals_torch_and_int8_is_reported(traces_dir, trained):
     assert np.abs(predictors.scores(1, x) - expected).max() < 1e-4
     entry = manifest["predictors"][1]
     assert entry["export_check"]["max_abs_diff"] < 1e-4 and entry["export_check"]["rows"] == len(x)
-    assert train.val_recall(expected, traces.layer(1, "ids")[val]) == pytest.approx(
+    assert fit.val_recall(expected, traces.layer(1, "ids")[val]) == pytest.approx(
         entry["validation"]["best_recall_at_k"]
     )
     int8 = load_predictor_set(out, fingerprint=traces.fingerprint, int8=True)
@@ -214,7 +214,7 @@ def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trai
         other = dataclasses.replace(SETTINGS, lr=1e-2)
         train.train(traces_dir, out, other, layers=(0,), device="cpu", progress=False)
 
-    real_save, calls = train._save, []
+    real_save, calls = fit._save, []
 
     def save_then_stop(path, state):
         real_save(path, state)
@@ -222,10 +222,10 @@ def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trai
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save", save_then_stop)
+    monkeypatch.setattr(fit, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
-    monkeypatch.setattr(train, "_save", real_save)
+    monkeypatch.setattr(fit, "_save", real_save)
     resumed = train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
     assert (
         resumed["predictors"][0]["validation"]["recall_at_k_per_epoch"]
