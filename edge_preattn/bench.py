@@ -35,7 +35,7 @@ import numpy as np
 
 from . import build, native
 from .controller import MODES, PREDICTION_MODES
-from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
+from .emulate import PROFILES, EdgeProfile, edge_gpu, get_profile
 from .errors import UserError
 from .files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from .layout import MoeLayout, _read_header, estimate_compute_buffer_bytes, plan_slots, read_layout
@@ -614,6 +614,22 @@ def _cells(row: dict) -> list[str]:
     ]
 
 
+def _emulation_lines(emulate: dict | None) -> list[str]:
+    """What an emulated run stood for, and what its calibration reached (emulate.edge_gpu)."""
+    if not emulate:
+        return []
+    measured = emulate.get("measured") or {}
+    reached = (
+        f": {measured['client_sms']} of {measured['device_sms']} SMs, device copy "
+        f"{measured['client_copy_gbps']:.0f} GB/s (target {emulate['memory_bytes_per_s'] / 1e9:.0f}, "
+        f"{measured['client_copy_gbps_alone']:.0f} without the memory load, "
+        f"which ran at duty {measured['load_duty']:.2f})"
+        if measured
+        else ""
+    )
+    return [f"Emulated {emulate['name']}, {emulate['card_class']}{reached}.", ""]
+
+
 def markdown(result: dict) -> str:
     gpus = ", ".join(g["name"] or "?" for g in result["machine"]["gpus"]) or "no GPU"
     cap = result["bandwidth_bytes_per_s"]
@@ -625,6 +641,7 @@ def markdown(result: dict) -> str:
         f"{len(result['prompts'])} prompts × {result['n_predict']} tokens · -c {result['n_ctx']} · "
         f"rounds {result['rounds_completed']}/{result['rounds']}",
         "",
+        *_emulation_lines(result.get("emulate")),
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|---|---|" + "---:|" * 10 + ":-:|---:|---:|",
     ]
@@ -896,11 +913,16 @@ def main(args: argparse.Namespace) -> int:
     if args.threads or args.bandwidth:
         raise UserError(f"--emulate {profile.name} sets the threads and the bus: drop -t and --bandwidth")
     args.bandwidth = f"{profile.bus_bytes_per_s / 1e9:g}GB/s"
-    with mps_daemon(profile) as worker_env:
-        return _bench(args, profile, worker_env)
+    with edge_gpu(profile) as emulation:
+        return _bench(args, profile, emulation.env, emulation.measured)
 
 
-def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: dict[str, str]) -> int:
+def _bench(
+    args: argparse.Namespace,
+    profile: EdgeProfile | None,
+    worker_env: dict[str, str],
+    emulated: dict | None = None,
+) -> int:
     import psutil
     from tqdm import tqdm
 
@@ -975,7 +997,7 @@ def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: di
         "rounds": args.rounds,
         "reference": reference_key,
         "libraries": {"patched": str(patched_lib), "stock": str(stock_lib)},
-        "emulate": dataclasses.asdict(profile) if profile else None,
+        "emulate": {**dataclasses.asdict(profile), "measured": emulated} if profile else None,
     }
 
     def results_now() -> list[dict]:
