@@ -6,7 +6,8 @@
 #   setup            wheels, the llama.cpp source and the patched cuda-hopper build
 #                    (carry: .carry/whl .carry/llama-src.tgz)
 #   stock            a stock libllama on the patched build's ggml (bench compares against it)
-#   modes MODEL ARGS greedy `run` of MODEL in stock placement and in lru/exact/oracle (ARGS: cache flags),
+#   modes MODEL ARGS greedy `run` of MODEL in stock placement and in lru/top1/exact/oracle (ARGS: cache
+#                    flags; PREDICTORS=DIR for top1/exact, default the packaged model's),
 #                    each with --stats-json in $OUT: same tokens, counters
 #   part FILE...     keep carried model parts in /tmp/parts (a model over 64 MiB travels in parts)
 #   join NAME SHA256 join /tmp/parts/NAME.part-* into /tmp/models/NAME and check its sha256
@@ -41,7 +42,7 @@ stock)
     cmake -S /tmp/llsrc -B "$out/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
         -DLLAMA_USE_SYSTEM_GGML=ON -Dggml_DIR="$patched/cmake/ggml" -DLLAMA_BUILD_COMMON=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_CURL=OFF > /tmp/stock-build.log 2>&1 &&
+        -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF > /tmp/stock-build.log 2>&1 &&
         cmake --build "$out/build" --target llama -j "$(nproc)" >> /tmp/stock-build.log 2>&1 || {
         tail -20 /tmp/stock-build.log
         exit 1
@@ -57,9 +58,9 @@ join)
 modes)
     model=$1; shift
     dir=/tmp/results/modes-$(basename "$model" .gguf); mkdir -p "$dir"
-    for mode in off lru exact oracle; do
+    for mode in off lru top1 exact oracle; do
         cache=(); [ "$mode" = off ] || cache=(--mode "$mode" "$@")
-        [ "$mode" = exact ] && cache+=(--predictors edge_preattn/onnx_models/edge-moe-default)
+        case $mode in top1 | exact) cache+=(--predictors "${PREDICTORS:-edge_preattn/onnx_models/edge-moe-default}") ;; esac
         EDGE_PREATTN_LIB=$(patched_lib) edge run -m "$model" --temp 0 -n 48 "${cache[@]}" \
             --stats-json "$dir/run-$mode.json" > "$dir/run-$mode.txt" 2> "$dir/run-$mode.err"
         echo "$mode: exit $?, text $(md5sum < "$dir/run-$mode.txt" | cut -c1-8);" \

@@ -147,3 +147,28 @@ def test_emulate_without_mps_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-cuda-mps-control to be found
     assert cli.main(["bench", str(tiny), "--vram-budget", "25%", "--emulate", "laptop-pcie4x8"]) == 2
     assert "--emulate needs CUDA MPS" in capsys.readouterr().err
+
+
+def test_emulation_calibrates_the_memory_load_to_the_cards_bandwidth(monkeypatch, tmp_path):
+    """The load's duty is bisected until the client's measured copy rate is nearest the target."""
+    import contextlib
+
+    from edge_preattn.measure import emulate
+
+    duty_now = [0.0]
+
+    @contextlib.contextmanager
+    def load(program, env, duty):
+        duty_now[0] = duty
+        yield
+        duty_now[0] = 0.0
+
+    # a client that sees 2000 GB/s alone and loses 1800 GB/s under a full load, linearly
+    monkeypatch.setattr(emulate, "_load", load)
+    monkeypatch.setattr(emulate, "_probe", lambda program, env: (46, 2000.0 - 1800.0 * duty_now[0]))
+    duty, gbps = emulate._calibrated_duty(tmp_path, {}, {}, 2000.0, 504.0)
+    assert abs(duty - (2000 - 504) / 1800) <= 1 / 2**emulate.DUTY_STEPS
+    assert abs(gbps - 504.0) <= 1800 / 2**emulate.DUTY_STEPS
+    assert emulate._calibrated_duty(tmp_path, {}, {}, 400.0, 504.0) == (0.0, 400.0)  # slower alone: no load
+    monkeypatch.setattr(emulate, "_probe", lambda program, env: (46, 2000.0 - 100.0 * duty_now[0]))
+    assert emulate._calibrated_duty(tmp_path, {}, {}, 2000.0, 504.0) == (1.0, 1900.0)  # the most it can do

@@ -35,7 +35,7 @@ from ..model.layout import MoeLayout, plan_slots, read_layout
 from ..units import parse_bytes, parse_rate
 from .bench_plan import EDGE_CONFIGS, STOCK_CONFIGS, Workload, plan_runs
 from .bench_report import file_label, headline, markdown, summarize, write_results
-from .emulate import PROFILES, EdgeProfile, get_profile, mps_daemon
+from .emulate import PROFILES, EdgeProfile, edge_gpu, get_profile
 
 log = logging.getLogger(__name__)
 
@@ -239,11 +239,16 @@ def main(args: argparse.Namespace) -> int:
     if args.threads or args.bandwidth:
         raise UserError(f"--emulate {profile.name} sets the threads and the bus: drop -t and --bandwidth")
     args.bandwidth = f"{profile.bus_bytes_per_s / 1e9:g}GB/s"
-    with mps_daemon(profile) as worker_env:
-        return _bench(args, profile, worker_env)
+    with edge_gpu(profile) as emulation:
+        return _bench(args, profile, emulation.env, emulation.measured)
 
 
-def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: dict[str, str]) -> int:
+def _bench(
+    args: argparse.Namespace,
+    profile: EdgeProfile | None,
+    worker_env: dict[str, str],
+    emulated: dict | None = None,
+) -> int:
     import psutil
     from tqdm import tqdm
 
@@ -318,7 +323,7 @@ def _bench(args: argparse.Namespace, profile: EdgeProfile | None, worker_env: di
         "rounds": args.rounds,
         "reference": reference_key,
         "libraries": {"patched": str(patched_lib), "stock": str(stock_lib)},
-        "emulate": dataclasses.asdict(profile) if profile else None,
+        "emulate": {**dataclasses.asdict(profile), "measured": emulated} if profile else None,
     }
 
     def results_now() -> list[dict]:

@@ -190,6 +190,22 @@ def _cells(row: dict) -> list[str]:
     ]
 
 
+def _emulation_lines(emulate: dict | None) -> list[str]:
+    """What an emulated run stood for, and what its calibration reached (emulate.edge_gpu)."""
+    if not emulate:
+        return []
+    measured = emulate.get("measured") or {}
+    reached = (
+        f": {measured['client_sms']} of {measured['device_sms']} SMs, device copy "
+        f"{measured['client_copy_gbps']:.0f} GB/s (target {emulate['memory_bytes_per_s'] / 1e9:.0f}, "
+        f"{measured['client_copy_gbps_alone']:.0f} without the memory load, "
+        f"which ran at duty {measured['load_duty']:.2f})"
+        if measured
+        else ""
+    )
+    return [f"Emulated {emulate['name']}, {emulate['card_class']}{reached}.", ""]
+
+
 def markdown(result: dict) -> str:
     gpus = ", ".join(g["name"] or "?" for g in result["machine"]["gpus"]) or "no GPU"
     cap = result["bandwidth_bytes_per_s"]
@@ -201,6 +217,7 @@ def markdown(result: dict) -> str:
         f"{len(result['prompts'])} prompts × {result['n_predict']} tokens · -c {result['n_ctx']} · "
         f"rounds {result['rounds_completed']}/{result['rounds']}",
         "",
+        *_emulation_lines(result.get("emulate")),
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|---|---|" + "---:|" * 10 + ":-:|---:|---:|",
     ]

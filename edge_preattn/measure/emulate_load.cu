@@ -1,0 +1,103 @@
+// The memory side of `bench --emulate`, compiled on first use by nvcc (edge_preattn/emulate.py).
+//
+// An MPS client share caps a benchmark's SMs but leaves it most of an H100's memory bandwidth; a
+// consumer card has a fraction of it. This program is the other MPS client: it keeps the memory busy
+// so that the benchmark sees about a consumer card's bandwidth, and it measures what the benchmark sees.
+//
+//   emulate_load probe          print "sms=N device_copy_GBps=X" for this client (a 256 MiB copy loop)
+//   emulate_load load DUTY      copy in a loop, busy DUTY (0..1] of every 2 ms, until killed
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <string_view>
+#include <thread>
+
+static void check(cudaError_t status, const char * what) {
+    if (status != cudaSuccess) {
+        std::fprintf(stderr, "emulate_load: %s: %s\n", what, cudaGetErrorString(status));
+        std::exit(1);
+    }
+}
+
+__global__ void copy_kernel(const int4 * src, int4 * dst, size_t n) {
+    for (size_t i = blockIdx.x * (size_t) blockDim.x + threadIdx.x; i < n; i += (size_t) gridDim.x * blockDim.x) {
+        dst[i] = src[i];
+    }
+}
+
+struct Buffers {
+    int4 * src = nullptr;
+    int4 * dst = nullptr;
+    size_t n   = 0;
+    int    blocks = 0;
+
+    explicit Buffers(size_t bytes) : n(bytes / sizeof(int4)) {
+        check(cudaMalloc(&src, bytes), "cudaMalloc");
+        check(cudaMalloc(&dst, bytes), "cudaMalloc");
+        check(cudaMemset(src, 1, bytes), "cudaMemset");
+        int sms = 0;
+        check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
+        blocks = sms * 8;  // an MPS client sees its own share of the SMs here
+    }
+
+    void copy() const { copy_kernel<<<blocks, 256>>>(src, dst, n); }
+};
+
+static int probe() {
+    const size_t bytes = 256u << 20;
+    Buffers buffers(bytes);
+    int sms = 0;
+    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
+    for (int i = 0; i < 3; ++i) {
+        buffers.copy();
+    }
+    check(cudaDeviceSynchronize(), "warm-up");
+    cudaEvent_t start, stop;
+    check(cudaEventCreate(&start), "cudaEventCreate");
+    check(cudaEventCreate(&stop), "cudaEventCreate");
+    const int rounds = 40;
+    check(cudaEventRecord(start), "cudaEventRecord");
+    for (int i = 0; i < rounds; ++i) {
+        buffers.copy();
+    }
+    check(cudaEventRecord(stop), "cudaEventRecord");
+    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float elapsed_ms = 0.0f;
+    check(cudaEventElapsedTime(&elapsed_ms, start, stop), "cudaEventElapsedTime");
+    const double gbps = 2.0 * bytes * rounds / (elapsed_ms * 1e-3) / 1e9;  // read + write
+    std::printf("sms=%d device_copy_GBps=%.1f\n", sms, gbps);
+    return 0;
+}
+
+static int load(double duty) {
+    if (!(duty > 0.0 && duty <= 1.0)) {
+        std::fprintf(stderr, "emulate_load: DUTY must be in (0, 1], got %g\n", duty);
+        return 2;
+    }
+    Buffers buffers(32u << 20);  // one copy is tens of microseconds: a fine-grained duty cycle
+    const auto period = std::chrono::microseconds(2000);
+    const auto busy   = std::chrono::duration_cast<std::chrono::microseconds>(period * duty);
+    std::printf("ready\n");
+    std::fflush(stdout);
+    for (;;) {
+        const auto begin = std::chrono::steady_clock::now();
+        while (std::chrono::steady_clock::now() - begin < busy) {
+            buffers.copy();
+            check(cudaStreamSynchronize(0), "copy");
+        }
+        std::this_thread::sleep_until(begin + period);
+    }
+}
+
+int main(int argc, char ** argv) {
+    if (argc == 2 && std::string_view(argv[1]) == "probe") {
+        return probe();
+    }
+    if (argc == 3 && std::string_view(argv[1]) == "load") {
+        return load(std::atof(argv[2]));
+    }
+    std::fprintf(stderr, "usage: emulate_load probe | emulate_load load DUTY\n");
+    return 2;
+}
