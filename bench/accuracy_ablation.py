@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_preattn import evaluate, features, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
-from edge_preattn.traces import TraceSet
-from edge_preattn.train import TrainSettings, train
+from edge_preattn.predictors import eval_report, evaluate, features, onnx_io
+from edge_preattn.predictors.train import TrainSettings, train
+from edge_preattn.traces.trace_set import TraceSet
 
 QWEN3_30B = {"n_embd": 2048, "n_expert": 128, "n_layer": 48}
 BUDGET_BYTES = 0.02 * 6 * 2**30  # 2 % of a 6 GiB card
@@ -74,7 +74,7 @@ def parameters(recipe: dict, n_embd: int, n_expert: int) -> int:
     """The recipe's numbers per layer at another model's shape (the real module, counted)."""
     import torch
 
-    from edge_preattn.predictors import Predictor
+    from edge_preattn.predictors.networks import Predictor
 
     n_extra = sum(features.width(f, n_embd, n_expert) for f in features.parse(recipe.get("features")))
     prior = torch.zeros(n_expert, n_embd) if recipe.get("prior") else None
@@ -337,7 +337,7 @@ def main() -> int:
     main_sets = {
         f"{evaluate.set_name(sets[n].manifest)} ({n})": sets[n] for n in dict.fromkeys(shown) if n in sets
     }
-    evaluate.write_reports(
+    eval_report.write_reports(
         evaluate.evaluate(traces, main_sets, args.name, heldout, priors), results, args.name
     )
     print(markdown(payload))

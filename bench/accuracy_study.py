@@ -47,10 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_preattn import evaluate, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
-from edge_preattn.traces import TraceSet
-from edge_preattn.train import TrainSettings, train
+from edge_preattn.predictors import evaluate, onnx_io
+from edge_preattn.predictors.train import TrainSettings, train
+from edge_preattn.traces.trace_set import TraceSet
 
 LOSSES = ("mse", "wbce", "focal", "rank")
 ARCHS = (1, 2)
@@ -250,7 +250,7 @@ class Study:
         loss, arch, epochs = self.best_loss(), self.best_arch(), self.args.curve_epochs
         hidden = self.args.curve_hidden
         if self.args.curve_skip_all:  # only the --curve sizes (the split is the seed's, as in train)
-            from edge_preattn.train import split_by_prompt
+            from edge_preattn.predictors.train import split_by_prompt
 
             everything = None
             meta_prompt = TraceSet(self.traces_dir).meta()["prompt"]
@@ -306,7 +306,7 @@ class Study:
     def heldout_recall(self, directory: str, traces_dir: str) -> dict:
         """recall@k of a trained set on another trace set of the same model, on the tokens of this
         set's validation prompts there (e.g. the shorter collection the earlier curve was made on)."""
-        from edge_preattn import metrics
+        from edge_preattn.predictors import metrics
 
         other = TraceSet(Path(traces_dir))
         pset = evaluate.load_set(Path(directory), other.fingerprint)
@@ -327,7 +327,7 @@ class Study:
 
     # what limits accuracy -----------------------------------------------------------------------
     def limits(self) -> None:
-        from edge_preattn import baselines, metrics
+        from edge_preattn.predictors import baselines, metrics
 
         traces = TraceSet(self.traces_dir)
         full = self.state.get("full")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import psutil
 
-from edge_preattn import native
-from edge_preattn.controller import CacheRuntime, RandomRanking
-from edge_preattn.engine import Engine, EngineConfig, Sampling, complete
 from edge_preattn.files import write_json_atomic
-from edge_preattn.layout import read_layout
+from edge_preattn.model import native
+from edge_preattn.model.engine import Engine, EngineConfig, Sampling, complete
+from edge_preattn.model.layout import read_layout
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Node:", "The weather today", "for i in range(10):"]
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edge_preattn.files import write_json_atomic
-from edge_preattn.traces import TraceSet
+from edge_preattn.traces.trace_set import TraceSet
 
 TOTALS = ("tokens", "prefill_tokens", "decode_tokens")
 

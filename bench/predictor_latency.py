@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edge_preattn import metrics, onnx_io
 from edge_preattn.files import write_json_atomic, write_text_atomic
+from edge_preattn.predictors import metrics, onnx_io
 
 QWEN3_30B_A3B = {"d": 2048, "h": 2048, "E": 128, "k": 8}
 THREADS = {"1": 1, "default": 0}  # 0: onnxruntime picks (one per physical core)

@@ -20,16 +20,16 @@ from .units import check_numeric_options
 
 # verb -> module, in data-flow order
 VERBS = {
-    "build": "edge_preattn.build",
-    "inspect": "edge_preattn.layout",
-    "synth": "edge_preattn.synth",
-    "collect": "edge_preattn.collect",
-    "train": "edge_preattn.train",
-    "eval": "edge_preattn.evaluate",
-    "run": "edge_preattn.run",
-    "serve": "edge_preattn.serve",
-    "bench": "edge_preattn.bench",
-    "profile": "edge_preattn.profile",
+    "build": "edge_preattn.model.build",
+    "inspect": "edge_preattn.model.layout",
+    "synth": "edge_preattn.model.synth",
+    "collect": "edge_preattn.traces.collect",
+    "train": "edge_preattn.predictors.train",
+    "eval": "edge_preattn.predictors.evaluate",
+    "run": "edge_preattn.runtime.run",
+    "serve": "edge_preattn.runtime.serve",
+    "bench": "edge_preattn.measure.bench",
+    "profile": "edge_preattn.measure.profile",
 }
 
 

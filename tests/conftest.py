@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_preattn import build, native
+from edge_preattn.model import build, native
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CANDIDATES = tuple(

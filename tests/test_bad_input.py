@@ -14,11 +14,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edge_preattn import cli, onnx_io
-from edge_preattn.collect import CollectSettings, collect
-from edge_preattn.layout import _read_header, model_fingerprint
-from edge_preattn.predictors import Predictor
-from edge_preattn.synth import write_synthetic
+from edge_preattn import cli
+from edge_preattn.model.gguf_header import model_fingerprint, read_header
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.predictors import onnx_io
+from edge_preattn.predictors.networks import Predictor
+from edge_preattn.traces.collect import CollectSettings, collect
 
 from . import test_layout as builders
 from .gguf_fuzz import number_spans
@@ -102,7 +103,7 @@ def ws(llama_lib, tmp_path_factory) -> SimpleNamespace:
     model("NaN norm epsilon", patched(raw, metadata, eps, struct.pack("<f", nan)))
     rope = "qwen3moe.rope.freq_base"
     model("infinite rope frequency base", patched(raw, metadata, rope, struct.pack("<f", inf)))
-    tensors = {t.name: t for t in _read_header(good).tensors}
+    tensors = {t.name: t for t in read_header(good).tensors}
     at = tensors["blk.1.attn_norm.weight"].data_offset + 4 * 5  # its 6th float32
     model("a NaN in a norm weight (F32)", raw[:at] + struct.pack("<f", nan) + raw[at + 4 :])
     at = tensors["blk.0.attn_q.weight"].data_offset + 34 * 3  # the float16 scale of its 4th block
@@ -208,7 +209,7 @@ def test_a_bad_model_is_one_line_for_every_command(ws, capsys, monkeypatch, verb
         def refuse(path, *args, **kwargs):
             raise PermissionError(13, "Permission denied", str(path))
 
-        monkeypatch.setattr("edge_preattn.layout.open", refuse, raising=False)
+        monkeypatch.setattr("edge_preattn.model.gguf_header.open", refuse, raising=False)
     argv = {
         "inspect": ["inspect", model],
         "run": ["run", "-m", model, "-n", "4"],
@@ -449,9 +450,9 @@ class Payload:
 def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, caplog):
     import torch
 
-    from edge_preattn import train
     from edge_preattn.errors import UserError
-    from edge_preattn.traces import TraceSet
+    from edge_preattn.predictors import fit
+    from edge_preattn.traces.trace_set import TraceSet
 
     marker = tmp_path / "executed"
     traces = shutil.copytree(ws.traces, tmp_path / "traces")
@@ -463,7 +464,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
     checkpoint = tmp_path / "layer-000.pt"
     torch.save({"epoch": Payload(marker)}, checkpoint)
     with caplog.at_level("WARNING", logger="edge_preattn"):
-        assert train._load_checkpoint(checkpoint, "cpu") is None  # weights_only: refused, layer retrained
+        assert fit._load_checkpoint(checkpoint, "cpu") is None  # weights_only: refused, layer retrained
     assert not marker.exists()
     record("untrusted input", "a pickle (object array) in a trace shard", str(refused.value))
     record(
@@ -476,7 +477,7 @@ def test_pickles_in_traces_and_checkpoints_are_never_executed(ws, tmp_path, capl
 def test_no_code_path_unpickles_user_files():
     """What users pass is data: no pickle.load, allow_pickle=True, or torch.load without weights_only."""
     root = Path(__file__).resolve().parents[1]
-    for source in [*root.glob("edge_preattn/*.py"), *root.glob("bench/*.py")]:
+    for source in [*root.glob("edge_preattn/**/*.py"), *root.glob("bench/*.py")]:
         for number, line in enumerate(source.read_text().splitlines(), 1):
             code = line.split("#")[0]
             assert "pickle.load" not in code and "allow_pickle=True" not in code, f"{source}:{number}"

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from edge_preattn import bench, build, cli
-from edge_preattn.layout import read_layout
-from edge_preattn.synth import write_synthetic
+from edge_preattn import cli
+from edge_preattn.measure import bench_plan
+from edge_preattn.model import build
+from edge_preattn.model.layout import read_layout
+from edge_preattn.model.synth import write_synthetic
 
 GiB = 1024**3
 CONFIG_KEYS = {
@@ -110,7 +112,7 @@ def test_stock_placements_are_sized_to_the_budget(tmp_path):
     write_synthetic("qwen3-30b-a3b", model, qtype="q4_0", sparse=True, progress=False)
     layout = read_layout(model)
     budget = 10 * GiB
-    runs, tables, _, reference = bench.plan_runs(
+    runs, tables, _, reference = bench_plan.plan_runs(
         layout,
         [budget],
         [None, 16e9],
@@ -122,12 +124,12 @@ def test_stock_placements_are_sized_to_the_budget(tmp_path):
     assert reference == "all-gpu" and runs[reference].estimated_vram_bytes > budget
     by_name = {runs[key].name: runs[key] for key in tables[(budget, None)]}
     assert set(by_name) == {"all-gpu", "n-cpu-moe", "ngl", "lru"}
-    weights = bench.weight_bytes(layout)
+    weights = bench_plan.weight_bytes(layout)
     n_cpu_moe, ngl = by_name["n-cpu-moe"].n_cpu_moe, by_name["ngl"].n_gpu_layers
-    assert bench.stock_vram_bytes(layout, weights, 4096, -1, n_cpu_moe) <= budget
-    assert bench.stock_vram_bytes(layout, weights, 4096, -1, n_cpu_moe - 1) > budget
-    assert bench.stock_vram_bytes(layout, weights, 4096, ngl, 0) <= budget
-    assert bench.stock_vram_bytes(layout, weights, 4096, ngl + 1, 0) > budget
+    assert bench_plan.stock_vram_bytes(layout, weights, 4096, -1, n_cpu_moe) <= budget
+    assert bench_plan.stock_vram_bytes(layout, weights, 4096, -1, n_cpu_moe - 1) > budget
+    assert bench_plan.stock_vram_bytes(layout, weights, 4096, ngl, 0) <= budget
+    assert bench_plan.stock_vram_bytes(layout, weights, 4096, ngl + 1, 0) > budget
     capped = [runs[key] for key in tables[(budget, 16e9)] if runs[key].kind == "edge"]
     assert capped[0].bandwidth_bytes_per_s == 16e9 and capped[0].slots == by_name["lru"].slots > 0
 
@@ -151,7 +153,7 @@ def test_emulation_calibrates_the_memory_load_to_the_cards_bandwidth(monkeypatch
     """The load's duty is bisected until the client's measured copy rate is nearest the target."""
     import contextlib
 
-    from edge_preattn import emulate
+    from edge_preattn.measure import emulate
 
     duty_now = [0.0]
 

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from edge_preattn import build, cli, native
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.native import NativeApi
+from edge_preattn.model import build, native
+from edge_preattn.model.native import NativeApi
 
 
 def test_patched_library_is_loaded(llama_lib):

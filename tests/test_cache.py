@@ -5,14 +5,14 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn import baselines
-from edge_preattn.cache import UploadBudget
-from edge_preattn.controller import CacheRuntime, RandomRanking, record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling
 from edge_preattn.errors import UserError
-from edge_preattn.hooks import Hooks
-from edge_preattn.layout import read_layout
-from edge_preattn.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
+from edge_preattn.model.engine import Engine, EngineConfig, Sampling
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import baselines
+from edge_preattn.runtime.cache import UploadBudget
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
+from edge_preattn.runtime.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
+from edge_preattn.traces.hooks import Hooks
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
 N_PREDICT = 16
@@ -237,7 +237,7 @@ def test_belady_simulation_is_optimal_on_a_known_sequence():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
     write_synthetic("tiny", path, progress=False)
@@ -332,7 +332,7 @@ def test_upload_budget_is_a_token_bucket():
 @pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
 @pytest.mark.parametrize("mode", ["lru", "exact", "oracle"])
 def test_synthetic_models_are_bit_identical_in_every_mode(llama_lib, tmp_path, preset, mode):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     model = tmp_path / f"{preset}.gguf"
     write_synthetic(preset, model, progress=False)
@@ -481,7 +481,7 @@ def test_prediction_switches_off_when_predictions_come_late(llama_lib, moe_ref_a
     the pre-attention hook goes at the first check, the rest runs as lru, the output never changes."""
     import logging
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
     layout = read_layout(moe_ref_a)
@@ -531,7 +531,7 @@ def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_l
     (With misses on the CPU the library keeps observing every layer, so the controller has to notice.)"""
     import logging
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     layout = read_layout(moe_ref_a)
     with (
@@ -646,7 +646,7 @@ def test_cross_layer_predictors_read_the_router_input_and_output_stays(llama_lib
 
 def test_cross_layer_prediction_switches_off_like_pre_attention(llama_lib, moe_ref_a, monkeypatch):
     """The late check drops the router-input hook too: no predictions after the switch."""
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "LATE_SHARE", 0.0)
     layout = read_layout(moe_ref_a)

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from edge_preattn import calibration
-from edge_preattn.controller import RandomRanking
-from edge_preattn.layout import read_layout
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import calibration
+from edge_preattn.runtime.cache_runtime import RandomRanking
 
 from .test_cache import run_mode
 

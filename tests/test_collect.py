@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect
-from edge_preattn.collect import CollectSettings
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.traces import TraceSet, verify_capture
+from edge_preattn.traces import collect
+from edge_preattn.traces.collect import CollectSettings
+from edge_preattn.traces.trace_set import TraceSet, verify_capture
 
 PROMPTS = [
     "Whales are mammals, which means that",
@@ -122,7 +123,7 @@ def test_bad_input_is_refused_and_nothing_is_overwritten(llama_lib, moe_ref_a, t
 @pytest.mark.parametrize("preset", ["tiny", "tiny-deepseek2"])
 def test_capture_matches_the_router_on_synthetic_models(llama_lib, preset, prompts_file, tmp_path):
     """qwen3moe, and deepseek2 with a leading dense layer and shared experts."""
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     model = tmp_path / f"{preset}.gguf"
     write_synthetic(preset, model, progress=False)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.controller import CacheRuntime
-from edge_preattn.engine import Engine, EngineConfig, expert_overrides
-from edge_preattn.layout import read_layout
-from edge_preattn.onnx_io import MANIFEST, load_predictor_set
-from edge_preattn.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
+from edge_preattn.model.engine import Engine, EngineConfig, expert_overrides
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set
+from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 CARD = DEFAULT_MODEL.with_suffix(".md")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.controller import CacheRuntime
-from edge_preattn.layout import read_layout
+from edge_preattn.model.layout import read_layout
+from edge_preattn.runtime.cache_runtime import CacheRuntime
 
 from .test_cache import greedy, host_experts_engine
 from .test_native_predictor import export_predictors
@@ -19,7 +19,7 @@ from .test_native_predictor import export_predictors
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path_factory.mktemp("counters") / "tiny.gguf"
     write_synthetic("tiny", path, progress=False)

@@ -10,13 +10,19 @@ import pathlib
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect
-from edge_preattn.controller import CacheRuntime, RandomRanking
-from edge_preattn.engine import Engine, EngineConfig
-from edge_preattn.layout import read_layout
-from edge_preattn.native import NativeApi
-from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
-from edge_preattn.synth import write_synthetic
+from edge_preattn import cli
+from edge_preattn.model.engine import Engine, EngineConfig
+from edge_preattn.model.layout import read_layout
+from edge_preattn.model.native import NativeApi
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
+from edge_preattn.runtime.slots import (
+    LLAMA_EDGE_ERR_ALLOC,
+    SlotAllocationError,
+    SlotBank,
+    bind_cache_functions,
+)
+from edge_preattn.traces import collect
 
 from .robustness_log import record
 
@@ -146,7 +152,7 @@ def test_a_predictor_that_never_returns_neither_stalls_nor_changes_the_run(
     import threading
     import time
 
-    from edge_preattn import controller
+    from edge_preattn.runtime import controller
 
     monkeypatch.setattr(controller, "CLOSE_WAIT_S", 0.2)
     release = threading.Event()
@@ -291,7 +297,7 @@ def test_a_read_only_destination_is_one_line(tiny, tmp_path, capsys, monkeypatch
 
 
 def test_a_full_disk_during_synth_leaves_nothing(tmp_path, capsys, monkeypatch):
-    from edge_preattn import synth
+    from edge_preattn.model import synth
 
     def fill(fout, plan, seed, total, progress):
         fout.write(b"\0" * 4096)

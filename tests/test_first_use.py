@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_preattn import cli, layout
-from edge_preattn.synth import write_synthetic
+from edge_preattn import cli
+from edge_preattn.model import layout
+from edge_preattn.model.synth import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_preattn import layout
-from edge_preattn.collect import CollectSettings, collect
 from edge_preattn.errors import UserError
-from edge_preattn.synth import write_synthetic
-from edge_preattn.traces import TraceSet
+from edge_preattn.model import gguf_header, layout
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.traces.collect import CollectSettings, collect
+from edge_preattn.traces.trace_set import TraceSet
 
 from .gguf_fuzz import number_spans
 from .robustness_log import record
@@ -173,15 +173,15 @@ def float_targets(path: Path, rng: np.random.Generator) -> tuple[list, list]:
     floats = {name for name, field in reader.fields.items() if field.types == [gguf.GGUFValueType.FLOAT32]}
     metadata = [(name, at, "<f") for name, at, _ in number_spans(path)[0] if name in floats]
     targets = []
-    for tensor in layout._read_header(path).tensors:
+    for tensor in gguf_header.read_header(path).tensors:
         block_bytes = gguf.GGML_QUANT_SIZES[tensor.ggml_type][1]
         for block in rng.integers(0, tensor.n_bytes // block_bytes, size=3):
             at = tensor.data_offset + int(block) * block_bytes
-            if tensor.ggml_type in layout._FLOAT_TENSORS:
-                fmt = {"<f4": "<f", "<f2": "<e", "<f8": "<d"}[layout._FLOAT_TENSORS[tensor.ggml_type]]
+            if tensor.ggml_type in gguf_header._FLOAT_TENSORS:
+                fmt = {"<f4": "<f", "<f2": "<e", "<f8": "<d"}[gguf_header._FLOAT_TENSORS[tensor.ggml_type]]
                 targets.append((tensor.name, at, fmt))
-            elif tensor.ggml_type in layout._BLOCK_SCALES:
-                targets.append((tensor.name, at + layout._BLOCK_SCALES[tensor.ggml_type][0], "<e"))
+            elif tensor.ggml_type in gguf_header._BLOCK_SCALES:
+                targets.append((tensor.name, at + gguf_header._BLOCK_SCALES[tensor.ggml_type][0], "<e"))
     return metadata, targets
 
 

@@ -5,9 +5,9 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.engine import Engine, EngineConfig
-from edge_preattn.hooks import Hooks, bind_hook_functions
-from edge_preattn.native import NativeApi
+from edge_preattn.model.engine import Engine, EngineConfig
+from edge_preattn.model.native import NativeApi
+from edge_preattn.traces.hooks import Hooks, bind_hook_functions
 
 PROMPT = "def fibonacci(n):\n    if n < 2:"
 
@@ -99,7 +99,7 @@ def test_a_failing_handler_is_switched_off_and_output_unchanged(ref_engine, capl
 def test_c_api_refuses_bad_arguments(llama_lib):
     api = NativeApi(llama_lib)
     bind_hook_functions(api)
-    from edge_preattn.hooks import PRE_ATTN_HOOK, ROUTING_HOOK, HookStats
+    from edge_preattn.traces.hooks import PRE_ATTN_HOOK, ROUTING_HOOK, HookStats
 
     assert api.lib.llama_edge_set_hooks(None, PRE_ATTN_HOOK(), ROUTING_HOOK(), None) == -1
     assert api.lib.llama_edge_get_hook_stats(None, ctypes.byref(HookStats())) == -1

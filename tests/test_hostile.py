@@ -10,10 +10,10 @@ import sys
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.collect import FORMAT
 from edge_preattn.errors import UserError
 from edge_preattn.files import output_folder
-from edge_preattn.synth import write_synthetic
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.traces.collect import FORMAT
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_widen_onto_a_fifo_or_a_link_loop(tiny, tmp_path, capsys):
 
 def test_traces_whose_model_is_not_a_path(tmp_path, capsys):
     """A manifest whose 'model' was a number reached os.fspath in train and eval (a TypeError)."""
-    from edge_preattn.traces import TraceSet
+    from edge_preattn.traces.trace_set import TraceSet
 
     (tmp_path / "manifest.json").write_text(
         json.dumps(

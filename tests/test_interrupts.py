@@ -13,8 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import cli, collect, run, train
-from edge_preattn.synth import write_synthetic
+from edge_preattn import cli
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.predictors import fit, train
+from edge_preattn.runtime import run
+from edge_preattn.traces import collect
 
 from .robustness_log import record
 
@@ -165,7 +168,7 @@ def test_ctrl_c_in_train_resumes_from_the_last_epoch_and_skips_done_layers(
     _, _, traces = inputs
     out = tmp_path / "predictors"
     argv = ["train", str(traces), "-o", str(out), *TRAIN_FLAGS]
-    interrupted_once(monkeypatch, train, "_save", after_calls=4)  # layer 1's 2nd epoch: 0 is done
+    interrupted_once(monkeypatch, fit, "_save", after_calls=4)  # layer 1's 2nd epoch: 0 is done
     assert cli.main(argv) == 130
     interrupt_message(capsys)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -182,9 +185,9 @@ def test_ctrl_c_in_train_resumes_from_the_last_epoch_and_skips_done_layers(
         return model, history
 
     saves = []
-    real_save = train._save
+    real_save = fit._save
     monkeypatch.setattr(train, "fit_layer", counting_fit)
-    monkeypatch.setattr(train, "_save", lambda path, state: saves.append(path.name) or real_save(path, state))
+    monkeypatch.setattr(fit, "_save", lambda path, state: saves.append(path.name) or real_save(path, state))
     assert cli.main(argv) == 0
     assert "layer-000.pt" not in saves  # finished layers are reloaded, not trained again
     assert saves[:2] == ["layer-001.pt", "layer-001.pt"]  # layer 1: epochs 2 and 3 only

@@ -13,11 +13,11 @@ import pytest
 
 from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.layout import (
+from edge_preattn.model.gguf_header import model_fingerprint
+from edge_preattn.model.layout import (
     ExpertTensor,
     MoeLayer,
     MoeLayout,
-    model_fingerprint,
     plan_slots,
     read_layout,
 )
@@ -403,7 +403,7 @@ def test_refuses_bad_files(tmp_path: Path) -> None:
 
 def _inspect(monkeypatch: pytest.MonkeyPatch, *argv: str) -> int:
     # the other verbs' modules may not exist yet; build the parser with inspect alone
-    monkeypatch.setattr(cli, "VERBS", {"inspect": "edge_preattn.layout"})
+    monkeypatch.setattr(cli, "VERBS", {"inspect": "edge_preattn.model.layout"})
     return cli.main(["inspect", *argv])
 
 
@@ -574,7 +574,8 @@ def test_inspect_of_full_size_synthetic_presets(
     tmp_path, preset, n_moe, n_dense, n_expert, k, shared, expert_ff, n_embd
 ):
     """Layouts of config-faithful files at true size (sparse: no disk) equal numbers computed by hand."""
-    from edge_preattn.synth import PRESETS, write_synthetic
+    from edge_preattn.model.presets import PRESETS
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path / f"{preset}.gguf"
     write_synthetic(preset, path, qtype="q4_0", sparse=True, progress=False)

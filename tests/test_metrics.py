@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_preattn import baselines, cli, evaluate, metrics, train
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.traces import TraceSet
+from edge_preattn.predictors import baselines, eval_report, evaluate, metrics, train
+from edge_preattn.traces.trace_set import TraceSet
 
 FINGERPRINT = "f" * 64
 
@@ -208,7 +209,7 @@ def test_eval_writes_well_formed_results(tmp_path):
     routers = write_traces(tmp_path / "traces")
     sets = {"preattn-arch2": StandIn(routers), "cross-layer": StandIn(routers, "x_prev")}
     payload = evaluate.evaluate(TraceSet(tmp_path / "traces"), sets, "fake")
-    paths = evaluate.write_reports(payload, tmp_path / "out", "fake")
+    paths = eval_report.write_reports(payload, tmp_path / "out", "fake")
     written = json.loads(paths[0].read_text())
     assert written == json.loads(json.dumps(payload))
     assert {"model", "fingerprint", "k", "n_expert", "moe_layers", "heldout_tokens", "methods"} <= set(
@@ -257,8 +258,8 @@ def test_eval_command(tmp_path, monkeypatch, capsys):
 
 def test_eval_reads_predictors_written_by_onnx_io(tmp_path):
     torch = pytest.importorskip("torch")
-    from edge_preattn import onnx_io
-    from edge_preattn.predictors import Predictor
+    from edge_preattn.predictors import onnx_io
+    from edge_preattn.predictors.networks import Predictor
 
     write_traces(tmp_path / "traces")
     traces = TraceSet(tmp_path / "traces")

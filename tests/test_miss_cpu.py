@@ -5,11 +5,12 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.controller import CacheRuntime, MissCostModel, RandomRanking
-from edge_preattn.engine import Engine
-from edge_preattn.layout import read_layout
-from edge_preattn.slots import MissStats, SlotBank, bind_cache_functions
-from edge_preattn.synth import write_synthetic
+from edge_preattn.model.engine import Engine
+from edge_preattn.model.layout import read_layout
+from edge_preattn.model.synth import write_synthetic
+from edge_preattn.runtime.cache import MissCostModel
+from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
+from edge_preattn.runtime.slots import MissStats, SlotBank, bind_cache_functions
 
 from .test_cache import host_experts_engine
 from .test_native_predictor import export_predictors

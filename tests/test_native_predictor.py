@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from edge_preattn import onnx_io
-from edge_preattn.baselines import router_prior
-from edge_preattn.controller import CacheRuntime, RuntimeStats
-from edge_preattn.hooks import Hooks
-from edge_preattn.layout import read_layout
-from edge_preattn.predictor_weights import Unsupported, read_mlp, read_predictor_set
-from edge_preattn.predictors import Predictor
-from edge_preattn.slots import SlotBank
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import onnx_io
+from edge_preattn.predictors.baselines import router_prior
+from edge_preattn.predictors.networks import Predictor
+from edge_preattn.predictors.predictor_weights import Unsupported, read_mlp, read_predictor_set
+from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.slots import SlotBank
+from edge_preattn.runtime.stats import RuntimeStats
+from edge_preattn.traces.hooks import Hooks
 
 from .test_cache import greedy, host_experts_engine
 
@@ -69,7 +70,7 @@ def export_predictors(layout, out, arch: int = 2, hidden: int = 32, prior: bool 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     path = tmp_path_factory.mktemp("native") / "tiny.gguf"
     write_synthetic("tiny", path, progress=False)

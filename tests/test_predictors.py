@@ -12,11 +12,10 @@ import onnx
 import pytest
 import torch
 
-from edge_preattn import cli, train
-from edge_preattn.collect import CollectSettings, collect
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
-from edge_preattn.predictors import (
+from edge_preattn.predictors import fit, train
+from edge_preattn.predictors.networks import (
     LOSSES,
     Predictor,
     distill_loss,
@@ -27,7 +26,9 @@ from edge_preattn.predictors import (
     ranking_hinge,
     wbce_loss,
 )
-from edge_preattn.traces import TraceSet
+from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set, sha256_bytes
+from edge_preattn.traces.collect import CollectSettings, collect
+from edge_preattn.traces.trace_set import TraceSet
 
 from .robustness_log import record
 
@@ -197,7 +198,7 @@ def test_onnx_equals_torch_and_int8_is_reported(traces_dir, trained):
     assert np.abs(predictors.scores(1, x) - expected).max() < 1e-4
     entry = manifest["predictors"][1]
     assert entry["export_check"]["max_abs_diff"] < 1e-4 and entry["export_check"]["rows"] == len(x)
-    assert train.val_recall(expected, traces.layer(1, "ids")[val]) == pytest.approx(
+    assert fit.val_recall(expected, traces.layer(1, "ids")[val]) == pytest.approx(
         entry["validation"]["best_recall_at_k"]
     )
     int8 = load_predictor_set(out, fingerprint=traces.fingerprint, int8=True)
@@ -213,7 +214,7 @@ def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trai
         other = dataclasses.replace(SETTINGS, lr=1e-2)
         train.train(traces_dir, out, other, layers=(0,), device="cpu", progress=False)
 
-    real_save, calls = train._save, []
+    real_save, calls = fit._save, []
 
     def save_then_stop(path, state):
         real_save(path, state)
@@ -221,10 +222,10 @@ def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trai
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save", save_then_stop)
+    monkeypatch.setattr(fit, "_save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
-    monkeypatch.setattr(train, "_save", real_save)
+    monkeypatch.setattr(fit, "_save", real_save)
     resumed = train.train(traces_dir, tmp_path / "p", SETTINGS, layers=(0,), device="cpu", progress=False)
     assert (
         resumed["predictors"][0]["validation"]["recall_at_k_per_epoch"]
@@ -369,7 +370,7 @@ def test_untrained_residual_ranks_as_the_prior_and_exports_it():
 def test_router_prior_maps_the_pre_attention_state_onto_the_router_input(moe_ref_a):
     import gguf
 
-    from edge_preattn.baselines import router_prior
+    from edge_preattn.predictors.baselines import router_prior
 
     tensors = {t.name: t for t in gguf.GGUFReader(moe_ref_a).tensors}
     weight = {
@@ -385,7 +386,7 @@ def test_router_prior_maps_the_pre_attention_state_onto_the_router_input(moe_ref
 
 
 def test_history_features_shift_within_prompts(traces_dir):
-    from edge_preattn import features
+    from edge_preattn.predictors import features
 
     traces = TraceSet(traces_dir)
     prompt = traces.meta()["prompt"]
@@ -401,7 +402,7 @@ def test_history_features_shift_within_prompts(traces_dir):
 
 
 def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_ref_a, tmp_path):
-    from edge_preattn import evaluate
+    from edge_preattn.predictors import evaluate
 
     settings = dataclasses.replace(
         SETTINGS, epochs=2, prior=True, features="prev-layer,prev-token", loss="rank+distill"
@@ -425,7 +426,7 @@ def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_re
 
 
 def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
-    from edge_preattn import onnx_io
+    from edge_preattn.predictors import onnx_io
 
     model = Predictor(2, 8, 4, hidden=4, n_extra=4)
     x, extra = np.zeros((3, 8), np.float32), {"prev_token": np.zeros((3, 4), np.float32)}

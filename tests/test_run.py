@@ -7,8 +7,8 @@ import re
 import pytest
 
 from edge_preattn import cli
-from edge_preattn.native import NativeApi
-from edge_preattn.synth import write_synthetic
+from edge_preattn.model.native import NativeApi
+from edge_preattn.model.synth import write_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ import threading
 
 import pytest
 
-from edge_preattn import cli, serve
+from edge_preattn import cli
+from edge_preattn.runtime import serve
+from edge_preattn.runtime.service import StopScanner, render_chat
 
 PROMPT = "def fibonacci(n):"
 N = 12
@@ -136,7 +138,7 @@ def test_stop_sequences_cut_the_text(server):
 
 
 def test_the_stop_scanner_never_sends_part_of_a_stop():
-    scanner = serve.StopScanner(["</s>"])
+    scanner = StopScanner(["</s>"])
     assert scanner.feed("ab<") == ("ab", False)  # "<" may begin "</s>": held back
     assert scanner.feed("/") == ("", False)
     assert scanner.feed("x") == ("</x", False)  # it did not
@@ -151,16 +153,16 @@ CHATML = (
 
 
 def test_a_model_template_renders_the_chat():
-    prompt, has_specials = serve.render_chat(CHATML, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+    prompt, has_specials = render_chat(CHATML, [{"role": "user", "content": "hi"}], "<s>", "</s>")
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n" and has_specials
-    prompt, has_specials = serve.render_chat(None, [{"role": "user", "content": "hi"}], "<s>", "</s>")
+    prompt, has_specials = render_chat(None, [{"role": "user", "content": "hi"}], "<s>", "</s>")
     assert prompt == "user: hi\nassistant:" and not has_specials
 
 
 def test_a_gguf_with_a_chat_template_gets_its_own_prompt(llama_lib, tmp_path, monkeypatch):
     import gguf
 
-    from edge_preattn.synth import write_synthetic
+    from edge_preattn.model.synth import write_synthetic
 
     add_eos = gguf.GGUFWriter.add_add_eos_token
 

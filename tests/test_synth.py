@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from edge_preattn import cli, synth
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.synth import PRESETS, expected_params, tensor_plan, write_synthetic
+from edge_preattn.model import synth
+from edge_preattn.model.presets import PRESETS, expected_params, tensor_plan
+from edge_preattn.model.synth import write_synthetic
 
 Q4_0, Q8_0, F32 = (gguf.GGMLQuantizationType[n] for n in ("Q4_0", "Q8_0", "F32"))
 BIG = ("qwen3-30b-a3b", "deepseek-v2-lite", "phi-mini-moe")
@@ -241,8 +243,8 @@ def test_weights_have_their_planned_scale_and_every_expert_is_distinct(written):
 
 
 def test_routing_of_a_random_model_is_spread_over_experts(llama_lib, written):
-    from edge_preattn.engine import Engine, EngineConfig
-    from edge_preattn.hooks import Hooks
+    from edge_preattn.model.engine import Engine, EngineConfig
+    from edge_preattn.traces.hooks import Hooks
 
     chosen: dict[int, list[np.ndarray]] = {}
     with Engine(llama_lib, EngineConfig(str(written("tiny").path), n_ctx=128)) as engine:

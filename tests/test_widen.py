@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from edge_preattn import cli, widen
-from edge_preattn.controller import record_routing
-from edge_preattn.engine import Engine, EngineConfig, Sampling
+from edge_preattn import cli
 from edge_preattn.errors import UserError
-from edge_preattn.layout import read_layout
-from edge_preattn.onnx_io import load_predictor_set
-from edge_preattn.run import DEFAULT_MODEL, DEFAULT_PREDICTORS
+from edge_preattn.model import widen
+from edge_preattn.model.engine import Engine, EngineConfig, Sampling
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors.onnx_io import load_predictor_set
+from edge_preattn.runtime.cache_runtime import record_routing
+from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n"
 N_PREDICT = 12

@@ -33,8 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .build import cache_dir
-from .errors import UserError
+from ..errors import UserError
+from ..model.build import cache_dir
 
 log = logging.getLogger(__name__)
 

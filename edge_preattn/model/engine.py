@@ -17,8 +17,8 @@ from types import ModuleType
 
 import numpy as np
 
-from .errors import UserError
-from .interrupts import deferred
+from ..errors import UserError
+from ..interrupts import deferred
 from .native import NativeApi
 
 llama_log = logging.getLogger("llama.cpp")

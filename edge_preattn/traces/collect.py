@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import native
-from .engine import Engine, EngineConfig, Sampling
-from .errors import UserError
-from .files import regular_input, what_is, write_errors_as_user_errors, write_json_atomic
+from ..errors import UserError
+from ..files import regular_input, what_is, write_errors_as_user_errors, write_json_atomic
+from ..model import native
+from ..model.engine import Engine, EngineConfig, Sampling
+from ..model.layout import MoeLayout, read_layout
 from .hooks import Hooks, Routing
-from .layout import MoeLayout, read_layout
 
 log = logging.getLogger(__name__)
 

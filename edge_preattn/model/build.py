@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class BuildInfo:
 
 
 def project_root() -> Path:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # edge_preattn/model/build.py -> the checkout
     if not (root / "CMakePresets.json").is_file():
         raise UserError(
             f"CMakePresets.json not found beside the package ({root}): install edge-preattn from a "

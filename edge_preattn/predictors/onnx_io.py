@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_output, write_json_atomic
+from ..errors import UserError
+from ..files import atomic_output, write_json_atomic
 
 FORMAT = "edge-preattn-predictors/1"
 MANIFEST = "predictors.json"

@@ -13,9 +13,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from .errors import UserError
-from .native import NativeApi
-from .predictor_weights import ACTIVATIONS, MlpWeights
+from ..errors import UserError
+from ..model.native import NativeApi
+from ..predictors.predictor_weights import ACTIVATIONS, MlpWeights
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -27,15 +27,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .cache import EVICTION_POLICIES, UploadBudget
-from .calibration import prefetch_counts
-from .hooks import Hooks, Routing
-from .layout import MoeLayout
+from ..predictors.calibration import prefetch_counts
+from ..traces.hooks import Routing
+from .cache import EVICTION_POLICIES, MissCostModel, UploadBudget
 from .slots import SlotBank
+from .stats import LayerCounters, RuntimeStats
 
 log = logging.getLogger(__name__)
 
@@ -53,85 +52,6 @@ LATE_CHECK_UBATCHES, LATE_CHECK_MIN, LATE_SHARE = 32, 64, 0.5
 IDLE_SHARE = 0.01
 WAIT_LIMIT_S = 5.0  # the longest the router waits for a prediction (--wait-prefetch, deferred uploads)
 CLOSE_WAIT_S = 2.0  # the longest closing waits for the prefetch thread
-
-
-@dataclass
-class LayerCounters:
-    tokens: int = 0  # tokens whose experts this layer read from the bank
-    hits: int = 0  # (token, expert) pairs resident at routing, prefetched or not
-    late: int = 0  # prefetched, but the routing waited for a prefetch upload in flight
-    misses: int = 0  # uploaded at routing
-    cpu: int = 0  # missed and computed on the CPU instead
-    deferred_uploads: int = 0  # lru with misses on the CPU: uploaded after the layer, for later tokens
-    prefetch_issued: int = 0
-    prefetch_hits: int = 0  # of the hits: resident thanks to a prefetch
-    prefetch_wasted: int = 0
-    prefetch_late: int = 0  # predicted experts the library refused: the router had already decided
-    prediction_stale: int = 0  # predictions dropped whole: their ubatch past, or their layer routed in it
-    prefetch_dropped: int = 0  # prefetches cut short by the bandwidth budget
-    backlog_dropped: int = 0  # not predicted: the prefetch thread was still busy with older work
-    lookahead_predictions: int = 0  # predictions of this layer made at an earlier layer's hook
-    lookahead_superseded: int = 0  # dropped because this layer's own prediction was already queued
-    stall_s: float = 0.0
-    predictor_s: float = 0.0
-    predictor_calls: int = 0
-
-
-@dataclass
-class RuntimeStats:
-    layers: dict[int, LayerCounters] = field(default_factory=dict)
-    cached_tokens: int = 0
-
-    def totals(self) -> LayerCounters:
-        total = LayerCounters()
-        for counters in self.layers.values():
-            for name in total.__dataclass_fields__:
-                setattr(total, name, getattr(total, name) + getattr(counters, name))
-        return total
-
-
-class MissCostModel:
-    """`--miss auto`: upload a layer's missed experts or compute them on the CPU, whichever costs less now.
-
-    Both costs come from the C side's clocks: seconds per uploaded byte (every upload, prefetches
-    included) and seconds from the routing decision to the CPU side's output per CPU-computed expert
-    (fixed costs included, so it leans towards uploading when few experts go to the CPU), each an
-    exponential moving average over the run. A side not measured for `explore_every` decisions is
-    tried once, so an estimate never goes stale while the other one drifts.
-    """
-
-    def __init__(self, bytes_per_expert: int, alpha: float = 0.2, explore_every: int = 64) -> None:
-        self.bytes_per_expert, self.alpha, self.explore_every = bytes_per_expert, alpha, explore_every
-        self.upload_s_per_byte: float | None = None
-        self.cpu_s_per_expert: float | None = None
-        self.seen = (0, 0, 0, 0)  # upload_ns, upload_bytes, cpu_ns, cpu_timed_experts at the last refresh
-        self.since_upload = self.since_cpu = 0
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.alpha * (new - old)
-
-    def refresh(self, upload_ns: int, upload_bytes: int, cpu_ns: int, cpu_experts: int) -> None:
-        """Fold in what the counters gained since the last call."""
-        d_upload_ns, d_bytes, d_cpu_ns, d_experts = (
-            now - before
-            for now, before in zip((upload_ns, upload_bytes, cpu_ns, cpu_experts), self.seen, strict=True)
-        )
-        self.seen = (upload_ns, upload_bytes, cpu_ns, cpu_experts)
-        if d_bytes > 0:
-            self.upload_s_per_byte = self._ema(self.upload_s_per_byte, d_upload_ns * 1e-9 / d_bytes)
-            self.since_upload = 0
-        if d_experts > 0:
-            self.cpu_s_per_expert = self._ema(self.cpu_s_per_expert, d_cpu_ns * 1e-9 / d_experts)
-            self.since_cpu = 0
-
-    def upload_is_cheaper(self) -> bool:
-        self.since_upload += 1
-        self.since_cpu += 1
-        if self.upload_s_per_byte is None or self.since_upload > self.explore_every:
-            return True
-        if self.cpu_s_per_expert is None or self.since_cpu > self.explore_every:
-            return False
-        return self.upload_s_per_byte * self.bytes_per_expert < self.cpu_s_per_expert
 
 
 class PrefetchWorker:
@@ -299,7 +219,7 @@ class Controller:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
         and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
         `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel)."""
-        from .predictor_weights import Unsupported, read_predictor_set
+        from ..predictors.predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
             return False  # not an exported predictor set (a test's stand-in): Python only
@@ -572,118 +492,3 @@ class Controller:
             self.bank.prefetch(il, selected, len(selected), on_miss=True)
         elif self.mode == "lru":
             self.deferred.append((il, selected))  # lru has no other way to fill the cache
-
-
-class RandomRanking:
-    """A predictor that knows nothing, for tests and benchmarks: the output must not depend on it."""
-
-    def __init__(self, n_expert: int, seed: int = 0) -> None:
-        self.n_expert, self.rng = n_expert, np.random.default_rng(seed)
-
-    def scores(self, il: int, x: np.ndarray) -> np.ndarray:
-        return self.rng.standard_normal((len(x), self.n_expert)).astype(np.float32)
-
-
-def record_routing(engine, prompt, n_predict: int, sampling) -> dict[tuple[int, int], np.ndarray]:
-    """The routing of a run, per (ubatch, layer): what mode `oracle` prefetches ahead of time."""
-    recorded: dict[tuple[int, int], np.ndarray] = {}
-    ubatch = [-1]
-
-    def on_pre_attn(il: int, _x: np.ndarray) -> None:
-        if il == 0:
-            ubatch[0] += 1
-
-    def on_routing(routing: Routing) -> None:
-        recorded[(ubatch[0], routing.layer)] = routing.ids.copy()
-
-    with Hooks(engine.api, engine.ctx, on_pre_attn, on_routing):
-        for _ in engine.generate(prompt, n_predict, sampling):
-            pass
-    return recorded
-
-
-class CacheRuntime:
-    """Slot bank + controller + hooks on one engine whose cached layers' experts are in host memory."""
-
-    def __init__(
-        self,
-        engine,
-        layers: tuple[int, ...],
-        *,
-        n_slots: int,
-        max_batch_tokens: int = 32,
-        **controller_options,
-    ) -> None:
-        self.bank = SlotBank(engine.api, engine.ctx, layers, n_slots, max_batch_tokens)
-        self.controller = Controller(self.bank, **controller_options)
-        if self.controller.miss != "upload":
-            self.bank.set_miss_cpu(True)
-        # each observed node costs a graph split and a device synchronize: observe only what is used
-        # (the router input comes at the routing's own split)
-        cross_layer = self.controller.cross_layer
-        on_pre_attn = self.controller.on_pre_attn if self.controller.needs_pre_attn_hook else None
-        on_routing = self.controller.on_routing if self.controller.needs_routing_hook else None
-        on_router_input = self.controller.on_router_input if cross_layer else None
-        self.hooks = (
-            Hooks(
-                engine.api, engine.ctx, on_pre_attn, on_routing, detail=False, on_router_input=on_router_input
-            )
-            if on_pre_attn or on_routing or on_router_input
-            else None
-        )
-        if self.hooks is not None:
-            self.controller.drop_prediction_input = self.hooks.drop_prediction_input
-
-    @classmethod
-    def for_layout(
-        cls,
-        engine,
-        layout: MoeLayout,
-        *,
-        n_slots: int,
-        mode: str,
-        max_batch_tokens: int = 32,
-        **controller_options,
-    ) -> "CacheRuntime":
-        """Every MoE layer of the model cached, sized from its layout."""
-        return cls(
-            engine,
-            tuple(layer.index for layer in layout.moe_layers),
-            n_slots=n_slots,
-            max_batch_tokens=max_batch_tokens,
-            mode=mode,
-            k=layout.n_expert_used,
-            n_expert=layout.n_expert,
-            bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
-            **controller_options,
-        )
-
-    def engine_counters(self) -> dict:
-        """The decode thread's costs, per ubatch (a decode step's ubatch is one token; the prompt's
-        ubatches count too): host synchronizations the library caused, Python callbacks, predictions
-        made natively, stale predictions dropped, and the copy engine's busy time where the host sees it
-        (synchronous uploads; uploads queued on a device stream are counted, not timed)."""
-        engine = self.bank.engine_stats()
-        ubatches = max(1, engine["ubatches"])
-        return {
-            "ubatches": engine["ubatches"],
-            "host_syncs_per_token": round(engine["host_syncs"] / ubatches, 3),
-            "eval_splits_per_token": round(engine["eval_splits"] / ubatches, 3),
-            "python_callbacks_per_token": round(engine["callbacks"] / ubatches, 3),
-            "native_predictions_per_token": round(engine["native_predictions"] / ubatches, 3),
-            "native_predictor_ms_per_token": round(engine["native_predict_ns"] * 1e-6 / ubatches, 4),
-            "stale_predictions": engine["stale_predictions"],
-            "copy_busy_ms_per_token": round(engine["sync_upload_ns"] * 1e-6 / ubatches, 4),
-            "async_uploads": engine["async_uploads"],
-        }
-
-    def close(self) -> None:
-        if self.hooks is not None:
-            self.hooks.close()
-        self.controller.close()
-
-    def __enter__(self) -> "CacheRuntime":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -19,9 +19,9 @@ them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_toke
 
 import numpy as np
 
+from ..errors import UserError
+from ..traces.trace_set import TraceSet
 from .baselines import first_of_prompt
-from .errors import UserError
-from .traces import TraceSet
 
 FEATURES = ("prev-layer", "prev-token", "prev-x")
 

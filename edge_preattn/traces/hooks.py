@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .native import NativeApi
+from ..model.native import NativeApi
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import UserError
 from . import build
-from .errors import UserError
 
 PATCH_VERSION = 16  # what patches/ builds; llama_edge_patch_version() answers it
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UserError
 from .collect import FORMAT
-from .errors import UserError
 
 META_FIELDS = ("tokens", "positions", "prompt", "phase")
 NEAR_TIE = 2e-3  # gap between the k-th and (k+1)-th score below which float16 inputs may swap them
@@ -147,7 +147,7 @@ def verify_capture(
     """Recompute gating and top-k for a sample of tokens of every layer; compare with the capture."""
     import gguf
 
-    from .layout import read_layout
+    from ..model.layout import read_layout
 
     if read_layout(model).fingerprint != traces.fingerprint:
         raise UserError(f"{traces.directory} was collected from another model than {model}")

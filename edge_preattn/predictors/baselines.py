@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 from .metrics import margins
 
 NORM_FLOOR = 1e-6  # |norm weight| below this: that feature carries nothing the router could read back

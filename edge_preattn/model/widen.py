@@ -20,11 +20,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .errors import UserError
-from .files import atomic_output, output_target, regular_input
+from ..errors import UserError
+from ..files import atomic_output, output_target, regular_input
+from ..units import format_bytes, parse_bytes
 from .layout import ROUTING_FINGERPRINT_KEY, read_layout
-from .synth import PRESETS, QTYPES
-from .units import format_bytes, parse_bytes
+from .presets import PRESETS, QTYPES
 
 log = logging.getLogger(__name__)
 
