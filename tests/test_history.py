@@ -29,12 +29,12 @@ N_NEW = 8
 HISTORY = "prev-layer,prev-token"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2"])  # deepseek2: a dense first layer
+def tiny(request, tmp_path_factory):
     from edge_preattn.synth import write_synthetic
 
-    path = tmp_path_factory.mktemp("history") / "tiny.gguf"
-    write_synthetic("tiny", path, progress=False)
+    path = tmp_path_factory.mktemp("history") / f"{request.param}.gguf"
+    write_synthetic(request.param, path, progress=False)
     return path
 
 
@@ -160,26 +160,29 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
 def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
     layout = read_layout(tiny)
     _, predictors = traced
-    mlp = read_predictor_set(predictors)[1]
+    first, il, other = (layer.index for layer in layout.moe_layers[:3])
+    mlp = read_predictor_set(predictors)[il]
     floats = ctypes.POINTER(ctypes.c_float)
     w_layer, w_token = (mlp.history_columns(f) for f in ("prev-layer", "prev-token"))
     h, e = mlp.w1.shape[0], layout.n_expert
     with host_experts_engine(llama_lib, tiny) as engine:
         lib = engine.api.lib
-        bank = SlotBank(engine.api, engine.ctx, (0, 1, 2), n_slots=8)
-        good = [engine.ctx, 1, w_layer.ctypes.data_as(floats), 0, w_token.ctypes.data_as(floats), h, e]
+        bank = SlotBank(engine.api, engine.ctx, (first, il), n_slots=8)
+        good = [engine.ctx, il, w_layer.ctypes.data_as(floats), first, w_token.ctypes.data_as(floats), h, e]
         assert lib.llama_edge_predictor_set_history(*good) == -2  # no predictor yet
-        assert bank.last_prediction(1, layout.n_embd + 2 * e, e) is None
-        bank.set_predictor(1, mlp, 4)
+        assert bank.last_prediction(il, layout.n_embd + 2 * e, e) is None
+        bank.set_predictor(il, mlp, 4)
         assert lib.llama_edge_predictor_set_history(*good) == 0
         nan = w_token.copy()
         nan[0, 0] = np.nan
+        dense = [i for i in range(first) if i not in {layer.index for layer in layout.moe_layers}]
         for index, bad in [
             (0, None),  # no context
-            (1, 3),  # layer 3 is not cached
-            (3, 1),  # not a layer before il
-            (3, 2),
+            (1, other),  # not a cached layer
+            (3, il),  # not a layer before il
+            (3, other),
             (3, -2),
+            *[(3, d) for d in dense],  # not a MoE layer (deepseek2's dense first layer)
             (4, nan.ctypes.data_as(floats)),  # not finite
             (5, h + 1),  # not the predictor's hidden units
             (6, e - 1),  # not its experts
@@ -188,9 +191,9 @@ def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
             args[index] = bad
             assert lib.llama_edge_predictor_set_history(*args) in (-1, -2), index
         assert lib.llama_edge_predictor_set_lookahead(engine.ctx, 1) == -2  # history: no lookahead
-        assert lib.llama_edge_predictor_set_history(engine.ctx, 1, None, 0, None, 0, 0) == 0  # removed
+        assert lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0) == 0  # removed
         bank.set_lookahead(1)
         assert lib.llama_edge_predictor_set_history(*good) == -2  # and the other way round
         bank.set_lookahead(0)
-        bank.set_predictor_history(1, mlp, 0)
-        assert lib.llama_edge_predictor_get_last(None, 1, None, 0, None, 0) == -1
+        bank.set_predictor_history(il, mlp, -1)  # -1: the prev-layer input is zeros
+        assert lib.llama_edge_predictor_get_last(None, il, None, 0, None, 0) == -1
