@@ -36,6 +36,7 @@ from .calibration import prefetch_counts
 from .errors import UserError
 from .hooks import Hooks, Routing
 from .layout import MoeLayout
+from .predictor_weights import NATIVE_FEATURES
 from .slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,12 @@ class Controller:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
         # history inputs (train --features): fed by the library's own predictor only (patch 17)
         features = tuple(getattr(predictors, "features", ()) or ()) if mode in PREDICTION_MODES else ()
+        unfed = [f for f in features if f not in NATIVE_FEATURES]
+        if unfed:
+            raise UserError(
+                f"these predictors read {', '.join(unfed)}, a history input only `eval` feeds (no runtime "
+                "does): train predictors without it"
+            )
         if features and lookahead:
             raise UserError(
                 f"--lookahead with predictors that read history inputs ({', '.join(features)}): a later "

@@ -3,6 +3,7 @@ in the library with no Python per token, the output stays stock's, the library f
 `features.history` builds from traces of the same prompt, and its scores are onnxruntime's on those
 inputs."""
 
+import copy
 import ctypes
 import dataclasses
 
@@ -155,6 +156,10 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
         assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="--predictor-engine native"):
         predictors.scores(predictors.layers[0], np.zeros((1, layout.n_embd), np.float32))
+    prev_x = copy.copy(predictors)
+    prev_x.features = ("prev-x",)  # a history input no runtime feeds
+    with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match="prev-x"):
+        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=prev_x)
 
 
 def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
