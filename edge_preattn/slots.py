@@ -364,9 +364,8 @@ class SlotBank:
             return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
         n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
-        n_embd = mlp.w1.shape[1] - n_expert * len(
-            mlp.history
-        )  # x's columns; the history's: set_predictor_history
+        # W1's columns that read x; those of the history inputs go to set_predictor_history
+        n_embd = mlp.w1.shape[1] - n_expert * len(mlp.history)
         w1 = np.ascontiguousarray(mlp.w1[:, :n_embd])
         status = self.api.lib.llama_edge_predictor_set(
             self.ctx,
