@@ -73,9 +73,11 @@ def test_a_history_graph_is_read_with_its_inputs_columns_apart(tmp_path):
     assert np.array_equal(mlp.history_columns("prev-token"), mlp.w1[:, 32:])
 
 
-@pytest.mark.parametrize(("mode", "threads"), [("top1", 0), ("exact", 1)])
+@pytest.mark.parametrize(
+    ("mode", "threads", "miss"), [("top1", 0, "upload"), ("exact", 1, "upload"), ("exact", 0, "cpu")]
+)
 def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
-    llama_lib, tiny, traced, mode, threads
+    llama_lib, tiny, traced, mode, threads, miss
 ):
     layout = read_layout(tiny)
     _, predictors = traced
@@ -83,7 +85,7 @@ def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
     run = run_native(
-        llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, predictor_threads=threads
+        llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, predictor_threads=threads, miss=miss
     )
     assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
     assert run.native and not run.python_hooks  # no Python callback at all
