@@ -16,6 +16,7 @@ import pytest
 from edge_preattn import cli
 from edge_preattn.model.engine import Engine, EngineConfig, expert_overrides
 from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import features
 from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set
 from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
@@ -46,8 +47,10 @@ def test_predictors_load_for_the_packaged_model():
     assert manifest["fingerprint"] == layout.fingerprint
     predictors = load_predictor_set(DEFAULT_PREDICTORS, fingerprint=layout.fingerprint)
     x = np.random.default_rng(0).standard_normal((3, layout.n_embd)).astype(np.float32)  # [n, d]
+    uniform = np.full((3, layout.n_expert), 1 / layout.n_expert, np.float32)  # [n, E] router probabilities
+    extra = {features.input_name(f): uniform for f in predictors.features}  # the history inputs they read
     for layer in layout.moe_layers:
-        assert predictors.scores(layer.index, x).shape == (3, layout.n_expert)
+        assert predictors.scores(layer.index, x, extra).shape == (3, layout.n_expert)
 
 
 def greedy_tokens(llama_lib, mode: str) -> tuple[list[int], int]:

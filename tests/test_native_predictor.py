@@ -114,19 +114,19 @@ def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
         read_mlp(tmp_path / "broken.onnx")
 
 
-def test_history_features_are_left_to_onnxruntime_in_one_line(tiny, tmp_path):
-    """A residual that also reads history features (extra inputs) is not what the library evaluates:
-    neither its graph nor a set whose manifest names features."""
+def test_history_inputs_the_library_does_not_feed_are_left_to_onnxruntime_in_one_line(tiny, tmp_path):
+    """prev-x (the previous token's activation) is not a history input the library keeps: neither its
+    graph nor a set whose manifest names it is handed over (prev-layer and prev-token are: test_history)."""
     prior = torch.randn(8, 24)
-    model = Predictor(2, 24, 8, 16, n_extra=8, prior=prior).eval()
-    extra = {"prev_layer": np.zeros((2, 8), np.float32)}
+    model = Predictor(2, 24, 8, 16, n_extra=24, prior=prior).eval()
+    extra = {"prev_x": np.zeros((2, 24), np.float32)}
     entry = onnx_io.export_layer(model, tmp_path, 0, np.zeros((2, 24), np.float32), extra)
-    with pytest.raises(Unsupported, match="history features") as caught:
+    with pytest.raises(Unsupported, match="prev_x") as caught:
         read_mlp(tmp_path / entry["file"])
     assert "\n" not in str(caught.value)
     predictors = export_predictors(read_layout(tiny), tmp_path / "predictors", prior=True)
-    predictors.features = ("prev-layer",)
-    with pytest.raises(Unsupported, match="history features"):
+    predictors.features = ("prev-x",)
+    with pytest.raises(Unsupported, match="prev-x"):
         read_predictor_set(predictors)
 
 

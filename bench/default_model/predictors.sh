@@ -3,7 +3,8 @@
 # project's own commands, on a CPU: prompts from ../shared/prompts/train.txt plus chunks of this machine's
 # Python standard library and licence texts, a held-out prompt set cut from other files, collection
 # (about 8 min on 2 busy cores with -t 1), training with the defaults (residual on the router prior,
-# hidden 128, rank+distill, 8 epochs; about 6 min) and evaluation on the held-out traces.
+# hidden 128, rank+distill, 8 epochs) plus the history inputs the library feeds (--features
+# prev-layer,prev-token, patch 17; about 2 min) and evaluation on the held-out traces.
 #
 # Why a script: the predictors are shipped beside the model, so the steps that made them must be repeatable.
 # usage: bench/default_model/predictors.sh [PROMPTS] [WORK_DIR]   (PROMPTS default ../shared/prompts/train.txt)
@@ -26,7 +27,7 @@ with open(sys.argv[3], "w") as out:
 EOF
 edge-preattn collect "$model" --prompts "$work_dir/train.jsonl" -n 16 -o "$work_dir/traces" -t 1
 edge-preattn collect "$model" --prompts "$work_dir/heldout.jsonl" -n 48 --seed 1000 -o "$work_dir/heldout" -t 1
-edge-preattn train "$work_dir/traces" -o "$work_dir/preds" -t 1
+edge-preattn train "$work_dir/traces" -o "$work_dir/preds" -t 1 --features prev-layer,prev-token
 edge-preattn eval "$work_dir/traces" "$work_dir/preds" --heldout "$work_dir/heldout" --calibrate \
     -o "$work_dir/eval" --name edge-moe-default
 echo "to ship: copy $work_dir/preds/{*.onnx,predictors.json} and $work_dir/eval/{accuracy,calibration}-*.{md,json}"

@@ -14,7 +14,7 @@ from types import ModuleType
 from ..errors import UserError
 from . import build
 
-PATCH_VERSION = 16  # what patches/ builds; llama_edge_patch_version() answers it
+PATCH_VERSION = 17  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_GPU = 1

@@ -191,8 +191,9 @@ class PredictorSet:
             raise ValueError(f"x must be [N, {self.n_embd}], not {list(x.shape)}")
         if self.features and not extra:
             raise UserError(
-                f"{self.directory} reads history inputs ({', '.join(self.features)}) that this caller "
-                "does not supply: use predictors trained without --features here"
+                f"{self.directory} reads history inputs ({', '.join(self.features)}) that only the "
+                "library's own predictor feeds: run with --predictor-engine native (the default), or train "
+                "without --features"
             )
         return self._sessions[il].run(["scores"], _feeds(x, extra))[0]
 

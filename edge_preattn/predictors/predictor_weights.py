@@ -5,11 +5,13 @@ the host already, so a decode token needs no Python. It reads one shape of graph
 exports: [Sub(mean) → Div(std)] → Gemm → [BatchNormalization] → SiLU or GELU → Gemm, i.e. Arch 2
 and Arch 1 of `predictors.Predictor`, and with a router prior (`train --prior`, the residual
 body(norm(x)) + scale · x·prior) the branch MatMul(x, prior) → Mul(scale) → Add to the body's
-output (patch 16). The input normalization and the batch norm are folded into the first Gemm, the
-scale into the prior. Anything else (an int8 graph, history features as extra inputs, another
-architecture) is refused with one line saying why, and the runtime keeps onnxruntime for it. A
-read graph is checked against onnxruntime on random rows before the library gets it, so a misread
-graph cannot pass for a predictor.
+output (patch 16). History inputs (`train --features prev-layer,prev-token`) come as a Concat of x and
+them before the normalization: their columns of the first Gemm go to the library apart from x's, and
+the library feeds them itself (patch 17). The input normalization and the batch norm are folded into
+the first Gemm, the scale into the prior. Anything else (an int8 graph, the prev-x feature, another
+architecture) is refused with one line saying why, and the runtime keeps onnxruntime for it. A read
+graph is checked against onnxruntime on random rows (random history rows too) before the library gets
+it, so a misread graph cannot pass for a predictor.
 """
 
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # LLAMA_EDGE_ACT_* in llama-edge.h
+NATIVE_FEATURES = ("prev-layer", "prev-token")  # history inputs the library feeds (patch 17)
 CHECK_ROWS = 16
 CHECK_TOLERANCE = 1e-3  # relative to the largest score: float32 sums in another order
 
@@ -28,22 +31,34 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class MlpWeights:
-    """scores = w2 · act(w1 · x + b1) + b2 [+ prior_w · x] for one token's activation x [n_embd]."""
+    """scores = w2 · act(w1 · [x, history] + b1) + b2 [+ prior_w · x] for one token's activation x
+    [n_embd] and its history inputs ([n_expert] each, in `history` order)."""
 
-    w1: np.ndarray  # [n_hidden, n_embd] float32
+    w1: np.ndarray  # [n_hidden, n_embd + n_expert · len(history)] float32
     b1: np.ndarray  # [n_hidden]
     activation: str  # a key of ACTIVATIONS
     w2: np.ndarray  # [n_expert, n_hidden]
     b2: np.ndarray  # [n_expert]
     prior_w: np.ndarray | None = None  # [n_expert, n_embd]: the router prior times its scale, on the raw x
+    history: tuple[str, ...] = ()  # features.FEATURES names, the order of their columns after x's
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """x [N, n_embd] → [N, n_expert], in float64 (the check's reference)."""
+    def history_columns(self, feature: str) -> np.ndarray:
+        """W1's columns [n_hidden, n_expert] that read one history input."""
+        n_expert = self.w2.shape[0]
+        start = self.w1.shape[1] - n_expert * (len(self.history) - self.history.index(feature))
+        return np.ascontiguousarray(self.w1[:, start : start + n_expert])
+
+    def scores(self, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
+        """x [N, n_embd] and the history inputs {ONNX input name: [N, n_expert]} → [N, n_expert], in
+        float64 (the check's reference)."""
         x = x.astype(np.float64)
         prior = 0.0 if self.prior_w is None else x @ self.prior_w.T.astype(np.float64)
-        h = x @ self.w1.T.astype(np.float64) + self.b1
-        if self.activation == "silu":
-            h = h / (1.0 + np.exp(-h))
+        inputs = np.concatenate(
+            [x, *(np.asarray((extra or {})[f.replace("-", "_")]) for f in self.history)], 1
+        )
+        h = inputs @ self.w1.T.astype(np.float64) + self.b1
+        if self.activation == "silu":  # h · sigmoid(h), without overflow for large negative h
+            h = h * np.exp(-np.logaddexp(0.0, -h))
         elif self.activation == "gelu":
             from math import erf, sqrt
 
@@ -153,13 +168,24 @@ def read_mlp(path: Path) -> MlpWeights:
     except Exception as error:  # onnx raises its own types for a damaged file
         raise Unsupported(f"{path.name} is not readable as ONNX ({type(error).__name__})") from None
     extra = [name for name in graph.inputs if name != "x"]
-    if extra:
-        raise Unsupported(f"inputs beside x ({', '.join(extra)}: history features) need onnxruntime")
+    history = tuple(name.replace("_", "-") for name in extra)
+    if not set(history) <= set(NATIVE_FEATURES):
+        raise Unsupported(
+            f"inputs beside x ({', '.join(extra)}) that the library does not feed need onnxruntime"
+        )
     readers = graph.consumers.get("x", [])  # the body's first node, and the prior's MatMul if any
     body = [node for node in readers if node.op_type != "MatMul"]
     node = body[0] if len(body) == 1 else None
+    source = "x"  # what the body reads: x, or x and the history inputs concatenated
+    if extra:
+        if node is None or node.op_type != "Concat" or list(node.input) != ["x", *extra]:
+            raise Unsupported("history inputs that are not concatenated after x (another architecture)")
+        if _attribute(node, "axis", 0) not in (1, -1):
+            raise Unsupported("history inputs concatenated along another axis than the features")
+        source = node.output[0]
+        node = graph.only_consumer(source)
     shift, scale = None, None
-    if node is not None and node.op_type == "Sub" and node.input[0] == "x":  # InputNorm: (x − mean) / std
+    if node is not None and node.op_type == "Sub" and node.input[0] == source:  # InputNorm: (x − mean) / std
         shift = graph.constant(node, 1)
         node = graph.only_consumer(node.output[0])
         if node is None or node.op_type != "Div":
@@ -193,6 +219,7 @@ def read_mlp(path: Path) -> MlpWeights:
         w2=np.ascontiguousarray(w2, np.float32),
         b2=np.ascontiguousarray(np.broadcast_to(b2, w2.shape[:1]), np.float32),
         prior_w=None if prior_w is None else np.ascontiguousarray(prior_w, np.float32),
+        history=history,
     )
 
 
@@ -200,19 +227,31 @@ def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
     if predictors.int8:
         raise Unsupported("int8 predictors are evaluated by onnxruntime")
-    if predictors.features:
-        raise Unsupported(f"history features ({', '.join(predictors.features)}) are evaluated by onnxruntime")
+    unfed = sorted(set(predictors.features) - set(NATIVE_FEATURES))
+    if unfed:
+        raise Unsupported(f"history features ({', '.join(unfed)}) that the library does not feed")
     names = {entry["layer"]: entry["file"] for entry in predictors.manifest["predictors"]}
     rng = np.random.default_rng(0)
     weights = {}
+    n_embd, n_expert = predictors.n_embd, predictors.n_expert
     for il in predictors.layers:
         mlp = read_mlp(Path(predictors.directory) / names[il])
-        prior_fits = mlp.prior_w is None or mlp.prior_w.shape == (predictors.n_expert, predictors.n_embd)
-        if mlp.w1.shape[1] != predictors.n_embd or mlp.w2.shape[0] != predictors.n_expert or not prior_fits:
+        prior_fits = mlp.prior_w is None or mlp.prior_w.shape == (n_expert, n_embd)
+        width = n_embd + n_expert * len(mlp.history)
+        if mlp.w1.shape[1] != width or mlp.w2.shape[0] != n_expert or not prior_fits:
             raise Unsupported(f"layer {il}'s graph has other shapes than its manifest")
-        x = rng.standard_normal((CHECK_ROWS, predictors.n_embd)).astype(np.float32)
-        expected = predictors.scores(il, x)
-        difference = np.abs(mlp.scores(x) - expected).max()
+        if mlp.history != tuple(predictors.features):
+            raise Unsupported(f"layer {il}'s graph reads other history inputs than its manifest names")
+        x = rng.standard_normal((CHECK_ROWS, n_embd)).astype(np.float32)
+        # probability rows (random points of the simplex), and some of zeros, as the runtime feeds them
+        extra = {
+            f.replace("-", "_"): rng.dirichlet(np.ones(n_expert), CHECK_ROWS).astype(np.float32)
+            for f in mlp.history
+        }
+        for rows in extra.values():
+            rows[: CHECK_ROWS // 4] = 0
+        expected = predictors.scores(il, x, extra)
+        difference = np.abs(mlp.scores(x, extra) - expected).max()
         if not difference <= CHECK_TOLERANCE * max(1.0, float(np.abs(expected).max())):
             raise Unsupported(f"layer {il}'s graph read here differs from onnxruntime by {difference:.2e}")
         weights[il] = mlp

@@ -30,7 +30,9 @@ import time
 
 import numpy as np
 
+from ..errors import UserError
 from ..predictors.calibration import prefetch_counts
+from ..predictors.predictor_weights import NATIVE_FEATURES
 from ..traces.hooks import Routing
 from .cache import EVICTION_POLICIES, MissCostModel, UploadBudget
 from .slots import SlotBank
@@ -181,6 +183,19 @@ class Controller:
             raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
+        # history inputs (train --features): fed by the library's own predictor only (patch 17)
+        features = tuple(getattr(predictors, "features", ()) or ()) if mode in PREDICTION_MODES else ()
+        unfed = [f for f in features if f not in NATIVE_FEATURES]
+        if unfed:
+            raise UserError(
+                f"these predictors read {', '.join(unfed)}, a history input only `eval` feeds (no runtime "
+                "does): train predictors without it"
+            )
+        if features and lookahead:
+            raise UserError(
+                f"--lookahead with predictors that read history inputs ({', '.join(features)}): a later "
+                "layer's previous-layer routing is not known yet when it would be predicted; drop --lookahead"
+            )
         # pre-attention predictors the library can evaluate itself: no Python per token
         self.native = (
             mode in PREDICTION_MODES
@@ -188,6 +203,12 @@ class Controller:
             and predictor_engine == "native"
             and self._predict_natively(lookahead, predictor_threads)
         )
+        if features and not self.native:
+            raise UserError(
+                f"these predictors read history inputs ({', '.join(features)}), which only the library's own "
+                "predictor feeds (pre-attention, fp32, --predictor-engine native): run them that way, or "
+                "train predictors without --features"
+            )
         # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
         # (the library's own predictions are made on the decode thread, before the routing: never late)
         self.late_fallback = (
@@ -229,6 +250,7 @@ class Controller:
             log.warning("the predictors run in onnxruntime, not in the library: %s", why)
             return False
         self.bank.set_predictor_threads(threads)
+        order = sorted(self.bank.layers)  # history's previous MoE layer: every MoE layer is cached in `run`
         for il in self.bank.layers:
             if il in weights:
                 adaptive = self.mode == "adaptive"
@@ -241,6 +263,9 @@ class Controller:
                 )
                 if weights[il].prior_w is not None:  # a residual on the router (train --prior)
                     self.bank.set_predictor_prior(il, weights[il].prior_w)
+                if weights[il].history:  # train --features prev-layer,prev-token
+                    position = order.index(il)
+                    self.bank.set_predictor_history(il, weights[il], order[position - 1] if position else -1)
         self.bank.set_lookahead(lookahead)
         return True
 

@@ -181,7 +181,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="prediction modes: at each layer's pre-attention hook also predict and prefetch the next N "
         "layers' experts, with their own predictors on this layer's activation (earlier, less "
-        "accurate; default 0)",
+        "accurate; default 0); not with predictors that read history inputs, as the packaged ones do",
     )
     cache.add_argument(
         "--predictor-engine",

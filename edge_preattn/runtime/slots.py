@@ -215,6 +215,29 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         ctypes.c_int32,
     ]
+    # int32_t llama_edge_predictor_set_history(struct llama_context * ctx, int32_t il, const float * w_layer,
+    #     int32_t prev_layer, const float * w_token, int32_t n_hidden, int32_t n_expert);
+    lib.llama_edge_predictor_set_history.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_history.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        floats,
+        ctypes.c_int32,
+        floats,
+        ctypes.c_int32,
+        ctypes.c_int32,
+    ]
+    # int32_t llama_edge_predictor_get_last(const struct llama_context * ctx, int32_t il, float * input,
+    #     int32_t n_input, float * scores, int32_t n_scores);
+    lib.llama_edge_predictor_get_last.restype = ctypes.c_int32
+    lib.llama_edge_predictor_get_last.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int32,
+        floats,
+        ctypes.c_int32,
+        floats,
+        ctypes.c_int32,
+    ]
 
 
 class SlotAllocationError(UserError):
@@ -254,9 +277,9 @@ class SlotBank:
     def __init__(
         self, api: NativeApi, ctx, layers: tuple[int, ...], n_slots: int, max_batch_tokens: int = 32
     ):
-        if api.patch_version() < 16:
+        if api.patch_version() < 17:
             raise UserError(
-                "this llama.cpp build predates router priors in predictors (patch < 16): "
+                "this llama.cpp build predates history inputs in predictors (patch < 17): "
                 "run `edge-preattn build`"
             )
         bind_cache_functions(api)
@@ -340,15 +363,18 @@ class SlotBank:
         def pointer(array: np.ndarray):
             return array.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
-        n_hidden, n_embd = mlp.w1.shape
+        n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
+        # W1's columns that read x; those of the history inputs go to set_predictor_history
+        n_embd = mlp.w1.shape[1] - n_expert * len(mlp.history)
+        w1 = np.ascontiguousarray(mlp.w1[:, :n_embd])
         status = self.api.lib.llama_edge_predictor_set(
             self.ctx,
             il,
             n_embd,
             n_hidden,
-            mlp.w2.shape[0],
+            n_expert,
             ACTIVATIONS[mlp.activation],
-            pointer(mlp.w1),
+            pointer(w1),
             pointer(mlp.b1),
             pointer(mlp.w2),
             pointer(mlp.b2),
@@ -370,6 +396,37 @@ class SlotBank:
             status = self.api.lib.llama_edge_predictor_set_prior(self.ctx, il, pointer, *prior_w.shape)
         if status != 0:
             raise ValueError(f"the library refused layer {il}'s router prior (status {status})")
+
+    def set_predictor_history(self, il: int, mlp: MlpWeights, prev_layer: int) -> None:
+        """Layer il's predictor (set first, with its prior) also reads the history inputs of its graph,
+        which the library feeds: this token's router probabilities at `prev_layer` (-1: zeros, the first
+        MoE layer) and the previous token's at il (patch 17)."""
+        columns = {f: mlp.history_columns(f) for f in mlp.history}  # [n_hidden, n_expert] each
+
+        def pointer(feature: str):
+            found = columns.get(feature)
+            return None if found is None else found.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+        n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
+        status = self.api.lib.llama_edge_predictor_set_history(
+            self.ctx, il, pointer("prev-layer"), prev_layer, pointer("prev-token"), n_hidden, n_expert
+        )
+        if status != 0:
+            raise ValueError(f"the library refused layer {il}'s history inputs (status {status})")
+
+    def last_prediction(self, il: int, n_input: int, n_expert: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The last row layer il's predictor evaluated in the library: (its input [n_input]: x, then the
+        history inputs it read; its scores [n_expert]), or None before its first prediction."""
+        row, scores = np.zeros(n_input, np.float32), np.zeros(n_expert, np.float32)
+        floats = ctypes.POINTER(ctypes.c_float)
+        status = self.api.lib.llama_edge_predictor_get_last(
+            self.ctx, il, row.ctypes.data_as(floats), n_input, scores.ctypes.data_as(floats), n_expert
+        )
+        if status == -2:
+            return None
+        if status != 0:
+            raise ValueError(f"layer {il}'s last prediction has other sizes (status {status})")
+        return row, scores
 
     def set_predictor_threads(self, n_threads: int) -> None:
         """Predictors set from now on run as ggml graphs on a CPU backend with a pool of `n_threads`

@@ -1,0 +1,206 @@
+"""History inputs at run time (patch 17): predictors trained with `--features prev-layer,prev-token` run
+in the library with no Python per token, the output stays stock's, the library feeds exactly what
+`features.history` builds from traces of the same prompt, and its scores are onnxruntime's on those
+inputs."""
+
+import copy
+import ctypes
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from edge_preattn.errors import UserError
+from edge_preattn.model.layout import read_layout
+from edge_preattn.predictors import features, train
+from edge_preattn.predictors.networks import Predictor
+from edge_preattn.predictors.onnx_io import export_layer, load_predictor_set
+from edge_preattn.predictors.predictor_weights import read_mlp, read_predictor_set
+from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.slots import SlotBank
+from edge_preattn.traces.collect import CollectSettings, collect
+from edge_preattn.traces.trace_set import TraceSet
+
+from .test_cache import PROMPT, greedy, host_experts_engine
+from .test_native_predictor import run_native
+
+PROMPTS = (PROMPT, "The quick brown fox jumps over", "import numpy as np\nx = np.zeros(3)\n", "Once upon a")
+N_NEW = 8
+HISTORY = "prev-layer,prev-token"
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2"])  # deepseek2: a dense first layer
+def tiny(request, tmp_path_factory):
+    from edge_preattn.model.synth import write_synthetic
+
+    path = tmp_path_factory.mktemp("history") / f"{request.param}.gguf"
+    write_synthetic(request.param, path, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def traced(llama_lib, tiny, tmp_path_factory):
+    """Greedy traces of PROMPTS on the tiny model, and predictors trained on them with history inputs
+    (the default recipe's router prior included), briefly: what matters here is the runtime, not recall."""
+    root = tmp_path_factory.mktemp("history-traces")
+    (root / "prompts.txt").write_text("\n".join(p.replace("\n", "\\n") for p in PROMPTS) + "\n")
+    settings = CollectSettings(max_new_tokens=N_NEW, greedy=True, n_ctx=256, prompts_per_shard=4)
+    collect(tiny, root / "prompts.txt", root / "traces", settings, progress=False)
+    recipe = dataclasses.replace(
+        train.TrainSettings(), epochs=2, hidden=32, features=HISTORY, val_fraction=0.25
+    )
+    train.train(root / "traces", root / "predictors", recipe, device="cpu", progress=False)
+    layout = read_layout(tiny)
+    return TraceSet(root / "traces"), load_predictor_set(root / "predictors", fingerprint=layout.fingerprint)
+
+
+def test_a_history_graph_is_read_with_its_inputs_columns_apart(tmp_path):
+    """The Concat of x and the history inputs before the normalization: the same scores as torch, and
+    each input's columns of the first layer where set_predictor_history takes them."""
+    torch.manual_seed(0)
+    model = Predictor(2, 24, 8, 16, n_extra=16, prior=torch.randn(8, 24)).eval()
+    model.norm.mean.normal_()
+    model.body[-1].reset_parameters()
+    rng = np.random.default_rng(1)
+    extra = {name: rng.dirichlet(np.ones(8), 5).astype(np.float32) for name in ("prev_layer", "prev_token")}
+    x = rng.standard_normal((5, 24)).astype(np.float32)
+    mlp = read_mlp(tmp_path / export_layer(model, tmp_path, 0, x, extra)["file"])
+    assert mlp.history == ("prev-layer", "prev-token") and mlp.w1.shape == (16, 40)
+    with torch.no_grad():
+        expected = model(*(torch.from_numpy(a) for a in (x, *extra.values()))).numpy()
+    assert np.abs(mlp.scores(x, extra) - expected).max() < 1e-4
+    assert np.array_equal(mlp.history_columns("prev-token"), mlp.w1[:, 32:])
+
+
+@pytest.mark.parametrize(
+    ("mode", "threads", "miss"), [("top1", 0, "upload"), ("exact", 1, "upload"), ("exact", 0, "cpu")]
+)
+def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
+    llama_lib, tiny, traced, mode, threads, miss
+):
+    layout = read_layout(tiny)
+    _, predictors = traced
+    assert predictors.features == ("prev-layer", "prev-token")
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(
+        llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, predictor_threads=threads, miss=miss
+    )
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert run.native and not run.python_hooks  # no Python callback at all
+    assert run.stats.totals().prefetch_issued > 0
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_lib, tiny, traced, threads):
+    """After each decoded token, every layer's last native prediction read x and the history inputs of
+    that token's trace row (features.history: the probabilities bit for bit, float16 as stored), and
+    scored them as onnxruntime does. The prompt's own tokens route together, so their prev-token input
+    exists at decode time only (features.py): the comparison starts at the first decoded token."""
+    traces, predictors = traced
+    layout = read_layout(tiny)
+    rows = np.flatnonzero(traces.meta()["prompt"] == 0)  # PROMPTS[0] is PROMPT
+    n_prompt = int((traces.meta()["phase"][rows] == 0).sum())
+    n_embd, n_expert = layout.n_embd, layout.n_expert
+    seen: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(
+            engine,
+            layout,
+            n_slots=layout.n_expert_used,
+            mode="exact",
+            predictors=predictors,
+            predictor_threads=threads,
+        ) as runtime,
+    ):
+        bank = runtime.bank
+
+        def after_decode(_logits) -> None:
+            seen.append({il: bank.last_prediction(il, n_embd + 2 * n_expert, n_expert) for il in bank.layers})
+
+        tokens = [t for t, _ in engine.generate(PROMPT, N_NEW, on_logits=after_decode)]
+        assert runtime.engine_counters()["python_callbacks_per_token"] == 0
+    assert tokens == list(traces.meta()["tokens"][rows[n_prompt:]])  # the same run as the traces'
+    history = {(il, f): features.history(traces, il, f) for il in bank.layers for f in predictors.features}
+    fed_nonzero = dict.fromkeys(predictors.features, 0)
+    for step, last in enumerate(seen[1:]):  # seen[s]: after decoding the token at trace row n_prompt + s - 1
+        row = rows[n_prompt + step]
+        for il, (inputs, scores) in last.items():
+            x, history_part = inputs[:n_embd], inputs[n_embd:]  # the history in the graph's input order
+            fed = dict(
+                zip(predictors.features, np.split(history_part, len(predictors.features)), strict=True)
+            )
+            assert np.allclose(x, traces.layer(il, "x_pre")[row], rtol=1e-3, atol=1e-3)
+            for f in predictors.features:
+                assert np.array_equal(fed[f], history[il, f][row].astype(np.float32)), (step, il, f)
+                fed_nonzero[f] += bool(fed[f].any())
+            extra = {features.input_name(f): fed[f][None] for f in predictors.features}
+            expected = predictors.scores(il, x[None], extra)[0]
+            assert np.abs(scores - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    # prev-layer is zeros at the first MoE layer only; prev-token at none of the decoded tokens
+    assert fed_nonzero["prev-layer"] == (len(seen) - 1) * (len(bank.layers) - 1)
+    assert fed_nonzero["prev-token"] == (len(seen) - 1) * len(bank.layers)
+
+
+def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, tiny, traced):
+    layout = read_layout(tiny)
+    _, predictors = traced
+    for options, reason in (
+        ({"lookahead": 1}, "--lookahead"),
+        ({"predictor_engine": "onnxruntime"}, "--predictor-engine native"),
+    ):
+        with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match=reason) as caught:
+            CacheRuntime.for_layout(
+                engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors, **options
+            )
+        assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="--predictor-engine native"):
+        predictors.scores(predictors.layers[0], np.zeros((1, layout.n_embd), np.float32))
+    prev_x = copy.copy(predictors)
+    prev_x.features = ("prev-x",)  # a history input no runtime feeds
+    with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match="prev-x"):
+        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=prev_x)
+
+
+def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
+    layout = read_layout(tiny)
+    _, predictors = traced
+    first, il, other = (layer.index for layer in layout.moe_layers[:3])
+    mlp = read_predictor_set(predictors)[il]
+    floats = ctypes.POINTER(ctypes.c_float)
+    w_layer, w_token = (mlp.history_columns(f) for f in ("prev-layer", "prev-token"))
+    h, e = mlp.w1.shape[0], layout.n_expert
+    with host_experts_engine(llama_lib, tiny) as engine:
+        lib = engine.api.lib
+        bank = SlotBank(engine.api, engine.ctx, (first, il), n_slots=8)
+        good = [engine.ctx, il, w_layer.ctypes.data_as(floats), first, w_token.ctypes.data_as(floats), h, e]
+        assert lib.llama_edge_predictor_set_history(*good) == -2  # no predictor yet
+        assert bank.last_prediction(il, layout.n_embd + 2 * e, e) is None
+        bank.set_predictor(il, mlp, 4)
+        assert lib.llama_edge_predictor_set_history(*good) == 0
+        nan = w_token.copy()
+        nan[0, 0] = np.nan
+        dense = [i for i in range(first) if i not in {layer.index for layer in layout.moe_layers}]
+        for index, bad in [
+            (0, None),  # no context
+            (1, other),  # not a cached layer
+            (3, il),  # not a layer before il
+            (3, other),
+            (3, -2),
+            *[(3, d) for d in dense],  # not a MoE layer (deepseek2's dense first layer)
+            (4, nan.ctypes.data_as(floats)),  # not finite
+            (5, h + 1),  # not the predictor's hidden units
+            (6, e - 1),  # not its experts
+        ]:
+            args = list(good)
+            args[index] = bad
+            assert lib.llama_edge_predictor_set_history(*args) in (-1, -2), index
+        assert lib.llama_edge_predictor_set_lookahead(engine.ctx, 1) == -2  # history: no lookahead
+        assert lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0) == 0  # removed
+        bank.set_lookahead(1)
+        assert lib.llama_edge_predictor_set_history(*good) == -2  # and the other way round
+        bank.set_lookahead(0)
+        bank.set_predictor_history(il, mlp, -1)  # -1: the prev-layer input is zeros
+        assert lib.llama_edge_predictor_get_last(None, il, None, 0, None, 0) == -1
