@@ -16,6 +16,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
+from .interrupts import deferred
 from .units import check_numeric_options
 
 # verb -> module, in data-flow order
@@ -169,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     verb = next((word for word in argv if not word.startswith("-")), None)
     module = None
     try:
-        args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
+        with deferred():  # Ctrl-C: after the verb's imports (numpy's init turns one into an ImportError)
+            parser = build_parser(verb if verb in VERBS else None)
+        args = parser.parse_args(argv)  # sizes/rates parse here
         check_numeric_options(vars(args))
         check_text_options(vars(args))
         configure_logging(args.verbose)

@@ -6,6 +6,11 @@ callbacks; a KeyboardInterrupt raised there is swallowed by ctypes ("Exception i
 ctypes callback function"), so prediction modes used to ignore Ctrl-C and finish the run, and
 `collect` ended with a half-captured token. Around a native call, SIGINT only sets a flag; the
 KeyboardInterrupt follows when the call returns, at a token or ubatch boundary.
+
+Setup is held the same way (the verb modules' imports, `run`'s loads, building the expert cache):
+the native init of numpy, onnxruntime and onnx turns a KeyboardInterrupt raised inside it into an
+ImportError or a C++ terminate (an abort), and one raised between creating the cache and entering it
+would leave native state that nothing frees.
 """
 
 import contextlib

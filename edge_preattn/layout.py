@@ -250,10 +250,8 @@ class _Cursor:
         fmt = _SCALAR_FORMATS[item_type]
         self.need(length * struct.calcsize(fmt))
         if item_type in _FLOAT_DTYPES and not key.startswith("tokenizer."):  # per-layer hparams
-            values = np.frombuffer(self.buf, _FLOAT_DTYPES[item_type], count=length, offset=self.pos)
-            finite = bool(np.isfinite(values).all())
-            del values  # a view of the mmap: it must be gone before the mmap closes
-            if not finite:
+            data = self.buf[self.pos : self.pos + length * struct.calcsize(fmt)]  # a copy: see below
+            if not np.isfinite(np.frombuffer(data, _FLOAT_DTYPES[item_type])).all():
                 raise _Corrupt(f"{key} holds a value that is not a finite number")
         keep = length <= _KEPT_ARRAY_ITEMS
         values = struct.unpack_from(f"<{length}{fmt}", self.buf, self.pos) if keep else None
@@ -371,10 +369,15 @@ def _sampled_blocks_finite(buf: mmap.mmap, tensor: _TensorInfo) -> bool:
     n_blocks = tensor.n_bytes // block_bytes
     if n_blocks == 0:
         return True
-    blocks = np.frombuffer(buf, np.uint8, count=n_blocks * block_bytes, offset=tensor.data_offset)
-    blocks = blocks.reshape(n_blocks, block_bytes)  # a view of the mmap: [n_blocks, block_bytes]
+    # copies of the bytes, never views of the map: an exception (a Ctrl-C) raised while a view is alive
+    # keeps it alive in the traceback, and closing the map then fails with a BufferError in its place
     if tensor.n_bytes > _WHOLE_TENSOR_BYTES:
-        blocks = blocks[np.linspace(0, n_blocks - 1, _SAMPLED_BLOCKS).astype(np.int64)]  # a copy
+        sampled = np.linspace(0, n_blocks - 1, _SAMPLED_BLOCKS).astype(np.int64).tolist()
+        starts = (tensor.data_offset + index * block_bytes for index in sampled)
+        data = b"".join(buf[start : start + block_bytes] for start in starts)
+    else:
+        data = buf[tensor.data_offset : tensor.data_offset + n_blocks * block_bytes]
+    blocks = np.frombuffer(data, np.uint8).reshape(-1, block_bytes)
     size = np.dtype(dtype).itemsize
     scales = np.ascontiguousarray(blocks[:, offset : offset + count * size]).view(dtype)
     return bool(np.isfinite(scales).all())

@@ -310,3 +310,62 @@ def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
         "run with stdout closed (>&-)",
         "ran; text discarded, summary on stderr (exit 0)",
     )
+
+
+# A process that sends itself SIGNAL on entering MODULE.NAME (a step of the setup), then lets the step
+# run; the step prints STEP_DONE when it returns. The signal is delivered at that point every time.
+SIGNAL_DURING_STEP = """
+import os, signal, sys
+from edge_preattn import cli, {module}
+real = {module}.{name}
+def signalled(*args, **kwargs):
+    os.kill(os.getpid(), signal.{signal})
+    result = real(*args, **kwargs)
+    print("STEP_DONE", file=sys.stderr, flush=True)
+    return result
+{module}.{name} = signalled
+sys.argv[0] = "edge-preattn"
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize(
+    "signal_name, module, name",
+    [
+        ("SIGINT", "cli", "build_parser"),  # imports every verb module: numpy's init, for one
+        ("SIGTERM", "onnx_io", "load_predictor_set"),  # onnxruntime's and onnx's imports, sessions
+        ("SIGINT", "native", "load_llama"),
+        ("SIGTERM", "run", "shrink_until_allocated"),  # the expert cache: slots, native predictor, hooks
+    ],
+)
+def test_a_signal_during_run_setup_waits_for_the_step_and_stops_in_one_line(
+    lib_dir, signal_name, module, name
+):
+    """A signal in the first second of `run --mode top1` used to land inside a library's import or
+    initialization: onnx's module init aborted the process (a C++ terminate), onnxruntime's and
+    numpy's turned it into an ImportError ("not a loadable ONNX model"), and once it segfaulted. Now
+    every setup step finishes, and the run stops before generating, in one line."""
+    if not run.DEFAULT_MODEL.is_file():
+        pytest.skip("the packaged model is absent")
+    script = SIGNAL_DURING_STEP.format(module=module, name=name, signal=signal_name)
+    argv = ["run", "--mode", "top1", "-n", "8", "-p", "def fibonacci(n):"]
+    process = subprocess.run(
+        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
+    )
+    expected = 143 if signal_name == "SIGTERM" else 130
+    message = "edge-preattn: terminated" if signal_name == "SIGTERM" else "edge-preattn: interrupted"
+    assert process.returncode == expected, process.stderr
+    assert process.stderr.split() == ["STEP_DONE", *message.split()], process.stderr
+    assert process.stdout == ""  # stopped before the prompt was echoed
+    record("signals", f"{signal_name} inside run --mode top1's {name}", f"{message} (exit {expected})")
+
+
+def test_ctrl_c_while_a_model_header_is_checked_is_not_a_buffer_error(inputs, monkeypatch, capsys):
+    """Ctrl-C inside the GGUF reader's check of tensor values: a numpy view of the file's map was
+    alive in the traceback, so closing the map raised BufferError in the KeyboardInterrupt's place."""
+    model, _, _ = inputs
+    interrupted_once(monkeypatch, np, "isfinite", after_calls=3)
+    assert cli.main(["inspect", str(model)]) == 130
+    err = capsys.readouterr().err
+    assert err.split() == ["edge-preattn:", "interrupted"] and "BufferError" not in err, err
+    record("signals", "Ctrl-C while inspect checks a tensor's values", "edge-preattn: interrupted (exit 130)")
