@@ -150,13 +150,14 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def terminate_like_ctrl_c(terminated: list[int]):
-    """A SIGTERM handler (`timeout`, `kill`, a job scheduler) that stops the way Ctrl-C does: it sends
-    this process SIGINT, so that native calls finish their token or batch first (interrupts.py) and
-    the verb unwinds and keeps its work; main() then exits 143 instead of 130."""
+    """A SIGTERM handler (`timeout`, `kill`, a job scheduler) that stops the way Ctrl-C does: it raises
+    KeyboardInterrupt, held like Ctrl-C's until native calls finish their token or batch
+    (interrupts.py), so the verb unwinds and keeps its work; main() then exits 143 instead of 130.
+    It raises itself rather than send SIGINT, which a script's background job ignores."""
 
     def handler(signum: int, _frame) -> None:
         terminated.append(signum)
-        os.kill(os.getpid(), signal.SIGINT)
+        raise KeyboardInterrupt
 
     return handler
 

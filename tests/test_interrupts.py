@@ -220,20 +220,32 @@ def cli_process(*argv: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(command, stderr=subprocess.PIPE, **popen)
 
 
-def interrupt_when(process: subprocess.Popen, ready) -> str:
-    """SIGINT (what Ctrl-C sends) once `ready()` holds; then the process's stderr. Fails, never hangs,
-    if the process ignores it."""
+def interrupt_when(process: subprocess.Popen, ready, signum: int = signal.SIGINT) -> str:
+    """SIGINT (what Ctrl-C sends), or `signum`, once `ready()` holds; then the process's stderr. Fails,
+    never hangs, if the process ignores it."""
     deadline = time.monotonic() + 120
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "it ended before it could be interrupted"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     try:
         _, err = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("Ctrl-C did not stop it within 60 s") from None
+        raise AssertionError(f"{signal.Signals(signum).name} did not stop it within 60 s") from None
     return err.decode(errors="replace")
+
+
+def generating(process: subprocess.Popen):
+    """A `ready` for interrupt_when: `run` (stdout piped) has streamed a few tokens past its prompt."""
+    os.set_blocking(process.stdout.fileno(), False)
+    text = bytearray()
+
+    def ready() -> bool:
+        text.extend(process.stdout.read() or b"")
+        return len(text) > len(run.DEFAULT_PROMPT) + 8
+
+    return ready
 
 
 def assert_clean_interrupt(process: subprocess.Popen, err: str, last_line: str) -> None:
@@ -249,17 +261,32 @@ def test_ctrl_c_stops_run_in_every_mode(lib_dir, mode):
     if not run.DEFAULT_MODEL.is_file():
         pytest.skip("the packaged model is absent")
     process = cli_process("run", "--mode", mode, "-n", "1000", "-c", "1024", stdout=subprocess.PIPE)
-    os.set_blocking(process.stdout.fileno(), False)
-    text = bytearray()
-
-    def generating() -> bool:
-        text.extend(process.stdout.read() or b"")
-        return len(text) > len(run.DEFAULT_PROMPT) + 8  # a few tokens past the prompt
-
-    err = interrupt_when(process, generating)
+    err = interrupt_when(process, generating(process))
     assert_clean_interrupt(process, err, "edge-preattn: interrupted")
     assert "prefill" not in err  # stopped before the end of its run (the summary comes last)
     record("signals", f"SIGINT (Ctrl-C) during run --mode {mode}", "edge-preattn: interrupted (exit 130)")
+
+
+def test_sigterm_stops_run_in_a_background_job_that_ignores_sigint(lib_dir):
+    """`edge-preattn run ... &` in a script starts with SIGINT ignored. SIGTERM was turned into a SIGINT
+    sent to itself, which was then ignored too: `kill` did nothing and the run finished with exit 0."""
+    if not run.DEFAULT_MODEL.is_file():
+        pytest.skip("the packaged model is absent")
+    process = cli_process(
+        "run",
+        "--mode",
+        "top1",
+        "-n",
+        "1000",
+        "-c",
+        "1024",
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `cmd &` in a script does
+    )
+    err = interrupt_when(process, generating(process), signal.SIGTERM)
+    assert process.returncode == cli.EXIT_TERMINATED, err
+    assert err.split() == ["edge-preattn:", "terminated"], err
+    record("signals", "SIGTERM to run in a background job (SIGINT ignored)", "edge-preattn: terminated (143)")
 
 
 def test_ctrl_c_stops_collect_and_the_same_command_resumes(lib_dir, inputs, tmp_path):
