@@ -236,16 +236,20 @@ class _Cursor:
             raise _Corrupt(f"{key} is an array of arrays")
         if item_type == _V.STRING:
             self.need(length * 8)  # each string has at least its 8-byte length: bounds the loop
-            seen: set[bytes] | None = set() if key == _TOKENS_KEY else None
-            for index in range(length):
+            items = []
+            for _ in range(length):
                 n_bytes = self.scalar("Q")
                 self.need(n_bytes)
-                if seen is not None:  # llama.cpp aborts (GGML_ASSERT) on a repeated token
-                    token = self.buf[self.pos : self.pos + n_bytes] or f"[EMPTY_{index}]".encode()
+                items.append(self.buf[self.pos : self.pos + n_bytes])
+                self.pos += n_bytes
+            _check_utf8(key, items)
+            if key == _TOKENS_KEY:  # llama.cpp aborts (GGML_ASSERT) on a repeated token
+                seen: set[bytes] = set()
+                for index, item in enumerate(items):
+                    token = item or f"[EMPTY_{index}]".encode()
                     if token in seen:
                         raise _Corrupt(f"{key} repeats the token {token!r} (at index {index})")
                     seen.add(token)
-                self.pos += n_bytes
             return _Array(length, None)
         fmt = _SCALAR_FORMATS[item_type]
         self.need(length * struct.calcsize(fmt))
@@ -257,6 +261,25 @@ class _Cursor:
         values = struct.unpack_from(f"<{length}{fmt}", self.buf, self.pos) if keep else None
         self.pos += length * struct.calcsize(fmt)
         return _Array(length, values)
+
+
+def _check_utf8(key: str, items: list[bytes]) -> None:
+    """Every string of an array is UTF-8, as GGUF says (gguf-py's reader, which `widen` uses, fails on
+    others). One decode of them all, newline-separated: an item cut inside a multi-byte character
+    cannot borrow the next item's bytes to look whole."""
+    try:
+        b"\n".join(items).decode("utf-8")
+    except UnicodeDecodeError:
+        index = next(i for i, item in enumerate(items) if not _is_utf8(item))
+        raise _Corrupt(f"{key}[{index}] is not UTF-8 text") from None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _value_type(type_id: int, key: str) -> gguf.GGUFValueType:
