@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from edge_preattn import cli, collect
 from edge_preattn.controller import CacheRuntime, RandomRanking
 from edge_preattn.engine import Engine, EngineConfig
 from edge_preattn.layout import read_layout
-from edge_preattn.native import NativeApi
+from edge_preattn.native import EXIT_LLAMA_STOPPED, NativeApi
 from edge_preattn.slots import LLAMA_EDGE_ERR_ALLOC, SlotAllocationError, SlotBank, bind_cache_functions
 from edge_preattn.synth import write_synthetic
 
@@ -341,3 +343,49 @@ def test_a_full_disk_during_collect_keeps_finished_shards_and_the_rerun_complete
     message = one_line(capsys, train_argv, "layer-000.pt: No space left on device (disk full)")
     assert not [p for p in (tmp_path / "predictors").rglob("*") if p.name.startswith(".")]
     record("output fault", "disk full while train saves a checkpoint", message)
+
+
+# `run` on MODEL in which the 3rd decode first makes ggml fail a GGML_ASSERT, through its public API
+# (a tensor of a type that does not exist), on THREAD: what a CUDA error or a bug in llama.cpp does.
+GGML_ASSERT_DURING_RUN = """
+import ctypes, sys, threading
+from edge_preattn import cli, engine, native
+real_decode, calls = engine.Engine.decode, []
+
+def fail_an_assert():
+    ggml = ctypes.CDLL(str(native.find_library() / "libggml-base.so"))
+    ggml.ggml_new_tensor.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    ggml.ggml_new_tensor(None, 9999, 1, (ctypes.c_int64 * 1)(32))
+
+def decode(self, tokens, all_logits=False):
+    calls.append(len(tokens))
+    if len(calls) == 3:
+        if {thread!r} == "main":
+            fail_an_assert()
+        else:
+            worker = threading.Thread(target=fail_an_assert)
+            worker.start()
+            worker.join()
+    return real_decode(self, tokens, all_logits)
+
+engine.Engine.decode = decode
+sys.argv[0] = "edge-preattn"
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_ggml_abort_ends_the_run_in_one_line(lib_dir, tiny, thread):
+    """ggml_abort printed a C++ backtrace and dumped core (SIGABRT); a CUDA error ends there too."""
+    script = GGML_ASSERT_DURING_RUN.format(thread=thread)
+    argv = ["run", "-m", str(tiny), "-p", "hello", "-n", "8", "--temp", "0", "--mode", "lru"]
+    process = subprocess.run(
+        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert process.returncode == EXIT_LLAMA_STOPPED, process.stderr
+    lines = process.stderr.splitlines()
+    assert len(lines) == 1, process.stderr
+    assert lines[0].startswith("edge-preattn: llama.cpp stopped: GGML_ASSERT(type >= 0"), lines[0]
+    assert "(ggml.c:" in lines[0] and "--verbose" in lines[0]
+    assert process.stdout.startswith("hello") and len(process.stdout) > len("hello")  # the tokens so far
+    record("fault", f"a GGML_ASSERT in llama.cpp ({thread} thread) during run", f"{lines[0]} (exit 70)")
