@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
+        # CPython marks the process when a KeyboardInterrupt leaves code that eval() or exec() ran from a
+        # string (how dataclasses and namedtuples are made, often inside an import) and, under
+        # `python -m`, kills itself with SIGINT at exit although the interrupt was handled here: status
+        # -2 instead of 130 or 143. A string eval that ends normally clears the mark.
+        eval("None")
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
         resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
         print(f"\nedge-preattn: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)

@@ -396,3 +396,36 @@ def test_ctrl_c_while_a_model_header_is_checked_is_not_a_buffer_error(inputs, mo
     err = capsys.readouterr().err
     assert err.split() == ["edge-preattn:", "interrupted"] and "BufferError" not in err, err
     record("signals", "Ctrl-C while inspect checks a tensor's values", "edge-preattn: interrupted (exit 130)")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_inside_code_made_by_exec_still_exits_130_or_143(tmp_path, signal_name):
+    """A signal landing in code that exec() runs from a string (a dataclass or namedtuple being made,
+    e.g. in torch's import) made `python -m edge_preattn.cli` die by SIGINT after its one line:
+    status -2, where a SIGTERM should give 143. Here the signal comes inside such code, every time."""
+    (tmp_path / "signalled_cli.py").write_text(
+        "import sys\n"
+        "from edge_preattn import cli, layout\n"
+        "real = layout.read_layout\n"
+        "def read_layout(path):\n"
+        f"    exec('import os, signal; os.kill(os.getpid(), signal.{signal_name}); made = 1')\n"
+        "    return real(path)\n"
+        "layout.read_layout = read_layout\n"
+        "sys.argv[0] = 'edge-preattn'\n"
+        "sys.exit(cli.main())\n"
+    )
+    model = Path(run.DEFAULT_MODEL)
+    if not model.is_file():
+        pytest.skip("the packaged model is absent")
+    process = subprocess.run(
+        [sys.executable, "-m", "signalled_cli", "inspect", str(model)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    terminated = signal_name == "SIGTERM"
+    assert process.returncode == (cli.EXIT_TERMINATED if terminated else 130), process.stderr
+    assert process.stderr.split() == ["edge-preattn:", "terminated" if terminated else "interrupted"]
