@@ -13,6 +13,7 @@ from types import ModuleType
 
 from . import build
 from .errors import UserError
+from .interrupts import deferred
 
 PATCH_VERSION = 16  # what patches/ builds; llama_edge_patch_version() answers it
 
@@ -74,6 +75,7 @@ def find_library(preset: str | None = None, stock: bool = False) -> Path:
     return lib_dir
 
 
+@deferred()  # Ctrl-C: after it, not inside llama_cpp's import and its library's initialization
 def load_llama(lib_dir: Path | None = None, offload_short_batches: bool = False) -> ModuleType:
     """Import llama_cpp bound to our library; refuses to mix two libraries in one process.
 
