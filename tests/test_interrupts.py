@@ -286,7 +286,11 @@ def test_sigterm_stops_run_in_a_background_job_that_ignores_sigint(lib_dir):
     err = interrupt_when(process, generating(process), signal.SIGTERM)
     assert process.returncode == cli.EXIT_TERMINATED, err
     assert err.split() == ["edge-preattn:", "terminated"], err
-    record("signals", "SIGTERM to run in a background job (SIGINT ignored)", "edge-preattn: terminated (143)")
+    record(
+        "signals",
+        "SIGTERM to run in a background job (SIGINT ignored)",
+        "edge-preattn: terminated (exit 143)",
+    )
 
 
 def test_ctrl_c_stops_collect_and_the_same_command_resumes(lib_dir, inputs, tmp_path):
