@@ -9,8 +9,8 @@ their handler runs when the call returns, at a token or ubatch boundary.
 
 Setup is held the same way (the verb modules' imports, `run`'s loads, building the expert cache):
 the native init of numpy, onnxruntime and onnx turns a KeyboardInterrupt raised inside it into an
-ImportError or a C++ terminate (an abort), and one raised between creating the cache and entering it
-would leave native state that nothing frees.
+ImportError or a C++ terminate (an abort), and one raised between creating the expert cache and
+entering it would skip its close() (its hooks and threads outlive it).
 """
 
 import contextlib
