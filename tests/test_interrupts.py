@@ -148,11 +148,16 @@ def test_a_shard_damaged_by_a_crash_is_redone_by_the_same_command(inputs, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory):
+def trained_folder(inputs, tmp_path_factory) -> Path:
     _, _, traces = inputs
     out = tmp_path_factory.mktemp("trained") / "predictors"
     assert cli.main(["train", str(traces), "-o", str(out), *TRAIN_FLAGS]) == 0
-    return json.loads((out / "predictors.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(trained_folder):
+    return json.loads((trained_folder / "predictors.json").read_text())
 
 
 def validation(manifest: dict) -> list:
@@ -343,13 +348,16 @@ def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
     )
 
 
-# A process that sends itself SIGNAL on entering MODULE.NAME (a step of the setup), then lets the step
-# run; the step prints STEP_DONE when it returns. The signal is delivered at that point every time.
+# A process that sends itself SIGNAL on entering MODULE.NAME (a step of the setup) the first time, then
+# lets the step run; that call prints STEP_DONE when it returns. The signal comes at that point every time.
 SIGNAL_DURING_STEP = """
 import os, signal, sys
 from edge_preattn import cli, {module}
-real = {module}.{name}
+real, sent = {module}.{name}, []
 def signalled(*args, **kwargs):
+    if sent:
+        return real(*args, **kwargs)
+    sent.append(True)
     os.kill(os.getpid(), signal.{signal})
     result = real(*args, **kwargs)
     print("STEP_DONE", file=sys.stderr, flush=True)
@@ -358,6 +366,22 @@ def signalled(*args, **kwargs):
 sys.argv[0] = "edge-preattn"
 sys.exit(cli.main())
 """
+
+
+def signal_during_step(signal_name: str, module: str, name: str, argv: list[str]) -> tuple[str, str]:
+    """Run `edge-preattn ARGV` with SIGNAL_DURING_STEP; check it waited for the step and ended as that
+    signal should, in one line; return its stdout and that line."""
+    script = SIGNAL_DURING_STEP.format(module=module, name=name, signal=signal_name)
+    process = subprocess.run(
+        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
+    )
+    expected = 143 if signal_name == "SIGTERM" else 130
+    message = "edge-preattn: terminated" if signal_name == "SIGTERM" else "edge-preattn: interrupted"
+    assert process.returncode == expected, process.stderr
+    lines = [line for line in process.stderr.splitlines() if line.strip() and "%|" not in line]  # no bar
+    assert lines[0] == "STEP_DONE" and lines[-1].startswith(message), process.stderr
+    assert len(lines) == 2 or (len(lines) == 3 and lines[1].startswith("collecting")), process.stderr
+    return process.stdout, f"{lines[-1]} (exit {expected})"
 
 
 @pytest.mark.parametrize(
@@ -378,17 +402,19 @@ def test_a_signal_during_run_setup_waits_for_the_step_and_stops_in_one_line(
     every setup step finishes, and the run stops before generating, in one line."""
     if not run.DEFAULT_MODEL.is_file():
         pytest.skip("the packaged model is absent")
-    script = SIGNAL_DURING_STEP.format(module=module, name=name, signal=signal_name)
     argv = ["run", "--mode", "top1", "-n", "8", "-p", "def fibonacci(n):"]
-    process = subprocess.run(
-        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
-    )
-    expected = 143 if signal_name == "SIGTERM" else 130
-    message = "edge-preattn: terminated" if signal_name == "SIGTERM" else "edge-preattn: interrupted"
-    assert process.returncode == expected, process.stderr
-    assert process.stderr.split() == ["STEP_DONE", *message.split()], process.stderr
-    assert process.stdout == ""  # stopped before the prompt was echoed
-    record("signals", f"{signal_name} inside run --mode top1's {name}", f"{message} (exit {expected})")
+    out, outcome = signal_during_step(signal_name, module, name, argv)
+    assert out == ""  # stopped before the prompt was echoed
+    record("signals", f"{signal_name} inside run --mode top1's {name}", outcome)
+
+
+def test_a_signal_while_eval_creates_a_predictor_session_waits_for_it(inputs, trained_folder, tmp_path):
+    """The predictor loader holds signals itself, for every command that loads predictors (eval here,
+    with no setup of its own held around it): the session is made, then eval stops in one line."""
+    _, _, traces = inputs
+    argv = ["eval", str(traces), str(trained_folder), "-o", str(tmp_path / "eval")]
+    _, outcome = signal_during_step("SIGTERM", "onnx_io", "_session", argv)
+    record("signals", "SIGTERM while eval creates an onnxruntime session", outcome)
 
 
 def test_ctrl_c_while_a_model_header_is_checked_is_not_a_buffer_error(inputs, monkeypatch, capsys):
