@@ -16,6 +16,7 @@ import sys
 
 from . import __version__
 from .errors import UserError
+from .interrupts import deferred
 from .units import check_numeric_options
 
 # verb -> module, in data-flow order
@@ -149,13 +150,14 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 def terminate_like_ctrl_c(terminated: list[int]):
-    """A SIGTERM handler (`timeout`, `kill`, a job scheduler) that stops the way Ctrl-C does: it sends
-    this process SIGINT, so that native calls finish their token or batch first (interrupts.py) and
-    the verb unwinds and keeps its work; main() then exits 143 instead of 130."""
+    """A SIGTERM handler (`timeout`, `kill`, a job scheduler) that stops the way Ctrl-C does: it raises
+    KeyboardInterrupt, held like Ctrl-C's until native calls finish their token or batch
+    (interrupts.py), so the verb unwinds and keeps its work; main() then exits 143 instead of 130.
+    It raises itself rather than send SIGINT, which a script's background job ignores."""
 
     def handler(signum: int, _frame) -> None:
         terminated.append(signum)
-        os.kill(os.getpid(), signal.SIGINT)
+        raise KeyboardInterrupt
 
     return handler
 
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     verb = next((word for word in argv if not word.startswith("-")), None)
     module = None
     try:
-        args = build_parser(verb if verb in VERBS else None).parse_args(argv)  # sizes/rates parse here
+        with deferred():  # Ctrl-C: after the verb's imports (numpy's init turns one into an ImportError)
+            parser = build_parser(verb if verb in VERBS else None)
+        args = parser.parse_args(argv)  # sizes/rates parse here
         check_numeric_options(vars(args))
         check_text_options(vars(args))
         configure_logging(args.verbose)
@@ -190,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except KeyboardInterrupt:
+        # CPython marks the process when a KeyboardInterrupt leaves code that eval() or exec() ran from a
+        # string (how dataclasses and namedtuples are made, often inside an import) and, under
+        # `python -m`, kills itself with SIGINT at exit although the interrupt was handled here: status
+        # -2 instead of 130 or 143. A string eval that ends normally clears the mark.
+        eval("None")
         # verbs that keep partial work (RESUMABLE = True) pick up where they stopped
         resume = "; rerun the same command to resume" if getattr(module, "RESUMABLE", False) else ""
         print(f"\nedge-preattn: {'terminated' if terminated else 'interrupted'}{resume}", file=sys.stderr)

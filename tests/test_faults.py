@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from edge_preattn import cli
 from edge_preattn.model.engine import Engine, EngineConfig
 from edge_preattn.model.layout import read_layout
-from edge_preattn.model.native import NativeApi
+from edge_preattn.model.native import EXIT_LLAMA_STOPPED, NativeApi
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
 from edge_preattn.runtime.slots import (
@@ -347,3 +349,74 @@ def test_a_full_disk_during_collect_keeps_finished_shards_and_the_rerun_complete
     message = one_line(capsys, train_argv, "layer-000.pt: No space left on device (disk full)")
     assert not [p for p in (tmp_path / "predictors").rglob("*") if p.name.startswith(".")]
     record("output fault", "disk full while train saves a checkpoint", message)
+
+
+# `run` in which the 3rd decode first makes ggml fail a GGML_ASSERT through its public API, on THREAD:
+# what a CUDA error or a bug in llama.cpp does. FAILURES: the library and the call that asserts.
+GGML_ASSERT_DURING_RUN = """
+import ctypes, sys, threading
+from edge_preattn import cli
+from edge_preattn.model import engine, native
+real_decode, calls = engine.Engine.decode, []
+
+def fail_an_assert():
+    library = ctypes.CDLL(str(native.find_library() / {library!r}))
+    {call}
+
+def decode(self, tokens, all_logits=False):
+    calls.append(len(tokens))
+    if len(calls) == 3:
+        if {thread!r} == "main":
+            fail_an_assert()
+        else:
+            worker = threading.Thread(target=fail_an_assert)
+            worker.start()
+            worker.join()
+    return real_decode(self, tokens, all_logits)
+
+engine.Engine.decode = decode
+sys.argv[0] = "edge-preattn"
+sys.exit(cli.main())
+"""
+FAILURES = {
+    # a tensor of a type that does not exist
+    "ggml": ("libggml-base.so", "library.ggml_new_tensor(None, 9999, 1, (ctypes.c_int64 * 1)(32))"),
+    # the memory of a CUDA device that does not exist
+    "cuda": ("libggml-cuda.so", "library.ggml_backend_cuda_get_device_memory(9999, None, None)"),
+}
+
+
+def ggml_assert_during_run(model, thread: str, failure: str) -> tuple[int, list[str], str]:
+    """(exit status, stderr lines, stdout) of `run` on `model` with that failure on that thread."""
+    library, call = FAILURES[failure]
+    script = GGML_ASSERT_DURING_RUN.format(thread=thread, library=library, call=call)
+    argv = ["run", "-m", str(model), "-p", "hello", "-n", "8", "--temp", "0", "--mode", "lru"]
+    process = subprocess.run(
+        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
+    )
+    return process.returncode, process.stderr.splitlines(), process.stdout
+
+
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_a_ggml_abort_ends_the_run_in_one_line(lib_dir, tiny, thread):
+    """ggml_abort printed a C++ backtrace and dumped core (SIGABRT); a CUDA error ends there too."""
+    status, lines, out = ggml_assert_during_run(tiny, thread, "ggml")
+    assert status == EXIT_LLAMA_STOPPED and len(lines) == 1, lines
+    assert lines[0].startswith("edge-preattn: llama.cpp stopped: GGML_ASSERT(type >= 0"), lines[0]
+    assert "(ggml.c:" in lines[0] and "--verbose" in lines[0]
+    assert out.startswith("hello") and len(out) > len("hello")  # the tokens so far
+    record("fault", f"a GGML_ASSERT in llama.cpp ({thread} thread) during run", f"{lines[0]} (exit 70)")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
+    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
+)
+def test_an_abort_in_the_cuda_backend_ends_the_run_in_one_line(lib_dir, tiny):
+    """The CUDA backend's asserts and CUDA errors (CUDA_CHECK, after three ERROR lines of llama.cpp's log)
+    end in the same ggml_abort: here an assert inside libggml-cuda, on a worker thread."""
+    status, lines, _ = ggml_assert_during_run(tiny, "worker", "cuda")
+    assert status == EXIT_LLAMA_STOPPED and len(lines) == 1, lines
+    assert lines[0].startswith("edge-preattn: llama.cpp stopped: GGML_ASSERT(device >= 0"), lines[0]
+    assert "(ggml-cuda.cu:" in lines[0]

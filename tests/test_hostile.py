@@ -180,4 +180,4 @@ def test_widen_from_a_file_that_is_not_gguf(tmp_path, capsys):
     source = tmp_path / "prompts.txt"
     source.write_text("hello world\n" * 10)
     assert cli.main(["synth", "--widen-from", str(source), "-o", str(tmp_path / "wide.gguf")]) == 2
-    assert "not a valid GGUF" in one_error_line(capsys)
+    assert "is not a GGUF file" in one_error_line(capsys)

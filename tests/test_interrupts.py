@@ -151,11 +151,16 @@ def test_a_shard_damaged_by_a_crash_is_redone_by_the_same_command(inputs, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory):
+def trained_folder(inputs, tmp_path_factory) -> Path:
     _, _, traces = inputs
     out = tmp_path_factory.mktemp("trained") / "predictors"
     assert cli.main(["train", str(traces), "-o", str(out), *TRAIN_FLAGS]) == 0
-    return json.loads((out / "predictors.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(trained_folder):
+    return json.loads((trained_folder / "predictors.json").read_text())
 
 
 def validation(manifest: dict) -> list:
@@ -223,20 +228,32 @@ def cli_process(*argv: str, **popen) -> subprocess.Popen:
     return subprocess.Popen(command, stderr=subprocess.PIPE, **popen)
 
 
-def interrupt_when(process: subprocess.Popen, ready) -> str:
-    """SIGINT (what Ctrl-C sends) once `ready()` holds; then the process's stderr. Fails, never hangs,
-    if the process ignores it."""
+def interrupt_when(process: subprocess.Popen, ready, signum: int = signal.SIGINT) -> str:
+    """SIGINT (what Ctrl-C sends), or `signum`, once `ready()` holds; then the process's stderr. Fails,
+    never hangs, if the process ignores it."""
     deadline = time.monotonic() + 120
     while not ready() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "it ended before it could be interrupted"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     try:
         _, err = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         process.kill()
-        raise AssertionError("Ctrl-C did not stop it within 60 s") from None
+        raise AssertionError(f"{signal.Signals(signum).name} did not stop it within 60 s") from None
     return err.decode(errors="replace")
+
+
+def generating(process: subprocess.Popen):
+    """A `ready` for interrupt_when: `run` (stdout piped) has streamed a few tokens past its prompt."""
+    os.set_blocking(process.stdout.fileno(), False)
+    text = bytearray()
+
+    def ready() -> bool:
+        text.extend(process.stdout.read() or b"")
+        return len(text) > len(run.DEFAULT_PROMPT) + 8
+
+    return ready
 
 
 def assert_clean_interrupt(process: subprocess.Popen, err: str, last_line: str) -> None:
@@ -252,17 +269,36 @@ def test_ctrl_c_stops_run_in_every_mode(lib_dir, mode):
     if not run.DEFAULT_MODEL.is_file():
         pytest.skip("the packaged model is absent")
     process = cli_process("run", "--mode", mode, "-n", "1000", "-c", "1024", stdout=subprocess.PIPE)
-    os.set_blocking(process.stdout.fileno(), False)
-    text = bytearray()
-
-    def generating() -> bool:
-        text.extend(process.stdout.read() or b"")
-        return len(text) > len(run.DEFAULT_PROMPT) + 8  # a few tokens past the prompt
-
-    err = interrupt_when(process, generating)
+    err = interrupt_when(process, generating(process))
     assert_clean_interrupt(process, err, "edge-preattn: interrupted")
     assert "prefill" not in err  # stopped before the end of its run (the summary comes last)
     record("signals", f"SIGINT (Ctrl-C) during run --mode {mode}", "edge-preattn: interrupted (exit 130)")
+
+
+def test_sigterm_stops_run_in_a_background_job_that_ignores_sigint(lib_dir):
+    """`edge-preattn run ... &` in a script starts with SIGINT ignored. SIGTERM was turned into a SIGINT
+    sent to itself, which was then ignored too: `kill` did nothing and the run finished with exit 0."""
+    if not run.DEFAULT_MODEL.is_file():
+        pytest.skip("the packaged model is absent")
+    process = cli_process(
+        "run",
+        "--mode",
+        "top1",
+        "-n",
+        "1000",
+        "-c",
+        "1024",
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `cmd &` in a script does
+    )
+    err = interrupt_when(process, generating(process), signal.SIGTERM)
+    assert process.returncode == cli.EXIT_TERMINATED, err
+    assert err.split() == ["edge-preattn:", "terminated"], err
+    record(
+        "signals",
+        "SIGTERM to run in a background job (SIGINT ignored)",
+        "edge-preattn: terminated (exit 143)",
+    )
 
 
 def test_ctrl_c_stops_collect_and_the_same_command_resumes(lib_dir, inputs, tmp_path):
@@ -313,3 +349,118 @@ def test_a_closed_stdout_descriptor_is_not_reused(lib_dir, inputs):
         "run with stdout closed (>&-)",
         "ran; text discarded, summary on stderr (exit 0)",
     )
+
+
+# A process that sends itself SIGNAL on entering MODULE.NAME (a step of the setup) the first time, then
+# lets the step run; that call prints STEP_DONE when it returns. The signal comes at that point every time.
+SIGNAL_DURING_STEP = """
+import os, signal, sys
+import edge_preattn.{module} as target
+from edge_preattn import cli
+real, sent = target.{name}, []
+def signalled(*args, **kwargs):
+    if sent:
+        return real(*args, **kwargs)
+    sent.append(True)
+    os.kill(os.getpid(), signal.{signal})
+    result = real(*args, **kwargs)
+    print("STEP_DONE", file=sys.stderr, flush=True)
+    return result
+target.{name} = signalled
+sys.argv[0] = "edge-preattn"
+sys.exit(cli.main())
+"""
+
+
+def signal_during_step(signal_name: str, module: str, name: str, argv: list[str]) -> tuple[str, str]:
+    """Run `edge-preattn ARGV` with SIGNAL_DURING_STEP; check it waited for the step and ended as that
+    signal should, in one line; return its stdout and that line."""
+    script = SIGNAL_DURING_STEP.format(module=module, name=name, signal=signal_name)
+    process = subprocess.run(
+        [sys.executable, "-c", script, *argv], check=False, capture_output=True, text=True, timeout=120
+    )
+    expected = 143 if signal_name == "SIGTERM" else 130
+    message = "edge-preattn: terminated" if signal_name == "SIGTERM" else "edge-preattn: interrupted"
+    assert process.returncode == expected, process.stderr
+    lines = [line for line in process.stderr.splitlines() if line.strip() and "%|" not in line]  # no bar
+    assert lines[0] == "STEP_DONE" and lines[-1].startswith(message), process.stderr
+    assert len(lines) == 2 or (len(lines) == 3 and lines[1].startswith("collecting")), process.stderr
+    return process.stdout, f"{lines[-1]} (exit {expected})"
+
+
+@pytest.mark.parametrize(
+    "signal_name, module, name",
+    [
+        ("SIGINT", "cli", "build_parser"),  # imports every verb module: numpy's init, for one
+        ("SIGTERM", "predictors.onnx_io", "load_predictor_set"),  # onnxruntime's and onnx's imports, sessions
+        ("SIGINT", "model.native", "load_llama"),
+        ("SIGTERM", "runtime.run", "shrink_until_allocated"),  # the expert cache: slots, native predictor, hooks
+    ],
+)
+def test_a_signal_during_run_setup_waits_for_the_step_and_stops_in_one_line(
+    lib_dir, signal_name, module, name
+):
+    """A signal in the first second of `run --mode top1` used to land inside a library's import or
+    initialization: onnx's module init aborted the process (a C++ terminate), onnxruntime's and
+    numpy's turned it into an ImportError ("not a loadable ONNX model"), and once it segfaulted. Now
+    every setup step finishes, and the run stops before generating, in one line."""
+    if not run.DEFAULT_MODEL.is_file():
+        pytest.skip("the packaged model is absent")
+    argv = ["run", "--mode", "top1", "-n", "8", "-p", "def fibonacci(n):"]
+    out, outcome = signal_during_step(signal_name, module, name, argv)
+    assert out == ""  # stopped before the prompt was echoed
+    record("signals", f"{signal_name} inside run --mode top1's {name}", outcome)
+
+
+def test_a_signal_while_eval_creates_a_predictor_session_waits_for_it(inputs, trained_folder, tmp_path):
+    """The predictor loader holds signals itself, for every command that loads predictors (eval here,
+    with no setup of its own held around it): the session is made, then eval stops in one line."""
+    _, _, traces = inputs
+    argv = ["eval", str(traces), str(trained_folder), "-o", str(tmp_path / "eval")]
+    _, outcome = signal_during_step("SIGTERM", "predictors.onnx_io", "_session", argv)
+    record("signals", "SIGTERM while eval creates an onnxruntime session", outcome)
+
+
+def test_ctrl_c_while_a_model_header_is_checked_is_not_a_buffer_error(inputs, monkeypatch, capsys):
+    """Ctrl-C inside the GGUF reader's check of tensor values: a numpy view of the file's map was
+    alive in the traceback, so closing the map raised BufferError in the KeyboardInterrupt's place."""
+    model, _, _ = inputs
+    interrupted_once(monkeypatch, np, "isfinite", after_calls=3)
+    assert cli.main(["inspect", str(model)]) == 130
+    err = capsys.readouterr().err
+    assert err.split() == ["edge-preattn:", "interrupted"] and "BufferError" not in err, err
+    record("signals", "Ctrl-C while inspect checks a tensor's values", "edge-preattn: interrupted (exit 130)")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_inside_code_made_by_exec_still_exits_130_or_143(tmp_path, signal_name):
+    """A signal landing in code that exec() runs from a string (a dataclass or namedtuple being made,
+    e.g. in torch's import) made `python -m edge_preattn.cli` die by SIGINT after its one line:
+    status -2, where a SIGTERM should give 143. Here the signal comes inside such code, every time."""
+    (tmp_path / "signalled_cli.py").write_text(
+        "import sys\n"
+        "from edge_preattn import cli\n"
+        "from edge_preattn.model import layout\n"
+        "real = layout.read_layout\n"
+        "def read_layout(path):\n"
+        f"    exec('import os, signal; os.kill(os.getpid(), signal.{signal_name}); made = 1')\n"
+        "    return real(path)\n"
+        "layout.read_layout = read_layout\n"
+        "sys.argv[0] = 'edge-preattn'\n"
+        "sys.exit(cli.main())\n"
+    )
+    model = Path(run.DEFAULT_MODEL)
+    if not model.is_file():
+        pytest.skip("the packaged model is absent")
+    process = subprocess.run(
+        [sys.executable, "-m", "signalled_cli", "inspect", str(model)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    terminated = signal_name == "SIGTERM"
+    assert process.returncode == (cli.EXIT_TERMINATED if terminated else 130), process.stderr
+    assert process.stderr.split() == ["edge-preattn:", "terminated" if terminated else "interrupted"]

@@ -2,6 +2,7 @@
 Python, predicting what onnxruntime predicts, and never changing the output."""
 
 import ctypes
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import onnx_io
 from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
-from edge_preattn.predictors.predictor_weights import Unsupported, read_mlp, read_predictor_set
+from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_mlp, read_predictor_set
 from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.slots import SlotBank
 from edge_preattn.runtime.stats import RuntimeStats
@@ -354,3 +355,77 @@ def test_predictor_graphs_on_a_cpu_backend_predict_what_the_loop_predicts(llama_
         bank.set_predictor_threads(1)
         bank.set_predictor(0, read_predictor_set(predictors)[0], 4)
         assert lib.llama_edge_predictor_set_threads(engine.ctx, 2) == -2  # a predictor is placed already
+
+
+GARBAGE = {  # weights that pass the library's check (finite) and still predict nonsense: (weight, whether
+    # the library prefetches on such scores)
+    "huge (scores overflow to inf and NaN)": (3e38, False),
+    "random, far from trained": (None, True),
+}
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+@pytest.mark.parametrize("mode", ["top1", "exact", "adaptive"])
+@pytest.mark.parametrize("fault", list(GARBAGE))
+def test_garbage_weights_in_the_library_never_change_the_output(
+    llama_lib, tiny, tmp_path, monkeypatch, fault, mode, threads
+):
+    """The library's predictor runs without Python's checks of its scores (finite, in range): infinite,
+    NaN or absurd scores may only cost uploads, never change a token or a logit (nor crash)."""
+    from edge_preattn.predictors import predictor_weights
+
+    layout = read_layout(tiny)
+    predictors = export_predictors(layout, tmp_path / "predictors")
+    rng = np.random.default_rng(3)
+
+    weight, prefetches = GARBAGE[fault]
+
+    def garbage(array: np.ndarray) -> np.ndarray:
+        if weight is None:
+            return (rng.standard_normal(array.shape) * 1e4).astype(np.float32)
+        return np.full_like(array, weight)
+
+    bad = {
+        il: MlpWeights(garbage(m.w1), garbage(m.b1), m.activation, garbage(m.w2), garbage(m.b2))
+        for il, m in read_predictor_set(predictors).items()
+    }
+    monkeypatch.setattr(predictor_weights, "read_predictor_set", lambda _predictors: bad)  # past its check
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(
+        llama_lib, tiny, layout, predictors, mode, 2 * layout.n_expert_used, predictor_threads=threads
+    )
+    assert run.native and (run.stats.totals().prefetch_issued > 0) == prefetches
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+
+
+def test_a_predictor_file_with_nan_weights_is_switched_off_and_the_output_stays(
+    llama_lib, tiny, tmp_path, caplog
+):
+    """Not refused at load (the manifest's hashes match): the library's reader finds it differs from
+    onnxruntime and leaves it to onnxruntime, whose NaN scores switch prediction off layer by layer."""
+    import onnx
+    from onnx import numpy_helper
+
+    layout = read_layout(tiny)
+    out = tmp_path / "predictors"
+    predictors = export_predictors(layout, out)
+    manifest = json.loads((out / onnx_io.MANIFEST).read_text())
+    for entry in manifest["predictors"]:
+        path = out / entry["file"]
+        model = onnx.load(str(path))
+        for tensor in model.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if array.ndim == 2:  # the Gemm weights
+                tensor.CopyFrom(numpy_helper.from_array(np.full_like(array, np.nan), tensor.name))
+        onnx.save(model, str(path))
+        entry.update(sha256=onnx_io.sha256_bytes(path.read_bytes()), bytes=path.stat().st_size)
+    onnx_io.write_manifest(out, {key: value for key, value in manifest.items() if key != "format"})
+    predictors = onnx_io.load_predictor_set(out, fingerprint=layout.fingerprint)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(llama_lib, tiny, layout, predictors, "exact", 2 * layout.n_expert_used)
+    assert not run.native and run.stats.totals().prefetch_issued == 0
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert "differs from onnxruntime by nan" in caplog.text
+    assert caplog.text.count("prediction is off for that layer") == len(layout.moe_layers)

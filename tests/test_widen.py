@@ -91,5 +91,5 @@ def test_the_command_refuses_its_own_input_and_dense_models(tmp_path, capsys):
     writer.write_tensors_to_file()
     writer.close()
     assert cli.main(["synth", "--widen-from", str(dense), "-o", str(tmp_path / "w.gguf")]) == 2
-    assert "only such MoE models can be widened" in capsys.readouterr().err
+    assert "needs a Mixture-of-Experts GGUF" in capsys.readouterr().err  # read_layout's check, first
     assert not (tmp_path / "w.gguf").exists()

@@ -119,29 +119,50 @@ class _Cursor:
             raise _Corrupt(f"{key} is an array of arrays")
         if item_type == _V.STRING:
             self.need(length * 8)  # each string has at least its 8-byte length: bounds the loop
-            seen: set[bytes] | None = set() if key == _TOKENS_KEY else None
-            for index in range(length):
+            items = []
+            for _ in range(length):
                 n_bytes = self.scalar("Q")
                 self.need(n_bytes)
-                if seen is not None:  # llama.cpp aborts (GGML_ASSERT) on a repeated token
-                    token = self.buf[self.pos : self.pos + n_bytes] or f"[EMPTY_{index}]".encode()
+                items.append(self.buf[self.pos : self.pos + n_bytes])
+                self.pos += n_bytes
+            _check_utf8(key, items)
+            if key == _TOKENS_KEY:  # llama.cpp aborts (GGML_ASSERT) on a repeated token
+                seen: set[bytes] = set()
+                for index, item in enumerate(items):
+                    token = item or f"[EMPTY_{index}]".encode()
                     if token in seen:
                         raise _Corrupt(f"{key} repeats the token {token!r} (at index {index})")
                     seen.add(token)
-                self.pos += n_bytes
             return MetadataArray(length, None)
         fmt = _SCALAR_FORMATS[item_type]
         self.need(length * struct.calcsize(fmt))
         if item_type in _FLOAT_DTYPES and not key.startswith("tokenizer."):  # per-layer hparams
-            values = np.frombuffer(self.buf, _FLOAT_DTYPES[item_type], count=length, offset=self.pos)
-            finite = bool(np.isfinite(values).all())
-            del values  # a view of the mmap: it must be gone before the mmap closes
-            if not finite:
+            data = self.buf[self.pos : self.pos + length * struct.calcsize(fmt)]  # a copy: see below
+            if not np.isfinite(np.frombuffer(data, _FLOAT_DTYPES[item_type])).all():
                 raise _Corrupt(f"{key} holds a value that is not a finite number")
         keep = length <= _KEPT_ARRAY_ITEMS
         values = struct.unpack_from(f"<{length}{fmt}", self.buf, self.pos) if keep else None
         self.pos += length * struct.calcsize(fmt)
         return MetadataArray(length, values)
+
+
+def _check_utf8(key: str, items: list[bytes]) -> None:
+    """Every string of an array is UTF-8, as GGUF says (gguf-py's reader, which `widen` uses, fails on
+    others). One decode of them all, newline-separated: an item cut inside a multi-byte character
+    cannot borrow the next item's bytes to look whole."""
+    try:
+        b"\n".join(items).decode("utf-8")
+    except UnicodeDecodeError:
+        index = next(i for i, item in enumerate(items) if not _is_utf8(item))
+        raise _Corrupt(f"{key}[{index}] is not UTF-8 text") from None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _value_type(type_id: int, key: str) -> gguf.GGUFValueType:
@@ -250,10 +271,15 @@ def _sampled_blocks_finite(buf: mmap.mmap, tensor: TensorInfo) -> bool:
     n_blocks = tensor.n_bytes // block_bytes
     if n_blocks == 0:
         return True
-    blocks = np.frombuffer(buf, np.uint8, count=n_blocks * block_bytes, offset=tensor.data_offset)
-    blocks = blocks.reshape(n_blocks, block_bytes)  # a view of the mmap: [n_blocks, block_bytes]
+    # copies of the bytes, never views of the map: an exception (a Ctrl-C) raised while a view is alive
+    # keeps it alive in the traceback, and closing the map then fails with a BufferError in its place
     if tensor.n_bytes > _WHOLE_TENSOR_BYTES:
-        blocks = blocks[np.linspace(0, n_blocks - 1, _SAMPLED_BLOCKS).astype(np.int64)]  # a copy
+        sampled = np.linspace(0, n_blocks - 1, _SAMPLED_BLOCKS).astype(np.int64).tolist()
+        starts = (tensor.data_offset + index * block_bytes for index in sampled)
+        data = b"".join(buf[start : start + block_bytes] for start in starts)
+    else:
+        data = buf[tensor.data_offset : tensor.data_offset + n_blocks * block_bytes]
+    blocks = np.frombuffer(data, np.uint8).reshape(-1, block_bytes)
     size = np.dtype(dtype).itemsize
     scales = np.ascontiguousarray(blocks[:, offset : offset + count * size]).view(dtype)
     return bool(np.isfinite(scales).all())

@@ -12,12 +12,45 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import UserError
+from ..interrupts import deferred
 from . import build
 
 PATCH_VERSION = 17  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_GPU = 1
+
+# EX_SOFTWARE (sysexits.h): llama.cpp stopped the process (a GGML_ASSERT, a CUDA error)
+EXIT_LLAMA_STOPPED = 70
+
+# typedef void (*ggml_abort_callback_t)(const char * error_message);
+GGML_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+@GGML_ABORT_CALLBACK
+def _stop_in_one_line(message: bytes) -> None:
+    """ggml_abort's callback: a failed GGML_ASSERT, a CUDA error. Without it ggml prints a backtrace and
+    aborts (a core dump); it still calls abort() when this returns, so the process ends here, in one
+    line with a status of its own. Raw os.write and os._exit: this may run on a ggml worker thread
+    while the main thread is inside llama.cpp, and no Python state is safe to unwind."""
+    location, _, what = message.decode(errors="replace").strip().partition(": ")
+    line = (
+        f"edge-preattn: llama.cpp stopped: {what} ({os.path.basename(location)}); "
+        "rerun with --verbose for llama.cpp's log\n"
+    )
+    os.write(2, line.encode())
+    os._exit(EXIT_LLAMA_STOPPED)
+
+
+def stop_in_one_line_on_abort(lib_dir: Path) -> None:
+    """Route ggml_abort (GGML_ASSERT, GGML_ABORT, CUDA errors) of the library in lib_dir to
+    _stop_in_one_line; a library without ggml_set_abort_callback keeps its abort."""
+    ggml_base = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    if hasattr(ggml_base, "ggml_set_abort_callback"):
+        # ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback);
+        ggml_base.ggml_set_abort_callback.restype = ctypes.c_void_p
+        ggml_base.ggml_set_abort_callback.argtypes = [GGML_ABORT_CALLBACK]
+        ggml_base.ggml_set_abort_callback(_stop_in_one_line)
 
 
 def find_library(preset: str | None = None, stock: bool = False) -> Path:
@@ -42,6 +75,7 @@ def find_library(preset: str | None = None, stock: bool = False) -> Path:
     return lib_dir
 
 
+@deferred()  # Ctrl-C: after it, not inside llama_cpp's import and its library's initialization
 def load_llama(lib_dir: Path | None = None, offload_short_batches: bool = False) -> ModuleType:
     """Import llama_cpp bound to our library; refuses to mix two libraries in one process.
 
@@ -70,6 +104,7 @@ def load_llama(lib_dir: Path | None = None, offload_short_batches: bool = False)
         raise UserError(
             f"cannot load llama.cpp from {lib_dir} ({error}); rebuild it with `edge-preattn build`"
         ) from error
+    stop_in_one_line_on_abort(lib_dir)
     return llama_cpp
 
 

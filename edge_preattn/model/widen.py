@@ -128,6 +128,8 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     regular_input(source, "the model")  # missing, a folder, a FIFO, a link loop: before gguf-py's reader
     if os.path.realpath(source) == os.path.realpath(output):  # realpath, unlike resolve(), takes loops
         raise UserError(f"-o {output} is the model being widened: choose another file")
+    # our reader checks what gguf-py's assumes (UTF-8 strings, sizes, offsets): one line, not a traceback
+    routing_fingerprint = read_layout(source).routing_fingerprint
     try:  # gguf-py reads lazily: a damaged header fails here or in the first contents()
         reader = gguf.GGUFReader(source)
         arch_field = reader.fields.get("general.architecture")
@@ -173,7 +175,7 @@ def widen(source: Path, target_expert_bytes: int, output: Path) -> WidenResult:
     with atomic_output(output) as temporary:  # renamed over `output` when complete; OSError: one line
         writer = gguf.GGUFWriter(temporary, arch)
         try:
-            _copy_metadata(reader, writer, arch, n_ff_to, read_layout(source).routing_fingerprint)
+            _copy_metadata(reader, writer, arch, n_ff_to, routing_fingerprint)
             for tensor in reader.tensors:
                 shape = shapes.get(tensor.name, tensor.data.shape)
                 nbytes = int(np.prod(shape)) * tensor.data.itemsize

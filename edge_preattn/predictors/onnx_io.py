@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..files import atomic_output, write_json_atomic
+from ..interrupts import deferred
 
 FORMAT = "edge-preattn-predictors/1"
 MANIFEST = "predictors.json"
@@ -294,6 +295,7 @@ def _confined(directory: Path, name: str) -> Path:
     return path
 
 
+@deferred()  # Ctrl-C: after it, not inside onnxruntime's import (an ImportError) or a session's creation
 def load_predictor_set(
     directory, fingerprint: str | None = None, threads: int = 1, int8: bool = False
 ) -> PredictorSet:

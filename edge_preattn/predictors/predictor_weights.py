@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..interrupts import deferred
+
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # LLAMA_EDGE_ACT_* in llama-edge.h
 NATIVE_FEATURES = ("prev-layer", "prev-token")  # history inputs the library feeds (patch 17)
 CHECK_ROWS = 16
@@ -223,6 +225,7 @@ def read_mlp(path: Path) -> MlpWeights:
     )
 
 
+@deferred()  # Ctrl-C: after it, not inside onnx's import (its native init aborts the process)
 def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
     if predictors.int8:

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from ..errors import UserError
 from ..files import output_target, write_json_atomic
+from ..interrupts import deferred
 from ..model import build, native
 from ..model.engine import Engine, EngineConfig, Sampling, expert_overrides, stream_text
 from ..model.layout import MoeLayout, plan_slots, read_layout
@@ -323,6 +324,7 @@ class Loaded:
     mode: str
 
 
+@deferred()  # Ctrl-C: after it, never inside an import or initialization of onnxruntime, onnx, llama.cpp
 def prepare(args: argparse.Namespace) -> Setup:
     """Check the shared options, resolve the default model, and load predictors and the library."""
     if args.n_predict <= 0:
@@ -390,34 +392,35 @@ def open_engine(
         runtime, n_slots, mode = None, setup.n_slots, args.mode
         if mode != "off":
             oracle = record_oracle(engine) if mode == "oracle" and record_oracle else None
-            runtime, n_slots = shrink_until_allocated(  # out of device memory: fewer slots, or stock
-                lambda slots: CacheRuntime.for_layout(
-                    engine,
-                    setup.layout,
-                    n_slots=slots,
-                    mode=mode,
-                    max_batch_tokens=args.bypass_tokens,
-                    predictors=setup.predictors,
-                    extra=args.extra,
-                    target=args.target,
-                    bandwidth_bytes_per_s=args.bandwidth,
-                    eviction=args.eviction,
-                    oracle=oracle,
-                    miss=args.miss,
-                    wait_for_prefetch=args.wait_prefetch,
-                    lookahead=args.lookahead,
-                    late_fallback=not args.keep_late_predictions,
-                    predictor_engine=args.predictor_engine,
-                    predictor_threads=args.predictor_threads,
-                    copy_queue=args.copy_queue,
-                ),
-                n_slots,
-                setup.layout.n_expert_used,
-            )
-            if runtime is None:
-                mode = "off"
-            else:
-                stack.enter_context(runtime)
+            with deferred():  # Ctrl-C: once the cache is built and entered, never halfway
+                runtime, n_slots = shrink_until_allocated(  # out of device memory: fewer slots, or stock
+                    lambda slots: CacheRuntime.for_layout(
+                        engine,
+                        setup.layout,
+                        n_slots=slots,
+                        mode=mode,
+                        max_batch_tokens=args.bypass_tokens,
+                        predictors=setup.predictors,
+                        extra=args.extra,
+                        target=args.target,
+                        bandwidth_bytes_per_s=args.bandwidth,
+                        eviction=args.eviction,
+                        oracle=oracle,
+                        miss=args.miss,
+                        wait_for_prefetch=args.wait_prefetch,
+                        lookahead=args.lookahead,
+                        late_fallback=not args.keep_late_predictions,
+                        predictor_engine=args.predictor_engine,
+                        predictor_threads=args.predictor_threads,
+                        copy_queue=args.copy_queue,
+                    ),
+                    n_slots,
+                    setup.layout.n_expert_used,
+                )
+                if runtime is None:
+                    mode = "off"
+                else:
+                    stack.enter_context(runtime)
         yield Loaded(engine, runtime, n_slots, mode)
 
 
