@@ -392,9 +392,9 @@ def signal_during_step(signal_name: str, module: str, name: str, argv: list[str]
     "signal_name, module, name",
     [
         ("SIGINT", "cli", "build_parser"),  # imports every verb module: numpy's init, for one
-        ("SIGTERM", "predictors.onnx_io", "load_predictor_set"),  # onnxruntime's and onnx's imports, sessions
+        ("SIGTERM", "predictors.onnx_io", "load_predictor_set"),  # onnxruntime and onnx imports, sessions
         ("SIGINT", "model.native", "load_llama"),
-        ("SIGTERM", "runtime.run", "shrink_until_allocated"),  # the expert cache: slots, native predictor, hooks
+        ("SIGTERM", "runtime.run", "shrink_until_allocated"),  # the cache: slots, native predictor, hooks
     ],
 )
 def test_a_signal_during_run_setup_waits_for_the_step_and_stops_in_one_line(
