@@ -15,6 +15,11 @@
 #   mps-probe        SMs, device copy and host-to-device rate under MPS shares (carry: .carry/mps_probe.sh)
 #   bench MODEL ARGS `edge-preattn bench MODEL ARGS -o /tmp/results/<model>`, packed into $OUT
 #   test ARGS        pytest on the GPU build (EDGE_PREATTN_TEST_PRESET=cuda-hopper)
+#
+# The headline table of issue 17, one model per call after `setup` (C: the bench options shared by all):
+#   C="--predictors DIR --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,oracle --copy-queue"
+#   bench MODEL $C --vram-budget 25%,50% -t 8
+#   bench MODEL $C --vram-budget 25%,50% --emulate rtx4070-pcie4   (and laptop-pcie4x8)
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGE_PREATTN_CACHE=/tmp/edge-cache EDGE_PREATTN_LLAMA_SOURCE=/tmp/llsrc
 # The image's CC/CXX link libstdc++ statically into each shared library: two copies crash at model load.

@@ -2,10 +2,13 @@
 results; stock placements are sized from the header. No timing is asserted."""
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
 from edge_preattn import cli
+from edge_preattn.errors import UserError
 from edge_preattn.measure import bench_plan
 from edge_preattn.model import build
 from edge_preattn.model.layout import read_layout
@@ -172,3 +175,19 @@ def test_emulation_calibrates_the_memory_load_to_the_cards_bandwidth(monkeypatch
     assert emulate._calibrated_duty(tmp_path, {}, {}, 400.0, 504.0) == (0.0, 400.0)  # slower alone: no load
     monkeypatch.setattr(emulate, "_probe", lambda program, env: (46, 2000.0 - 100.0 * duty_now[0]))
     assert emulate._calibrated_duty(tmp_path, {}, {}, 2000.0, 504.0) == (1.0, 1900.0)  # the most it can do
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit)")
+def test_the_emulation_load_compiles_and_a_failed_probe_is_one_line(tmp_path, monkeypatch):
+    """emulate_load.cu is built by nvcc on first use, on the GPU machine only: a compile error would show
+    there first. Here it is compiled; without a usable GPU its probe fails, and says why in one line."""
+    from edge_preattn.measure import emulate
+
+    monkeypatch.setenv("EDGE_PREATTN_CACHE", str(tmp_path))
+    program = emulate._load_program()
+    assert program.is_file() and program.parent == tmp_path / "tools"
+    assert emulate._load_program() == program  # cached by the source's hash
+    if subprocess.run([str(program), "probe"], capture_output=True, check=False).returncode == 0:
+        pytest.skip("a GPU answers here: the failure path cannot be seen")
+    with pytest.raises(UserError, match=r"^the --emulate probe failed: emulate_load: \S+: .+$"):
+        emulate._probe(program, {})
