@@ -191,3 +191,6 @@ def test_the_emulation_load_compiles_and_a_failed_probe_is_one_line(tmp_path, mo
         pytest.skip("a GPU answers here: the failure path cannot be seen")
     with pytest.raises(UserError, match=r"^the --emulate probe failed: emulate_load: \S+: .+$"):
         emulate._probe(program, {})
+    load_failed = r"^the --emulate memory load did not start: emulate_load: \S+: .+$"
+    with pytest.raises(UserError, match=load_failed), emulate._load(program, {}, 0.5):
+        pass

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import select
 import shutil
 import subprocess
 import tempfile
@@ -119,14 +120,17 @@ def _load_program() -> Path:
 
 def _probe(program: Path, env: dict[str, str]) -> tuple[int, float]:
     """(SMs, device-copy GB/s) as one MPS client with `env` sees them."""
-    done = subprocess.run(
-        [str(program), "probe"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-        check=False,
-    )
+    try:
+        done = subprocess.run(
+            [str(program), "probe"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise UserError(f"the --emulate probe did not answer in {PROBE_TIMEOUT_S} s (is MPS up?)") from None
     found = re.search(r"sms=(\d+) device_copy_GBps=([\d.]+)", done.stdout)
     if done.returncode != 0 or found is None:
         raise UserError(f"the --emulate probe failed: {(done.stderr or done.stdout).strip() or 'no output'}")
@@ -144,9 +148,12 @@ def _load(program: Path, env: dict[str, str], duty: float) -> Iterator[None]:
         text=True,
     )
     try:
-        if process.stdout is None or process.stdout.readline().strip() != "ready":
+        assert process.stdout is not None
+        started = select.select([process.stdout], [], [], PROBE_TIMEOUT_S)[0]  # a hung MPS client too
+        if not started or process.stdout.readline().strip() != "ready":
             process.kill()
-            raise UserError(f"the --emulate memory load did not start: {process.communicate()[1].strip()}")
+            why = process.communicate()[1].strip() or f"no answer in {PROBE_TIMEOUT_S} s"
+            raise UserError(f"the --emulate memory load did not start: {why}")
         yield
     finally:
         process.kill()
