@@ -10,8 +10,9 @@ from edge_preattn.model.engine import Engine, EngineConfig, Sampling
 from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import baselines
 from edge_preattn.runtime.cache import UploadBudget
+from edge_preattn.runtime.cache_api import CacheStats, LayerStats, PredictionStats, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
-from edge_preattn.runtime.slots import CacheStats, LayerStats, PredictionStats, SlotBank, bind_cache_functions
+from edge_preattn.runtime.slots import SlotBank
 from edge_preattn.traces.hooks import Hooks
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"

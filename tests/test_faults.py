@@ -17,13 +17,9 @@ from edge_preattn.model.engine import Engine, EngineConfig
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.native import EXIT_LLAMA_STOPPED, NativeApi
 from edge_preattn.model.synth import write_synthetic
+from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_ALLOC, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
-from edge_preattn.runtime.slots import (
-    LLAMA_EDGE_ERR_ALLOC,
-    SlotAllocationError,
-    SlotBank,
-    bind_cache_functions,
-)
+from edge_preattn.runtime.slots import SlotAllocationError, SlotBank
 from edge_preattn.traces import collect
 
 from .robustness_log import record

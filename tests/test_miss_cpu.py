@@ -9,8 +9,9 @@ from edge_preattn.model.engine import Engine
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache import MissCostModel
+from edge_preattn.runtime.cache_api import MissStats, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
-from edge_preattn.runtime.slots import MissStats, SlotBank, bind_cache_functions
+from edge_preattn.runtime.slots import SlotBank
 
 from .test_cache import host_experts_engine
 from .test_native_predictor import export_predictors
