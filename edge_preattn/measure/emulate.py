@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import atomic_output, output_folder
 from ..model.build import cache_dir
 
 log = logging.getLogger(__name__)
@@ -94,27 +95,28 @@ def get_profile(name: str) -> EdgeProfile:
     return PROFILES[name]
 
 
+def _said(done: subprocess.CompletedProcess) -> str:
+    """What a finished tool printed, for a one-line message: its errors, else its output."""
+    return (done.stderr or done.stdout).strip() or "no output"
+
+
 def _load_program() -> Path:
     """emulate_load.cu compiled once per source text into the cache (nvcc, as the CUDA build uses)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise UserError("--emulate needs nvcc (the CUDA toolkit that builds the CUDA library) on PATH")
     digest = hashlib.sha256(LOAD_SOURCE.read_bytes()).hexdigest()[:12]
-    program = cache_dir() / "tools" / f"emulate_load-{digest}"
+    program = output_folder(cache_dir() / "tools") / f"emulate_load-{digest}"
     if not program.is_file():
-        program.parent.mkdir(parents=True, exist_ok=True)
-        partial = program.with_name(program.name + ".partial")
-        built = subprocess.run(
-            [nvcc, "-std=c++17", "-O2", "-o", str(partial), str(LOAD_SOURCE)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if built.returncode != 0:
-            partial.unlink(missing_ok=True)
-            last = (built.stderr or built.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise UserError(f"nvcc could not build {LOAD_SOURCE.name}: {last[0]}")
-        partial.replace(program)
+        with atomic_output(program) as temporary:
+            built = subprocess.run(
+                [nvcc, "-std=c++17", "-O2", "-o", str(temporary), str(LOAD_SOURCE)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if built.returncode != 0:
+                raise UserError(f"nvcc could not build {LOAD_SOURCE.name}: {_said(built).splitlines()[-1]}")
     return program
 
 
@@ -133,7 +135,7 @@ def _probe(program: Path, env: dict[str, str]) -> tuple[int, float]:
         raise UserError(f"the --emulate probe did not answer in {PROBE_TIMEOUT_S} s (is MPS up?)") from None
     found = re.search(r"sms=(\d+) device_copy_GBps=([\d.]+)", done.stdout)
     if done.returncode != 0 or found is None:
-        raise UserError(f"the --emulate probe failed: {(done.stderr or done.stdout).strip() or 'no output'}")
+        raise UserError(f"the --emulate probe failed: {_said(done)}")
     return int(found.group(1)), float(found.group(2))
 
 
@@ -208,7 +210,7 @@ def edge_gpu(profile: EdgeProfile) -> Iterator[Emulation]:
     if started.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
         raise UserError(
-            f"the MPS daemon did not start ({(started.stderr or started.stdout).strip() or 'no output'}): "
+            f"the MPS daemon did not start ({_said(started)}): "
             "--emulate needs root (or the GPU's owner) and a GPU in the Default compute mode"
         )
     time.sleep(MPS_SETTLE_S)

@@ -31,25 +31,21 @@ struct Buffers {
     int4 * src = nullptr;
     int4 * dst = nullptr;
     size_t n   = 0;
-    int    blocks = 0;
+    int    sms = 0;  // an MPS client sees its own share of the SMs here
 
     explicit Buffers(size_t bytes) : n(bytes / sizeof(int4)) {
         check(cudaMalloc(&src, bytes), "cudaMalloc");
         check(cudaMalloc(&dst, bytes), "cudaMalloc");
         check(cudaMemset(src, 1, bytes), "cudaMemset");
-        int sms = 0;
         check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
-        blocks = sms * 8;  // an MPS client sees its own share of the SMs here
     }
 
-    void copy() const { copy_kernel<<<blocks, 256>>>(src, dst, n); }
+    void copy() const { copy_kernel<<<sms * 8, 256>>>(src, dst, n); }
 };
 
 static int probe() {
     const size_t bytes = 256u << 20;
     Buffers buffers(bytes);
-    int sms = 0;
-    check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
     for (int i = 0; i < 3; ++i) {
         buffers.copy();
     }
@@ -67,7 +63,7 @@ static int probe() {
     float elapsed_ms = 0.0f;
     check(cudaEventElapsedTime(&elapsed_ms, start, stop), "cudaEventElapsedTime");
     const double gbps = 2.0 * bytes * rounds / (elapsed_ms * 1e-3) / 1e9;  // read + write
-    std::printf("sms=%d device_copy_GBps=%.1f\n", sms, gbps);
+    std::printf("sms=%d device_copy_GBps=%.1f\n", buffers.sms, gbps);
     return 0;
 }
 
