@@ -47,7 +47,14 @@ def stock_library(lib_dir):
 
 def test_bench_writes_the_results_format(lib_dir, tiny, tmp_path, capsys):
     argv = ["bench", str(tiny), "--vram-budget", "50%", "-c", "256", "-n", "4", "--rounds", "1"]
-    argv += ["--configs", "exps-cpu,lru", "--stock-lib", str(stock_library(lib_dir)), "-o", str(tmp_path)]
+    argv += [
+        "--configs",
+        "exps-cpu,lru,lru+token",
+        "--stock-lib",
+        str(stock_library(lib_dir)),
+        "-o",
+        str(tmp_path),
+    ]
     assert cli.main(argv) == 0
     result = json.loads((tmp_path / "bench-tiny-50pct.json").read_text())
     assert {
@@ -61,8 +68,9 @@ def test_bench_writes_the_results_format(lib_dir, tiny, tmp_path, capsys):
     } <= set(result)
     assert result["model"] == "tiny.gguf" and result["bandwidth_bytes_per_s"] is None
     assert result["budget_bytes"] > 0 and result["command"].startswith("edge-preattn ")
-    assert [c["name"] for c in result["configs"]] == ["exps-cpu", "lru"]
-    assert [c["kind"] for c in result["configs"]] == ["stock", "edge"]
+    assert [c["name"] for c in result["configs"]] == ["exps-cpu", "lru", "lru+token"]
+    assert [c["kind"] for c in result["configs"]] == ["stock", "edge", "edge"]
+    assert result["configs"][2]["placement"].endswith("--residency token")
     for config in result["configs"]:
         for key, kind in CONFIG_KEYS.items():
             assert isinstance(config[key], kind), (config["name"], key, config[key])

@@ -10,14 +10,28 @@ from ..model.layout import MoeLayout, estimate_compute_buffer_bytes, plan_slots
 from ..runtime.controller import MODES, PREDICTION_MODES
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
-# "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU)
-EDGE_CONFIGS = (*MODES[1:], "lru+cpu", "exact+cpu", "oracle+cpu", "lru+auto", "exact+auto")
+# "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU);
+# "mode+token": with `--residency token` (residency decided between tokens, misses by the host side)
+EDGE_CONFIGS = (
+    *MODES[1:],
+    "lru+cpu",
+    "exact+cpu",
+    "oracle+cpu",
+    "lru+auto",
+    "exact+auto",
+    "lru+token",
+    "top1+token",
+    "exact+token",
+    "oracle+token",
+)
 
 
-def edge_mode(name: str) -> tuple[str, str]:
-    """(run mode, miss policy) of an edge configuration name."""
-    mode, _, miss = name.partition("+")
-    return mode, miss or "upload"
+def edge_mode(name: str) -> tuple[str, str, str]:
+    """(run mode, miss policy, residency) of an edge configuration name."""
+    mode, _, variant = name.partition("+")
+    if variant == "token":
+        return mode, "cpu", "token"
+    return mode, variant or "upload", "routing"
 
 
 @dataclass(frozen=True)
@@ -134,13 +148,20 @@ def _stock_runs_at(
     return found
 
 
+def _edge_placement(name: str, slots: int) -> str:
+    mode, miss, residency = edge_mode(name)
+    if residency == "token":
+        return f"--mode {mode} --slots {slots} --residency token"
+    return f"--mode {mode} --slots {slots} --miss {miss}"
+
+
 def _edge_run(layout: MoeLayout, name: str, plan, bandwidth: float | None) -> RunSpec:
     cap = f" --bandwidth {bandwidth / 1e9:g}GB/s" if bandwidth else ""
     return RunSpec(
         f"{name}:slots={plan.slots_per_layer}" + (f":bw={bandwidth / 1e9:g}GBps" if bandwidth else ""),
         name,
         "edge",
-        f"--mode {edge_mode(name)[0]} --slots {plan.slots_per_layer} --miss {edge_mode(name)[1]}{cap}",
+        _edge_placement(name, plan.slots_per_layer) + cap,
         plan.non_expert_bytes + plan.kv_cache_bytes + plan.compute_buffer_bytes + plan.expert_cache_bytes,
         n_cpu_moe=layout.n_layer,
         slots=plan.slots_per_layer,

@@ -72,7 +72,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
         runtime = None
         if spec.kind == "edge":
             predictors = None
-            mode, miss = edge_mode(spec.name)
+            mode, miss, residency = edge_mode(spec.name)
             if mode in PREDICTION_MODES:
                 from ..predictors.onnx_io import load_predictor_set
 
@@ -94,6 +94,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                     bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
                     oracle=oracle,
                     copy_queue=work.copy_queue,
+                    residency=residency,
                 )
             )
         records = [complete(engine, prompt, work.n_predict, sampling) for prompt in work.prompts]

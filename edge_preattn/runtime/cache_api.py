@@ -1,4 +1,4 @@
-"""The expert cache's C API (llama-edge.h, patches 3-17), declared once: its error codes, its counter
+"""The expert cache's C API (llama-edge.h, patches 3-19), declared once: its error codes, its counter
 structs and every function's argument and return types. SlotBank (slots.py) is the Python side of it.
 """
 
@@ -6,7 +6,12 @@ import ctypes
 
 from ..model.native import NativeApi
 
-LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC, LLAMA_EDGE_ERR_BACKEND = -3, -4, -5  # llama-edge.h
+LLAMA_EDGE_ERR_STATE, LLAMA_EDGE_ERR_PLACEMENT, LLAMA_EDGE_ERR_ALLOC, LLAMA_EDGE_ERR_BACKEND = (
+    -2,
+    -3,
+    -4,
+    -5,
+)  # llama-edge.h
 
 
 class Counters(ctypes.Structure):
@@ -188,6 +193,12 @@ def bind_cache_functions(api: NativeApi) -> None:
     # int32_t llama_edge_cache_set_copy_queue(struct llama_context * ctx, bool enabled);
     lib.llama_edge_cache_set_copy_queue.restype = ctypes.c_int32
     lib.llama_edge_cache_set_copy_queue.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    # int32_t llama_edge_cache_set_token_residency(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_cache_set_token_residency.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_token_residency.argtypes = [ctypes.c_void_p, ctypes.c_bool]
+    # int32_t llama_edge_cache_set_host_side_mapped(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_cache_set_host_side_mapped.restype = ctypes.c_int32
+    lib.llama_edge_cache_set_host_side_mapped.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     # int32_t llama_edge_predictor_set_lookahead(struct llama_context * ctx, int32_t depth);
     lib.llama_edge_predictor_set_lookahead.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_lookahead.argtypes = [ctypes.c_void_p, ctypes.c_int32]

@@ -55,6 +55,12 @@ class CacheRuntime:
         self.controller = Controller(self.bank, **controller_options)
         if self.controller.miss != "upload":
             self.bank.set_miss_cpu(True)
+        # where the host side runs: on a GPU that reads page-locked host memory in place, the GPU (no
+        # split between the GPU and the CPU per layer); else the CPU
+        self.host_side_mapped = False
+        if self.controller.residency == "token":
+            self.host_side_mapped = self.bank.set_host_side_mapped(True)
+            self.bank.set_token_residency(True)
         # each observed node costs a graph split and a device synchronize: observe only what is used
         # (the router input comes at the routing's own split)
         cross_layer = self.controller.cross_layer

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
 PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
 MISS_POLICIES = ("upload", "cpu", "auto")
+# when residency is decided: at each cached layer's routing (a graph split and a host synchronization per
+# layer), or between tokens from a routing log the graph writes on the device (patch 18)
+RESIDENCIES = ("routing", "token")
 PREDICTOR_ENGINES = ("native", "onnxruntime")  # who evaluates pre-attention predictors
 # prediction modes give up when predicted uploads keep arriving after the router (a fast GPU): checked
 # every LATE_CHECK_UBATCHES ubatches, over at least LATE_CHECK_MIN predicted experts that were not
@@ -86,6 +89,7 @@ class Controller:
         predictor_engine: str = "native",
         predictor_threads: int = 0,
         copy_queue: bool = False,
+        residency: str = "routing",
     ) -> None:
         if mode not in MODES or mode == "off":
             raise ValueError(f"controller mode must be one of {MODES[1:]}")
@@ -95,6 +99,10 @@ class Controller:
             raise ValueError(f"mode {mode} needs predictors")
         if mode == "oracle" and oracle is None:
             raise ValueError("mode oracle needs a recorded routing")
+        if residency not in RESIDENCIES:
+            raise ValueError(f"residency must be one of {RESIDENCIES}")
+        if residency == "token" and miss != "cpu":
+            raise ValueError("residency token computes misses by the host side: miss must be cpu")
         if predictor_engine not in PREDICTOR_ENGINES:
             raise ValueError(f"predictor_engine must be one of {PREDICTOR_ENGINES}")
         self.bank, self.k, self.n_expert, self.bytes_per_expert, self.mode = (
@@ -104,7 +112,7 @@ class Controller:
             bytes_per_expert,
             mode,
         )
-        self.predictors, self.miss = predictors, miss
+        self.predictors, self.miss, self.residency = predictors, miss, residency
         # routing waits for the layer's prediction and prefetch: slower, but what is resident at
         # routing no longer depends on thread timing (what the predictor achieves given the time)
         self.wait_for_prefetch = wait_for_prefetch
@@ -164,6 +172,11 @@ class Controller:
             and predictor_engine == "native"
             and self._predict_natively(lookahead, predictor_threads)
         )
+        if residency == "token" and mode in PREDICTION_MODES and not self.native:
+            raise UserError(
+                "--residency token works with the library's own predictor (--predictor-engine native, "
+                "pre-attention fp32 predictors): these need Python at every layer; use --residency routing"
+            )
         if features and not self.native:
             raise UserError(
                 f"these predictors read history inputs ({', '.join(features)}), which only the library's own "
@@ -241,6 +254,8 @@ class Controller:
         """Decisions the library cannot make alone: the cost model (`auto`), lru's deferred uploads
         with misses on the CPU, and waiting for a prediction made in Python. Misses on the CPU in the
         other modes need nothing here: the library leaves every non-resident expert to the CPU."""
+        if self.residency == "token":
+            return False  # the library accounts and uploads from its routing log
         return (
             self.miss == "auto"
             or (self.miss == "cpu" and self.mode == "lru")

@@ -22,7 +22,7 @@ from ..model.layout import MoeLayout, plan_slots, read_layout
 from ..units import parse_bytes, parse_rate
 from .cache import EVICTION_POLICIES
 from .cache_runtime import CacheRuntime, record_routing
-from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, PREDICTOR_ENGINES
+from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, PREDICTOR_ENGINES, RESIDENCIES
 from .slots import shrink_until_allocated
 from .stats import format_layers, format_stats, run_stats
 
@@ -174,6 +174,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default="upload",
         help="a selected expert that is not resident: upload it now (default), compute it on the CPU "
         "from host RAM (cpu), or whichever measured cost is lower (auto)",
+    )
+    cache.add_argument(
+        "--residency",
+        choices=RESIDENCIES,
+        default="routing",
+        help="when the cache decides what is resident: at each layer's routing (default; a graph split and "
+        "a host synchronization per layer), or between tokens (token: the graph logs the routing on the "
+        "device, misses are computed by the host side as with --miss cpu and uploaded after the token; "
+        "lru, oracle and the library's own predictors)",
     )
     cache.add_argument(
         "--lookahead",
@@ -343,6 +352,12 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise UserError(f"--lookahead needs a prediction mode ({', '.join(PREDICTION_MODES)}) and N >= 0")
     if not 0 <= args.predictor_threads <= 1024:
         raise UserError(f"--predictor-threads must be between 0 and 1024 (got {args.predictor_threads})")
+    if args.residency == "token":
+        if args.mode == "off" or args.miss == "auto":
+            raise UserError(
+                "--residency token needs a cache --mode, and computes misses by the host side: no --miss auto"
+            )
+        args.miss = "cpu"
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
@@ -413,6 +428,7 @@ def open_engine(
                         predictor_engine=args.predictor_engine,
                         predictor_threads=args.predictor_threads,
                         copy_queue=args.copy_queue,
+                        residency=args.residency,
                     ),
                     n_slots,
                     setup.layout.n_expert_used,

@@ -20,6 +20,7 @@ from .cache_api import (
     LLAMA_EDGE_ERR_ALLOC,
     LLAMA_EDGE_ERR_BACKEND,
     LLAMA_EDGE_ERR_PLACEMENT,
+    LLAMA_EDGE_ERR_STATE,
     CacheStats,
     EngineStats,
     LayerStats,
@@ -214,7 +215,7 @@ class SlotBank:
         status = self.api.lib.llama_edge_predictor_get_last(
             self.ctx, il, row.ctypes.data_as(floats), n_input, scores.ctypes.data_as(floats), n_expert
         )
-        if status == -2:
+        if status == LLAMA_EDGE_ERR_STATE:
             return None
         if status != 0:
             raise ValueError(f"layer {il}'s last prediction has other sizes (status {status})")
@@ -303,6 +304,27 @@ class SlotBank:
             )
         if status != 0:
             raise UserError(f"cannot switch CPU compute of misses (status {status})")
+
+    def set_token_residency(self, enabled: bool) -> None:
+        """Residency decided between ubatches: no routing observed, the graph logs it on the device and
+        the library reads the log once per ubatch (needs the host side: `set_miss_cpu(True)` first)."""
+        status = self.api.lib.llama_edge_cache_set_token_residency(self.ctx, enabled)
+        if status == LLAMA_EDGE_ERR_PLACEMENT:
+            raise UserError(
+                "--residency token needs every cached layer on one device; use --residency routing"
+            )
+        if status != 0:
+            raise UserError(f"cannot switch the residency rule (status {status})")
+
+    def set_host_side_mapped(self, enabled: bool) -> bool:
+        """The host side's experts computed by the GPU from page-locked host memory, read in place over
+        the bus, instead of by the CPU. False where the device cannot (the CPU, or an unpinned host copy)."""
+        status = self.api.lib.llama_edge_cache_set_host_side_mapped(self.ctx, enabled)
+        if status in (LLAMA_EDGE_ERR_BACKEND, LLAMA_EDGE_ERR_PLACEMENT):
+            return False
+        if status != 0:
+            raise UserError(f"cannot place the host side on the device (status {status})")
+        return True
 
     def miss_stats(self) -> MissStats:
         """Counters of CPU-computed experts and the times the controller's cost model reads."""

@@ -75,7 +75,9 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
         stats.update(
             {
                 "cached_tokens": runtime_stats.cached_tokens,
-                "miss_policy": runtime.controller.miss,
+                "miss_policy": runtime.controller.miss
+                + (" (host side on the GPU)" * runtime.host_side_mapped),
+                "residency": runtime.controller.residency,
                 "hits_per_token": round(total.hits / tokens, 3),
                 "late_per_token": round(total.late / tokens, 3),
                 "misses_per_token": round(total.misses / tokens, 3),
