@@ -19,6 +19,8 @@ SUMMARY_STATS = (
     "bytes_uploaded_per_token",
     "stall_ms_per_token",
     "predictor_ms_per_call",
+    "native_predictions_per_token",
+    "native_predictor_ms_per_token",
     "forced_uploads",
 )
 
@@ -79,6 +81,12 @@ def summarize(
         for key in SUMMARY_STATS:
             row[key] = _median([r["stats"].get(key) for r in ok])
         predictor_ms = row.pop("predictor_ms_per_call")
+        native_calls, native_ms = (
+            row.pop("native_predictions_per_token"),
+            row.pop("native_predictor_ms_per_token"),
+        )
+        if not predictor_ms and native_calls:  # the library's own predictor, on the decode thread
+            predictor_ms = round(native_ms / native_calls, 4)
         row["predictor_ms_per_layer"] = predictor_ms if edge_mode(spec.name)[0] in PREDICTION_MODES else None
         # the ubatch where a prediction mode switched itself off (late or idle predictions), per round
         row["prediction_off_at_ubatch"] = [r["stats"].get("prediction_off_at_ubatch") for r in ok]

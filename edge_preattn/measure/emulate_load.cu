@@ -40,7 +40,10 @@ struct Buffers {
         check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
     }
 
-    void copy() const { copy_kernel<<<sms * 8, 256>>>(src, dst, n); }
+    void copy() const { copy(0, n); }
+
+    // elements [first, first + count) of src into dst
+    void copy(size_t first, size_t count) const { copy_kernel<<<sms * 8, 256>>>(src + first, dst + first, count); }
 };
 
 static int probe() {
@@ -72,15 +75,22 @@ static int load(double duty) {
         std::fprintf(stderr, "emulate_load: DUTY must be in (0, 1], got %g\n", duty);
         return 2;
     }
-    Buffers buffers(32u << 20);  // one copy is tens of microseconds: a fine-grained duty cycle
+    // Far larger than any L2 (an H100 or H200 has 50 MB): a loop over a buffer that fits in L2 keeps
+    // the cache busy, not the memory. Copied in 64 MiB chunks, a few tens of microseconds each, so the
+    // duty cycle stays fine-grained, with two chunks queued at a time so the copies leave no gaps.
+    Buffers buffers(size_t(1) << 30);
+    const size_t chunk = (size_t(64) << 20) / sizeof(int4);
     const auto period = std::chrono::microseconds(2000);
     const auto busy   = std::chrono::duration_cast<std::chrono::microseconds>(period * duty);
     std::printf("ready\n");
     std::fflush(stdout);
+    size_t next = 0;
     for (;;) {
         const auto begin = std::chrono::steady_clock::now();
         while (std::chrono::steady_clock::now() - begin < busy) {
-            buffers.copy();
+            for (int queued = 0; queued < 2; ++queued, next = (next + chunk) % buffers.n) {
+                buffers.copy(next, chunk);
+            }
             check(cudaStreamSynchronize(0), "copy");
         }
         std::this_thread::sleep_until(begin + period);

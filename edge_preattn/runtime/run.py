@@ -440,10 +440,11 @@ def open_engine(
         yield Loaded(engine, runtime, n_slots, mode)
 
 
-def describe(setup: Setup, loaded: Loaded, miss: str) -> str:
-    """The header line: model, build, mode and cache size."""
+def describe(setup: Setup, loaded: Loaded, args: argparse.Namespace) -> str:
+    """The header line: model, build, mode, cache size and when residency is decided."""
+    between_tokens = ", residency decided between tokens" if args.residency == "token" else ""
     return f"[{setup.model.name}] {loaded.engine.api.build_info()} · mode {loaded.mode}" + (
-        f", {loaded.n_slots} slots per layer, misses: {miss}" if loaded.runtime else ""
+        f", {loaded.n_slots} slots per layer, misses: {args.miss}{between_tokens}" if loaded.runtime else ""
     )
 
 
@@ -469,7 +470,7 @@ def main(args: argparse.Namespace) -> int:
             record = current
         sys.stdout.write("\n")
         stats = run_stats(record, loaded.engine, loaded.runtime)
-        print(f"{describe(setup, loaded, args.miss)} · {describe_sampling(sampling)}", file=sys.stderr)
+        print(f"{describe(setup, loaded, args)} · {describe_sampling(sampling)}", file=sys.stderr)
         print(format_stats(stats), file=sys.stderr)
         if args.verbose and loaded.runtime:
             print(format_layers(loaded.runtime.controller.stats), file=sys.stderr)

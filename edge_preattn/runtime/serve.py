@@ -233,7 +233,7 @@ def main(args: argparse.Namespace) -> int:
         host, port = server.server_address[:2]
         seed = "a random seed per request" if service.seed is None else None
         sampling = run.describe_sampling(service.setup.sampling, seed)
-        print(f"{run.describe(service.setup, service.loaded, args.miss)} · {sampling}", file=sys.stderr)
+        print(f"{run.describe(service.setup, service.loaded, args)} · {sampling}", file=sys.stderr)
         print(f"listening on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
         server.serve_forever()
     return 0
