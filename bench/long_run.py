@@ -21,6 +21,7 @@ from edge_preattn.model import native
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling, complete
 from edge_preattn.model.layout import read_layout
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
+from edge_preattn.runtime.options import CacheOptions
 
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Node:", "The weather today", "for i in range(10):"]
 
@@ -70,9 +71,9 @@ def main() -> int:
         CacheRuntime.for_layout(
             engine,
             layout,
-            n_slots=layout.n_expert_used,
-            mode="exact",
-            predictors=RandomRanking(layout.n_expert),
+            CacheOptions(
+                mode="exact", n_slots=layout.n_expert_used, predictors=RandomRanking(layout.n_expert)
+            ),
         ) as runtime,
     ):
         cached, cached_samples = generate_all(engine, pieces, args.piece)

@@ -12,6 +12,7 @@ from edge_preattn.predictors import baselines
 from edge_preattn.runtime.cache import UploadBudget
 from edge_preattn.runtime.cache_api import CacheStats, LayerStats, PredictionStats, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
 from edge_preattn.traces.hooks import Hooks
 
@@ -46,7 +47,9 @@ def run_mode(llama_lib, model, layout, mode, n_slots, n_predict=N_PREDICT, **opt
     with host_experts_engine(llama_lib, model) as engine:
         if mode == "oracle":
             options["oracle"] = record_routing(engine, PROMPT, n_predict, Sampling())
-        with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, **options) as runtime:
+        with CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=n_slots, mode=mode, **options)
+        ) as runtime:
             tokens, logits = greedy(engine, n=n_predict)
             return tokens, logits, runtime.controller.stats, runtime.bank.stats()
 
@@ -205,7 +208,7 @@ def test_the_library_evicts_exactly_like_the_lru_baseline(llama_lib, moe_ref_a):
     layout, n_slots, n_predict = read_layout(moe_ref_a), 16, 24
     with host_experts_engine(llama_lib, moe_ref_a) as engine:
         recorded = record_routing(engine, PROMPT, n_predict, Sampling())
-        with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode="lru") as runtime:
+        with CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=n_slots, mode="lru")) as runtime:
             list(engine.generate(PROMPT, n_predict))
             stats = runtime.controller.stats
     for layer in layout.moe_layers:
@@ -261,7 +264,9 @@ def test_the_library_oracle_evicts_exactly_like_belady(llama_lib, request, model
             if mode == "oracle":
                 recorded = record_routing(engine, PROMPT, n_predict, Sampling())
             options = {"oracle": recorded} if mode == "oracle" else {}
-            with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, **options) as runtime:
+            with CacheRuntime.for_layout(
+                engine, layout, CacheOptions(n_slots=n_slots, mode=mode, **options)
+            ) as runtime:
                 list(engine.generate(PROMPT, n_predict))
                 by_mode[mode] = runtime.controller.stats
                 assert runtime.hooks is None  # no Python on the way: the library prefetches itself
@@ -375,7 +380,7 @@ def test_decode_graphs_read_the_slot_bank(llama_lib, lib_dir, moe_ref_a):
     with host_experts_engine(llama_lib, moe_ref_a, n_ctx=128, context_params_hook=set_cb) as engine:
         list(engine.generate(PROMPT, 2))  # a graph built before the cache exists must not be reused
         assert "ffn_moe_topk-0" in names and not any(name.startswith("ffn_moe_slots-") for name in names)
-        with CacheRuntime.for_layout(engine, layout, n_slots=8, mode="lru"):
+        with CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=8, mode="lru")):
             names.clear()
             list(engine.generate(PROMPT, 3))
     assert {f"ffn_moe_slots-{layer.index}" for layer in layout.moe_layers} <= names
@@ -388,7 +393,7 @@ def test_a_full_bank_reads_no_map_and_cb_eval_still_sees_every_node(llama_lib, l
     layout, ref_tokens, ref_logits = ref
     with (
         host_experts_engine(llama_lib, moe_ref_a, context_params_hook=set_cb) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert, mode="lru") as runtime,
+        CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=layout.n_expert, mode="lru")) as runtime,
     ):
         tokens, logits = greedy(engine)
         quiet = runtime.bank.stats()["quiet_ubatches"]
@@ -435,7 +440,9 @@ def test_two_sequences_in_one_ubatch_are_bit_identical(llama_lib, moe_ref_a):
         ref = two_sequence_logits(engine, first, second)
     with (
         host_experts_engine(llama_lib, moe_ref_a, context_params_hook=two_sequences) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=2 * layout.n_expert_used, mode="lru") as runtime,
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=2 * layout.n_expert_used, mode="lru")
+        ) as runtime,
     ):
         got = two_sequence_logits(engine, first, second)
         stats = runtime.controller.stats
@@ -470,7 +477,7 @@ def test_a_context_shift_is_bit_identical(llama_lib, moe_ref_a):
         ref = shifted_run(engine)
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode="lru"),
+        CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=layout.n_expert_used, mode="lru")),
     ):
         got = shifted_run(engine)
     assert np.array_equal(got, ref)
@@ -494,10 +501,9 @@ def test_prediction_switches_off_when_predictions_come_late(llama_lib, moe_ref_a
         CacheRuntime.for_layout(
             engine,
             layout,
-            n_slots=16,
-            mode="exact",
-            predictors=RandomRanking(layout.n_expert),
-            late_fallback=not keep,
+            CacheOptions(
+                n_slots=16, mode="exact", predictors=RandomRanking(layout.n_expert), late_fallback=not keep
+            ),
         ) as runtime,
     ):
         tokens, logits = greedy(engine, n=48)
@@ -519,7 +525,7 @@ def test_bypassed_ubatches_are_not_observed(llama_lib, moe_ref_a):
     layout = read_layout(moe_ref_a)
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=16, mode="lru", miss="cpu") as runtime,
+        CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=16, mode="lru", miss="cpu")) as runtime,
     ):
         list(engine.generate(PROMPT, 4))  # the prompt bypasses every layer but the last (one row)
         observed = runtime.hooks.stats().routing_calls
@@ -541,10 +547,9 @@ def test_prediction_switches_off_when_every_predicted_expert_is_resident(llama_l
         CacheRuntime.for_layout(
             engine,
             layout,
-            n_slots=layout.n_expert,
-            mode="exact",
-            predictors=RandomRanking(layout.n_expert),
-            miss="cpu",
+            CacheOptions(
+                n_slots=layout.n_expert, mode="exact", predictors=RandomRanking(layout.n_expert), miss="cpu"
+            ),
         ) as runtime,
     ):
         list(engine.generate(PROMPT, 100))
@@ -562,7 +567,9 @@ def test_full_banks_are_never_observed(llama_lib, moe_ref_a, ref, mode):
     options = {"predictors": RandomRanking(layout.n_expert)} if mode == "exact" else {}
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert, mode=mode, **options) as runtime,
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=layout.n_expert, mode=mode, **options)
+        ) as runtime,
     ):
         tokens, logits = greedy(engine)
         stats, bank = runtime.controller.stats, runtime.bank.stats()
@@ -596,7 +603,7 @@ def test_a_routing_hook_keeps_full_banks_observed(llama_lib, moe_ref_a, ref):
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=layout.n_expert, mode="lru", wait_for_prefetch=True
+            engine, layout, CacheOptions(n_slots=layout.n_expert, mode="lru", wait_for_prefetch=True)
         ) as runtime,
     ):
         tokens, logits = greedy(engine)
@@ -627,7 +634,7 @@ def test_cross_layer_predictors_read_the_router_input_and_output_stays(llama_lib
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=16, mode=mode, predictors=predictors, late_fallback=False
+            engine, layout, CacheOptions(n_slots=16, mode=mode, predictors=predictors, late_fallback=False)
         ) as runtime,
     ):
         tokens, logits = greedy(engine)
@@ -654,7 +661,9 @@ def test_cross_layer_prediction_switches_off_like_pre_attention(llama_lib, moe_r
     predictors = CrossLayerRanking(layout.n_expert)
     with (
         host_experts_engine(llama_lib, moe_ref_a) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=16, mode="exact", predictors=predictors) as runtime,
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=16, mode="exact", predictors=predictors)
+        ) as runtime,
     ):
         list(engine.generate(PROMPT, 48))
         off_at = runtime.controller.prediction_off_at

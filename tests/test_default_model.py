@@ -19,6 +19,7 @@ from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import features
 from edge_preattn.predictors.onnx_io import MANIFEST, load_predictor_set
 from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.run import DEFAULT_MODEL, DEFAULT_PREDICTORS, PACKAGE_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,9 @@ def greedy_tokens(llama_lib, mode: str) -> tuple[list[int], int]:
             load_predictor_set(DEFAULT_PREDICTORS, fingerprint=layout.fingerprint) if mode == "top1" else None
         )
         n_slots = layout.n_expert // 4
-        with CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, predictors=predictors) as rt:
+        with CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=n_slots, mode=mode, predictors=predictors)
+        ) as rt:
             tokens = [t for t, _ in engine.generate(PROMPT, N_PREDICT)]
             return tokens, rt.controller.stats.totals().hits
 

@@ -12,6 +12,7 @@ import pytest
 from edge_preattn import cli
 from edge_preattn.model.layout import read_layout
 from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.options import CacheOptions
 
 from .test_cache import greedy, host_experts_engine
 from .test_native_predictor import export_predictors
@@ -35,7 +36,9 @@ def counters(llama_lib, model, mode, **options) -> dict:
     layout = read_layout(model)
     with (
         host_experts_engine(llama_lib, model) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode=mode, **options) as rt,
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=layout.n_expert_used, mode=mode, **options)
+        ) as rt,
     ):
         greedy(engine)
         return rt.bank.engine_stats()
@@ -82,7 +85,9 @@ def test_the_copy_queue_is_refused_on_the_cpu_and_the_run_stays_exact(llama_lib,
     with (
         host_experts_engine(llama_lib, tiny) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors, copy_queue=True
+            engine,
+            layout,
+            CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=predictors, copy_queue=True),
         ) as runtime,
     ):
         tokens, logits = greedy(engine)

@@ -19,6 +19,7 @@ from edge_preattn.model.native import EXIT_LLAMA_STOPPED, NativeApi
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_ALLOC, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotAllocationError, SlotBank
 from edge_preattn.traces import collect
 
@@ -37,11 +38,11 @@ def tiny(tmp_path_factory):
 
 def greedy(llama_lib, model, **cache) -> tuple[list[int], np.ndarray, object]:
     """Tokens and logits of a greedy run with experts in host memory; with `cache`, through the slot
-    cache (n_slots and controller options), also its controller statistics."""
+    cache (`CacheOptions` fields), also its controller statistics."""
     config = EngineConfig.host_experts(model, 256)
     with Engine(llama_lib, config) as engine:
         layout = read_layout(model)
-        runtime = CacheRuntime.for_layout(engine, layout, **cache) if cache else None
+        runtime = CacheRuntime.for_layout(engine, layout, CacheOptions(**cache)) if cache else None
         try:
             logits: list[np.ndarray] = []
             tokens = [t for t, _ in engine.generate(PROMPT, N_PREDICT, on_logits=logits.append)]

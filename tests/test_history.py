@@ -18,6 +18,7 @@ from edge_preattn.predictors.networks import Predictor
 from edge_preattn.predictors.onnx_io import export_layer, load_predictor_set
 from edge_preattn.predictors.predictor_weights import read_mlp, read_predictor_set
 from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
 from edge_preattn.traces.collect import CollectSettings, collect
 from edge_preattn.traces.trace_set import TraceSet
@@ -109,10 +110,9 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
         CacheRuntime.for_layout(
             engine,
             layout,
-            n_slots=layout.n_expert_used,
-            mode="exact",
-            predictors=predictors,
-            predictor_threads=threads,
+            CacheOptions(
+                n_slots=layout.n_expert_used, mode="exact", predictors=predictors, predictor_threads=threads
+            ),
         ) as runtime,
     ):
         bank = runtime.bank
@@ -153,7 +153,9 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
     ):
         with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match=reason) as caught:
             CacheRuntime.for_layout(
-                engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors, **options
+                engine,
+                layout,
+                CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=predictors, **options),
             )
         assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="--predictor-engine native"):
@@ -161,7 +163,9 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
     prev_x = copy.copy(predictors)
     prev_x.features = ("prev-x",)  # a history input no runtime feeds
     with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match="prev-x"):
-        CacheRuntime.for_layout(engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=prev_x)
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=prev_x)
+        )
 
 
 def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):

@@ -11,6 +11,7 @@ from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache import MissCostModel
 from edge_preattn.runtime.cache_api import MissStats, bind_cache_functions
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
 
 from .test_cache import host_experts_engine
@@ -51,7 +52,9 @@ def test_misses_on_the_cpu_are_bit_identical_to_stock(llama_lib, model, mode, mi
         mode, options = "exact", {"predictors": export_predictors(layout, tmp_path / "predictors")}
     with (
         host_experts_engine(llama_lib, path) as engine,
-        CacheRuntime.for_layout(engine, layout, n_slots=n_slots, mode=mode, miss=miss, **options) as runtime,
+        CacheRuntime.for_layout(
+            engine, layout, CacheOptions(n_slots=n_slots, mode=mode, miss=miss, **options)
+        ) as runtime,
     ):
         assert runtime.controller.native == native
         if native and miss == "cpu":  # nothing is left for Python: no callback at all
@@ -105,7 +108,7 @@ def test_multi_token_ubatches_are_bit_identical(llama_lib, model, miss):
     with (
         host_experts_engine(llama_lib, path) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=n_slots, mode="lru", miss=miss, max_batch_tokens=per_ubatch
+            engine, layout, CacheOptions(n_slots=n_slots, mode="lru", miss=miss, max_batch_tokens=per_ubatch)
         ) as runtime,
     ):
         logits = all_logits(engine)

@@ -15,6 +15,7 @@ from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
 from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_mlp, read_predictor_set
 from edge_preattn.runtime.cache_runtime import CacheRuntime
+from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
 from edge_preattn.runtime.stats import RuntimeStats
 from edge_preattn.traces.hooks import Hooks
@@ -144,7 +145,7 @@ def run_native(llama_lib, model, layout, predictors, mode, n_slots, **options) -
     with (
         host_experts_engine(llama_lib, model) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=n_slots, mode=mode, predictors=predictors, **options
+            engine, layout, CacheOptions(n_slots=n_slots, mode=mode, predictors=predictors, **options)
         ) as runtime,
     ):
         tokens, logits = greedy(engine)
@@ -317,7 +318,7 @@ def test_a_callers_pre_attention_hook_sees_the_activation_beside_the_native_pred
     with (
         host_experts_engine(llama_lib, tiny) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=layout.n_expert_used, mode="exact", predictors=predictors
+            engine, layout, CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=predictors)
         ) as runtime,
         Hooks(engine.api, engine.ctx, lambda il, x: seen.setdefault(il, []).append(x.copy())),
     ):

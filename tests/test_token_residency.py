@@ -14,6 +14,7 @@ from edge_preattn.model.layout import read_layout
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_STATE
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
+from edge_preattn.runtime.options import CacheOptions
 
 from .test_cache import PROMPT, greedy, host_experts_engine
 from .test_native_predictor import export_predictors
@@ -44,7 +45,9 @@ def run_cached(llama_lib, path, layout, mode, n_slots, residency, tmp_path):
             options["predictors"] = export_predictors(layout, tmp_path / "predictors")
         miss = "cpu" if residency == "token" else "upload"
         with CacheRuntime.for_layout(
-            engine, layout, n_slots=n_slots, mode=mode, miss=miss, residency=residency, **options
+            engine,
+            layout,
+            CacheOptions(n_slots=n_slots, mode=mode, miss=miss, residency=residency, **options),
         ) as runtime:
             assert runtime.hooks is None  # nothing for Python per token
             engine_before = runtime.bank.engine_stats()
@@ -107,22 +110,24 @@ def test_token_residency_needs_the_host_side_and_no_python_predictor(llama_lib, 
     path, layout, *_ = model
     k = layout.n_expert_used
     with host_experts_engine(llama_lib, path) as engine, pytest.raises(ValueError, match="miss must be cpu"):
-        CacheRuntime.for_layout(engine, layout, n_slots=k, mode="lru", residency="token")
+        CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=k, mode="lru", residency="token"))
     # a context each: a cache is enabled once
     with host_experts_engine(llama_lib, path) as engine, pytest.raises(UserError, match="own predictor"):
         CacheRuntime.for_layout(
             engine,
             layout,
-            n_slots=k,
-            mode="exact",
-            miss="cpu",
-            residency="token",
-            predictors=RandomRanking(layout.n_expert),
+            CacheOptions(
+                n_slots=k,
+                mode="exact",
+                miss="cpu",
+                residency="token",
+                predictors=RandomRanking(layout.n_expert),
+            ),
         )
     with (
         host_experts_engine(llama_lib, path) as engine,
         CacheRuntime.for_layout(
-            engine, layout, n_slots=k, mode="lru", miss="cpu", residency="token"
+            engine, layout, CacheOptions(n_slots=k, mode="lru", miss="cpu", residency="token")
         ) as runtime,
     ):
         lib = runtime.bank.api.lib

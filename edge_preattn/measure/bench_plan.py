@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 from ..model.gguf_header import read_header
 from ..model.layout import MoeLayout, estimate_compute_buffer_bytes, plan_slots
-from ..runtime.controller import MODES, PREDICTION_MODES
+from ..runtime.options import MODES, PREDICTION_MODES
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
 # "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU);

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import write_bytes_atomic, write_json_atomic, write_text_atomic
-from ..runtime.controller import PREDICTION_MODES
+from ..runtime.options import PREDICTION_MODES
 from ..units import format_bytes
 from .bench_plan import STOCK_CONFIGS, RunSpec, edge_mode
 

@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..files import write_json_atomic
 from ..model import native
 from ..model.layout import read_layout
-from ..runtime.controller import PREDICTION_MODES
+from ..runtime.options import PREDICTION_MODES, CacheOptions
 from .bench_plan import RunSpec, Workload, edge_mode
 
 
@@ -84,17 +84,19 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                 CacheRuntime.for_layout(
                     engine,
                     layout,
-                    n_slots=spec.slots,
-                    mode=mode,
-                    miss=miss,
-                    max_batch_tokens=work.bypass_tokens,
-                    predictors=predictors,
-                    extra=work.extra,
-                    target=work.target,
-                    bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
-                    oracle=oracle,
-                    copy_queue=work.copy_queue,
-                    residency=residency,
+                    CacheOptions(
+                        mode=mode,
+                        n_slots=spec.slots,
+                        miss=miss,
+                        max_batch_tokens=work.bypass_tokens,
+                        predictors=predictors,
+                        extra=work.extra,
+                        target=work.target,
+                        bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
+                        oracle=oracle,
+                        copy_queue=work.copy_queue,
+                        residency=residency,
+                    ),
                 )
             )
         records = [complete(engine, prompt, work.n_predict, sampling) for prompt in work.prompts]

@@ -8,6 +8,7 @@ import numpy as np
 from ..model.layout import MoeLayout
 from ..traces.hooks import Hooks, Routing
 from .controller import Controller
+from .options import CacheOptions
 from .slots import SlotBank
 
 
@@ -46,13 +47,16 @@ class CacheRuntime:
         self,
         engine,
         layers: tuple[int, ...],
+        options: CacheOptions,
         *,
-        n_slots: int,
-        max_batch_tokens: int = 32,
-        **controller_options,
+        k: int,
+        n_expert: int,
+        bytes_per_expert: int,
     ) -> None:
-        self.bank = SlotBank(engine.api, engine.ctx, layers, n_slots, max_batch_tokens)
-        self.controller = Controller(self.bank, **controller_options)
+        self.bank = SlotBank(engine.api, engine.ctx, layers, options.n_slots, options.max_batch_tokens)
+        self.controller = Controller(
+            self.bank, options, k=k, n_expert=n_expert, bytes_per_expert=bytes_per_expert
+        )
         if self.controller.miss != "upload":
             self.bank.set_miss_cpu(True)
         # where the host side runs: on a GPU that reads page-locked host memory in place, the GPU (no
@@ -78,27 +82,15 @@ class CacheRuntime:
             self.controller.drop_prediction_input = self.hooks.drop_prediction_input
 
     @classmethod
-    def for_layout(
-        cls,
-        engine,
-        layout: MoeLayout,
-        *,
-        n_slots: int,
-        mode: str,
-        max_batch_tokens: int = 32,
-        **controller_options,
-    ) -> "CacheRuntime":
+    def for_layout(cls, engine, layout: MoeLayout, options: CacheOptions) -> "CacheRuntime":
         """Every MoE layer of the model cached, sized from its layout."""
         return cls(
             engine,
             tuple(layer.index for layer in layout.moe_layers),
-            n_slots=n_slots,
-            max_batch_tokens=max_batch_tokens,
-            mode=mode,
+            options,
             k=layout.n_expert_used,
             n_expert=layout.n_expert,
             bytes_per_expert=max(layer.bytes_per_expert for layer in layout.moe_layers),
-            **controller_options,
         )
 
     def engine_counters(self) -> dict:

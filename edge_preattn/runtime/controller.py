@@ -34,19 +34,13 @@ from ..predictors.calibration import prefetch_counts
 from ..predictors.predictor_weights import NATIVE_FEATURES
 from ..traces.hooks import Routing
 from .cache import EVICTION_POLICIES, MissCostModel, UploadBudget
+from .options import PREDICTION_MODES, CacheOptions
 from .prefetch_worker import PrefetchWorker
 from .slots import SlotBank
 from .stats import LayerCounters, RuntimeStats
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "lru", "top1", "exact", "overprov", "adaptive", "oracle")
-PREDICTION_MODES = ("top1", "exact", "overprov", "adaptive")
-MISS_POLICIES = ("upload", "cpu", "auto")
-# when residency is decided: at each cached layer's routing (a graph split and a host synchronization per
-# layer), or between tokens from a routing log the graph writes on the device (patch 18)
-RESIDENCIES = ("routing", "token")
-PREDICTOR_ENGINES = ("native", "onnxruntime")  # who evaluates pre-attention predictors
 # prediction modes give up when predicted uploads keep arriving after the router (a fast GPU): checked
 # every LATE_CHECK_UBATCHES ubatches, over at least LATE_CHECK_MIN predicted experts that were not
 # resident, when at least LATE_SHARE of them were refused as late (H200, packaged model: 0.83-0.84;
@@ -69,78 +63,39 @@ class Controller:
     """
 
     def __init__(
-        self,
-        bank: SlotBank,
-        *,
-        k: int,
-        n_expert: int,
-        bytes_per_expert: int,
-        mode: str = "lru",
-        predictors=None,
-        extra: int = 0,
-        target: float = 0.95,
-        bandwidth_bytes_per_s: float | None = None,
-        eviction: str = "lru",
-        oracle: dict[tuple[int, int], np.ndarray] | None = None,
-        miss: str = "upload",
-        wait_for_prefetch: bool = False,
-        lookahead: int = 0,
-        late_fallback: bool = True,
-        predictor_engine: str = "native",
-        predictor_threads: int = 0,
-        copy_queue: bool = False,
-        residency: str = "routing",
+        self, bank: SlotBank, options: CacheOptions, *, k: int, n_expert: int, bytes_per_expert: int
     ) -> None:
-        if mode not in MODES or mode == "off":
-            raise ValueError(f"controller mode must be one of {MODES[1:]}")
-        if miss not in MISS_POLICIES:
-            raise ValueError(f"miss must be one of {MISS_POLICIES}")
-        if mode in PREDICTION_MODES and predictors is None:
-            raise ValueError(f"mode {mode} needs predictors")
-        if mode == "oracle" and oracle is None:
-            raise ValueError("mode oracle needs a recorded routing")
-        if residency not in RESIDENCIES:
-            raise ValueError(f"residency must be one of {RESIDENCIES}")
-        if residency == "token" and miss != "cpu":
-            raise ValueError("residency token computes misses by the host side: miss must be cpu")
-        if predictor_engine not in PREDICTOR_ENGINES:
-            raise ValueError(f"predictor_engine must be one of {PREDICTOR_ENGINES}")
-        self.bank, self.k, self.n_expert, self.bytes_per_expert, self.mode = (
-            bank,
-            k,
-            n_expert,
-            bytes_per_expert,
-            mode,
-        )
-        self.predictors, self.miss, self.residency = predictors, miss, residency
+        """`options` were checked when made; k, n_expert and bytes_per_expert are the model's."""
+        mode, predictors, lookahead = options.mode, options.predictors, options.lookahead
+        self.bank, self.k, self.n_expert, self.bytes_per_expert = bank, k, n_expert, bytes_per_expert
+        self.mode, self.predictors = mode, predictors
+        self.miss, self.residency = options.miss, options.residency
         # routing waits for the layer's prediction and prefetch: slower, but what is resident at
         # routing no longer depends on thread timing (what the predictor achieves given the time)
-        self.wait_for_prefetch = wait_for_prefetch
-        self.cost = MissCostModel(bytes_per_expert) if miss == "auto" else None
+        self.wait_for_prefetch = options.wait_for_prefetch
+        self.cost = MissCostModel(bytes_per_expert) if self.miss == "auto" else None
         # lru with misses on the CPU: the layers' selected experts, uploaded once their layer is done
         self.deferred: list[tuple[int, list[int]]] = []
         self.deferring: dict[int, concurrent.futures.Future] = {}
         self.n_candidates = {
             "top1": 1,
             "exact": k,
-            "overprov": k + extra,
+            "overprov": k + options.extra,
             "adaptive": n_expert,
         }.get(mode, 0)
         # adaptive: per token, the fewest experts whose calibrated share reaches `target` (eval --calibrate)
-        self.target = target
+        self.target = options.target
         manifest = getattr(predictors, "manifest", None) or {}
         calibrated = manifest.get("calibration", {})
         self.temperatures = {int(il): float(entry["temperature"]) for il, entry in calibrated.items()}
         # the bucket decides which predicted uploads are issued; the library's modelled bus, shared
         # with the misses, decides when each upload lands
-        self.budget = UploadBudget(bandwidth_bytes_per_s)
-        bank.set_bus_rate(bandwidth_bytes_per_s)
-        if eviction not in EVICTION_POLICIES:
-            raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
-        bank.set_eviction(EVICTION_POLICIES[eviction])
+        self.budget = UploadBudget(options.bandwidth_bytes_per_s)
+        bank.set_bus_rate(options.bandwidth_bytes_per_s)
+        bank.set_eviction(EVICTION_POLICIES[options.eviction])
         # prefetches on their own stream, which the routing's compute stream waits for per slot
-        self.copy_queue = copy_queue and bank.set_copy_queue(True)
-        if copy_queue and not self.copy_queue:
+        self.copy_queue = options.copy_queue and bank.set_copy_queue(True)
+        if options.copy_queue and not self.copy_queue:
             log.info("this device has no asynchronous copies or events: uploads stay synchronous")
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)
@@ -148,8 +103,6 @@ class Controller:
         # predictors trained on x_prev read a layer's router input and predict the next layer
         self.cross_layer = mode in PREDICTION_MODES and manifest.get("input", "x_pre") == "x_prev"
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
-        if lookahead and mode not in PREDICTION_MODES:
-            raise ValueError(f"lookahead needs a prediction mode ({PREDICTION_MODES}), not {mode}")
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
         # history inputs (train --features): fed by the library's own predictor only (patch 17)
@@ -169,10 +122,10 @@ class Controller:
         self.native = (
             mode in PREDICTION_MODES
             and not self.cross_layer
-            and predictor_engine == "native"
-            and self._predict_natively(lookahead, predictor_threads)
+            and options.predictor_engine == "native"
+            and self._predict_natively(lookahead, options.predictor_threads)
         )
-        if residency == "token" and mode in PREDICTION_MODES and not self.native:
+        if self.residency == "token" and mode in PREDICTION_MODES and not self.native:
             raise UserError(
                 "--residency token works with the library's own predictor (--predictor-engine native, "
                 "pre-attention fp32 predictors): these need Python at every layer; use --residency routing"
@@ -186,7 +139,10 @@ class Controller:
         # late predictions cost a graph split per layer and save nothing: switch prediction off (lru)
         # (the library's own predictions are made on the decode thread, before the routing: never late)
         self.late_fallback = (
-            late_fallback and mode in PREDICTION_MODES and not self.wait_for_prefetch and not self.native
+            options.late_fallback
+            and mode in PREDICTION_MODES
+            and not self.wait_for_prefetch
+            and not self.native
         )
         self.prediction_off_at: int | None = None  # the ubatch where that happened
         self.late_seen = (0, 0, 0)  # prefetched experts refused as late, uploaded; predictions: last check
@@ -196,8 +152,8 @@ class Controller:
         self.epoch = dict.fromkeys(bank.layers, 0)  # own predictions submitted, per layer
         self.disabled: set[int] = set()  # layers whose predictor failed
         self.worker = PrefetchWorker(max_backlog=2 * (1 + lookahead) * len(bank.layers))
-        if oracle is not None and mode == "oracle":
-            self._give_oracle(oracle)
+        if mode == "oracle":
+            self._give_oracle(options.oracle)
         # native calls from the worker stop once closed: the context may be freed after close()
         self.native_lock, self.closed = threading.Lock(), False
         self.ubatch = -1

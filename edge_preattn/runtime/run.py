@@ -22,7 +22,7 @@ from ..model.layout import MoeLayout, plan_slots, read_layout
 from ..units import parse_bytes, parse_rate
 from .cache import EVICTION_POLICIES
 from .cache_runtime import CacheRuntime, record_routing
-from .controller import MISS_POLICIES, MODES, PREDICTION_MODES, PREDICTOR_ENGINES, RESIDENCIES
+from .options import MISS_POLICIES, MODES, PREDICTION_MODES, PREDICTOR_ENGINES, RESIDENCIES, CacheOptions
 from .slots import shrink_until_allocated
 from .stats import format_layers, format_stats, run_stats
 
@@ -397,6 +397,30 @@ def prepare(args: argparse.Namespace) -> Setup:
     return Setup(model, layout, llama_cpp, config, predictors, n_slots, sampling)
 
 
+def cache_options(args: argparse.Namespace, setup: Setup, oracle: dict | None) -> CacheOptions:
+    """`run`'s and `serve`'s cache flags as one object (`prepare` refused bad ones by their flag names
+    before the model loaded); `n_slots` is the planned size, which `open_engine` may lower."""
+    return CacheOptions(
+        mode=args.mode,
+        n_slots=setup.n_slots,
+        max_batch_tokens=args.bypass_tokens,
+        predictors=setup.predictors,
+        extra=args.extra,
+        target=args.target,
+        bandwidth_bytes_per_s=args.bandwidth,
+        eviction=args.eviction,
+        oracle=oracle,
+        miss=args.miss,
+        wait_for_prefetch=args.wait_prefetch,
+        lookahead=args.lookahead,
+        late_fallback=not args.keep_late_predictions,
+        predictor_engine=args.predictor_engine,
+        predictor_threads=args.predictor_threads,
+        copy_queue=args.copy_queue,
+        residency=args.residency,
+    )
+
+
 @contextlib.contextmanager
 def open_engine(
     args: argparse.Namespace, setup: Setup, record_oracle: Callable[[Engine], dict] | None = None
@@ -407,28 +431,11 @@ def open_engine(
         runtime, n_slots, mode = None, setup.n_slots, args.mode
         if mode != "off":
             oracle = record_oracle(engine) if mode == "oracle" and record_oracle else None
+            options = cache_options(args, setup, oracle)
             with deferred():  # Ctrl-C: once the cache is built and entered, never halfway
                 runtime, n_slots = shrink_until_allocated(  # out of device memory: fewer slots, or stock
                     lambda slots: CacheRuntime.for_layout(
-                        engine,
-                        setup.layout,
-                        n_slots=slots,
-                        mode=mode,
-                        max_batch_tokens=args.bypass_tokens,
-                        predictors=setup.predictors,
-                        extra=args.extra,
-                        target=args.target,
-                        bandwidth_bytes_per_s=args.bandwidth,
-                        eviction=args.eviction,
-                        oracle=oracle,
-                        miss=args.miss,
-                        wait_for_prefetch=args.wait_prefetch,
-                        lookahead=args.lookahead,
-                        late_fallback=not args.keep_late_predictions,
-                        predictor_engine=args.predictor_engine,
-                        predictor_threads=args.predictor_threads,
-                        copy_queue=args.copy_queue,
-                        residency=args.residency,
+                        engine, setup.layout, dataclasses.replace(options, n_slots=slots)
                     ),
                     n_slots,
                     setup.layout.n_expert_used,
