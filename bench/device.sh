@@ -18,8 +18,12 @@
 #
 # The headline table of issue 17, one model per call after `setup` (C: the bench options shared by all):
 #   C="--predictors DIR --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,oracle --copy-queue"
+#   (add lru+token,top1+token,exact+token,oracle+token for residency decided between tokens)
 #   bench MODEL $C --vram-budget 25%,50% -t 8
 #   bench MODEL $C --vram-budget 25%,50% --emulate rtx4070-pcie4   (and laptop-pcie4x8)
+# The same greedy text and the host synchronizations per token in every mode, both residencies:
+#   modes MODEL --slots 8 --copy-queue;  modes MODEL --slots 8 --copy-queue --residency token
+#   (each packs $OUT/modes-<model>.tgz: rename the first before the second)
 set -u
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EDGE_PREATTN_CACHE=/tmp/edge-cache EDGE_PREATTN_LLAMA_SOURCE=/tmp/llsrc
 # The image's CC/CXX link libstdc++ statically into each shared library: two copies crash at model load.
