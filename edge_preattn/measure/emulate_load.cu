@@ -75,7 +75,7 @@ static int load(double duty) {
         std::fprintf(stderr, "emulate_load: DUTY must be in (0, 1], got %g\n", duty);
         return 2;
     }
-    // Far larger than any L2 (an H100 or H200 has 50 MB): a loop over a buffer that fits in L2 keeps
+    // Far larger than any L2 (an H100 or H200 has 50 MB): a loop over buffers that L2 nearly holds keeps
     // the cache busy, not the memory. Copied in 64 MiB chunks, a few tens of microseconds each, so the
     // duty cycle stays fine-grained, with two chunks queued at a time so the copies leave no gaps.
     Buffers buffers(size_t(1) << 30);
