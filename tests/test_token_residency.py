@@ -12,7 +12,7 @@ from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Sampling
 from edge_preattn.model.layout import read_layout
 from edge_preattn.model.synth import write_synthetic
-from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_STATE
+from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_BACKEND, LLAMA_EDGE_ERR_STATE
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.runtime.options import CacheOptions
 
@@ -139,6 +139,16 @@ def test_token_residency_needs_the_host_side_and_no_python_predictor(llama_lib, 
         assert lib.llama_edge_cache_set_miss_cpu(engine.ctx, True) == 0
         assert lib.llama_edge_cache_set_token_residency(engine.ctx, True) == 0
         assert lib.llama_edge_cache_set_token_residency(None, True) != 0
+        # the host side on the device needs a device that reads page-locked host memory in place: not the
+        # CPU, where the host side already is the CPU's own (patch 19)
+        assert not runtime.host_side_mapped
+        assert lib.llama_edge_cache_set_host_side_mapped(engine.ctx, True) == LLAMA_EDGE_ERR_BACKEND
+        assert lib.llama_edge_cache_set_host_side_mapped(None, True) != 0
+        assert lib.llama_edge_cache_set_token_residency(engine.ctx, False) == 0
+        assert lib.llama_edge_cache_set_miss_cpu(engine.ctx, False) == 0
+        assert (
+            lib.llama_edge_cache_set_host_side_mapped(engine.ctx, True) == LLAMA_EDGE_ERR_STATE
+        )  # no host side
 
 
 def test_run_refuses_token_residency_with_miss_auto_in_one_line():
