@@ -1,13 +1,15 @@
 """Expert slot cache: every mode gives stock llama.cpp's exact logits; stats add up; bad calls refused."""
 
 import ctypes
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Engine, EngineConfig, Sampling
-from edge_preattn.model.layout import read_layout
+from edge_preattn.model.layout import MoeLayout, read_layout
+from edge_preattn.model.synth import write_synthetic
 from edge_preattn.predictors import baselines
 from edge_preattn.runtime.cache import UploadBudget
 from edge_preattn.runtime.cache_api import CacheStats, LayerStats, PredictionStats, bind_cache_functions
@@ -33,6 +35,19 @@ def greedy(engine: Engine, prompt: str = PROMPT, n: int = N_PREDICT) -> tuple[li
     logits: list[np.ndarray] = []
     tokens = [t for t, _ in engine.generate(prompt, n, on_logits=logits.append)]
     return tokens, np.stack(logits)
+
+
+def stock_reference(request, tmp_path_factory, llama_lib) -> tuple[Path, MoeLayout, list[int], np.ndarray]:
+    """(path, layout, stock tokens, stock logits) of the model `request.param` names: a synthetic one, or
+    the trained fixture "moe-ref-a". What a module's parametrized `model` fixture compares caches with."""
+    if request.param == "moe-ref-a":
+        path = request.getfixturevalue("moe_ref_a")
+    else:
+        path = tmp_path_factory.mktemp("model") / f"{request.param}.gguf"
+        write_synthetic(request.param, path, progress=False)
+    with host_experts_engine(llama_lib, path) as engine:
+        tokens, logits = greedy(engine)
+    return path, read_layout(path), tokens, logits
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ import ctypes
 import numpy as np
 import pytest
 
-from edge_preattn.model.engine import Engine
-from edge_preattn.model.layout import read_layout
 from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache import MissCostModel
 from edge_preattn.runtime.cache_api import MissStats, bind_cache_functions
@@ -14,30 +12,13 @@ from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking
 from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
 
-from .test_cache import host_experts_engine
+from .test_cache import N_PREDICT, PROMPT, greedy, host_experts_engine, stock_reference
 from .test_native_predictor import export_predictors
-
-PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
-N_PREDICT = 16
-
-
-def greedy(engine: Engine) -> tuple[list[int], np.ndarray]:
-    logits: list[np.ndarray] = []
-    tokens = [t for t, _ in engine.generate(PROMPT, N_PREDICT, on_logits=logits.append)]
-    return tokens, np.stack(logits)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2", "moe-ref-a"])
 def model(request, tmp_path_factory, llama_lib):
-    """(path, layout, stock tokens, stock logits) of a synthetic model or the trained fixture."""
-    if request.param == "moe-ref-a":
-        path = request.getfixturevalue("moe_ref_a")
-    else:
-        path = tmp_path_factory.mktemp("model") / f"{request.param}.gguf"
-        write_synthetic(request.param, path, progress=False)
-    with host_experts_engine(llama_lib, path) as engine:
-        tokens, logits = greedy(engine)
-    return path, read_layout(path), tokens, logits
+    return stock_reference(request, tmp_path_factory, llama_lib)
 
 
 @pytest.mark.parametrize("miss", ["cpu", "auto"])

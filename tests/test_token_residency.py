@@ -10,29 +10,17 @@ import pytest
 
 from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Sampling
-from edge_preattn.model.layout import read_layout
-from edge_preattn.model.synth import write_synthetic
 from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_BACKEND, LLAMA_EDGE_ERR_STATE
 from edge_preattn.runtime.cache_runtime import CacheRuntime, RandomRanking, record_routing
 from edge_preattn.runtime.options import CacheOptions
 
-from .test_cache import PROMPT, greedy, host_experts_engine
+from .test_cache import N_PREDICT, PROMPT, greedy, host_experts_engine, stock_reference
 from .test_native_predictor import export_predictors
-
-N_PREDICT = 16
 
 
 @pytest.fixture(scope="module", params=["tiny", "moe-ref-a"])
 def model(request, tmp_path_factory, llama_lib):
-    """(path, layout, stock tokens, stock logits) of a synthetic model or the trained fixture."""
-    if request.param == "moe-ref-a":
-        path = request.getfixturevalue("moe_ref_a")
-    else:
-        path = tmp_path_factory.mktemp("model") / f"{request.param}.gguf"
-        write_synthetic(request.param, path, progress=False)
-    with host_experts_engine(llama_lib, path) as engine:
-        tokens, logits = greedy(engine, n=N_PREDICT)
-    return path, read_layout(path), tokens, logits
+    return stock_reference(request, tmp_path_factory, llama_lib)
 
 
 def run_cached(llama_lib, path, layout, mode, n_slots, residency, tmp_path):
@@ -51,7 +39,7 @@ def run_cached(llama_lib, path, layout, mode, n_slots, residency, tmp_path):
         ) as runtime:
             assert runtime.hooks is None  # nothing for Python per token
             engine_before = runtime.bank.engine_stats()
-            tokens, logits = greedy(engine, n=N_PREDICT)
+            tokens, logits = greedy(engine)
             stats, bank = runtime.controller.stats, runtime.bank.stats()
             engine_stats = runtime.bank.engine_stats()
             engine_stats = {key: engine_stats[key] - engine_before[key] for key in engine_stats}
