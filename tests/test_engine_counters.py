@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,66 @@ def test_the_copy_queue_keeps_greedy_tokens_on_the_gpu(tmp_path, mode):
     text, stats = run_packaged(tmp_path, "--mode", mode, "--copy-queue")
     assert text == stock
     assert stats["async_uploads"] > 0 and stats["python_callbacks_per_token"] == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
+    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
+)
+@pytest.mark.parametrize("mode", ["lru", "exact", "oracle"])
+def test_copies_waited_on_the_device_keep_greedy_tokens(tmp_path, mode):
+    """Residency between tokens with the copy queue: the compute stream waits for a layer's copies at its
+    routing node, the host does not (patches 20, 21). Same greedy text as stock all-on-GPU; the oracle,
+    whose uploads are all decided between tokens, costs the two synchronizations of a ubatch and no more."""
+    stock, _ = run_packaged(tmp_path, "--mode", "off")
+    text, stats = run_packaged(tmp_path, "--mode", mode, "--copy-queue", "--residency", "token")
+    assert text == stock
+    assert stats["python_callbacks_per_token"] == 0
+    if mode == "oracle":
+        assert stats["async_uploads"] > 0 and stats["host_syncs_per_token"] <= 2.2
+
+
+def scrambled_packaged_predictors(out: Path) -> str:
+    """The packaged predictors with every weight matrix replaced by large random values: finite, so they
+    pass every check and run in the library, and predicting nonsense (a copy of the folder, hashes
+    rewritten)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_preattn.predictors import onnx_io
+
+    source = Path(cli.__file__).parent / "onnx_models" / "edge-moe-default"
+    shutil.copytree(source, out)
+    manifest = json.loads((Path(out) / onnx_io.MANIFEST).read_text())
+    rng = np.random.default_rng(7)
+    for entry in manifest["predictors"]:
+        path = Path(out) / entry["file"]
+        model = onnx.load(str(path))
+        for tensor in model.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if array.ndim == 2:
+                noise = (rng.standard_normal(array.shape) * 1e3).astype(array.dtype)
+                tensor.CopyFrom(numpy_helper.from_array(noise, tensor.name))
+        onnx.save(model, str(path))
+        entry.update(sha256=onnx_io.sha256_bytes(path.read_bytes()), bytes=path.stat().st_size)
+    onnx_io.write_manifest(Path(out), {key: value for key, value in manifest.items() if key != "format"})
+    return str(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
+    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
+)
+@pytest.mark.parametrize("residency", ["routing", "token"])
+def test_a_nonsense_predictor_on_the_gpu_never_changes_the_text(tmp_path, residency):
+    """Issue 20 on CUDA: predictions that are all wrong cost uploads, never a token."""
+    predictors = scrambled_packaged_predictors(tmp_path / "scrambled")
+    stock, _ = run_packaged(tmp_path, "--mode", "off")
+    options = ["--mode", "exact", "--copy-queue", "--residency", residency, "--predictors", predictors]
+    text, stats = run_packaged(tmp_path, *options)
+    assert text == stock
+    assert stats["python_callbacks_per_token"] == 0 and stats["prefetch_issued"] > 0
