@@ -15,6 +15,8 @@
 #   mps-probe        SMs, device copy and host-to-device rate under MPS shares (carry: .carry/mps_probe.sh)
 #   bench MODEL ARGS `edge-preattn bench MODEL ARGS -o /tmp/results/<model>`, packed into $OUT
 #   test ARGS        pytest on the GPU build (EDGE_PREATTN_TEST_PRESET=cuda-hopper)
+#   presets P...     configure each CUDA preset on the patched source and compile the CUDA sources the
+#                    patches touch (the rest of ggml-cuda is stock), in parallel, into $OUT/presets.log
 #
 # The headline table of issue 17, one model per call after `setup` (C: the bench options shared by all):
 #   C="--predictors DIR --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,oracle --copy-queue"
@@ -94,6 +96,24 @@ bench)
 test)
     EDGE_PREATTN_LIB=$(patched_lib) python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest-gpu.log" |
         tail -15
+    ;;
+presets)
+    src=/tmp/presets/llama.cpp
+    rm -rf /tmp/presets && mkdir -p /tmp/presets
+    python3 -c "import sys; from pathlib import Path; from edge_preattn.model import build
+build.prepare_source(Path(sys.argv[1]), stock=False)" "$src" || exit 1
+    patched='ggml-cuda\.dir/(ggml-cuda|mmf|mmid|mmq|mmvf|mmvq)\.cu\.o'
+    for preset in "$@"; do
+        (
+            started=$(date +%s)
+            cmake --preset "$preset" -B "/tmp/presets/$preset" -DEDGE_LLAMA_SOURCE="$src" > "/tmp/presets/$preset.log" 2>&1 &&
+                objects=$(ninja -C "/tmp/presets/$preset" -t targets all | grep -oE "^[^:]*$patched") &&
+                ninja -C "/tmp/presets/$preset" $objects >> "/tmp/presets/$preset.log" 2>&1
+            echo "$preset: exit $? in $(($(date +%s) - started)) s, $(echo $objects | wc -w) objects"
+        ) &
+    done
+    wait
+    for preset in "$@"; do grep -E "error|FAILED" "/tmp/presets/$preset.log" | head -5; done
     ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
