@@ -244,7 +244,9 @@ def test_eval_refuses_another_model_and_another_split(tmp_path):
 def test_eval_command(tmp_path, monkeypatch, capsys):
     routers = write_traces(tmp_path / "traces")
     made = {"pre": StandIn(routers, arch=1), "xl": StandIn(routers, "x_prev")}
-    monkeypatch.setattr(evaluate, "load_set", lambda directory, fingerprint, int8: made[directory.name])
+    monkeypatch.setattr(
+        evaluate, "load_set", lambda directory, fingerprint, int8, fp16=False: made[directory.name]
+    )
     out = tmp_path / "results"
     argv = ["eval", str(tmp_path / "traces"), str(tmp_path / "pre"), "--cross-layer", str(tmp_path / "xl")]
     assert cli.main([*argv, "-o", str(out)]) == 0

@@ -132,6 +132,26 @@ def test_history_inputs_the_library_does_not_feed_are_left_to_onnxruntime_in_one
         read_predictor_set(predictors)
 
 
+@pytest.mark.parametrize("arch", [1, 2])
+def test_a_low_rank_first_linear_is_read_as_one_matrix(tmp_path, arch):
+    """train --rank: the two Gemms of W1 = B·A are multiplied back into one W1 for the library."""
+    torch.manual_seed(arch)
+    model = Predictor(arch, 24, 8, 16, n_extra=16, prior=torch.randn(8, 24), rank=3).eval()
+    model.body[-1].reset_parameters()
+    model.norm.mean.normal_()
+    if arch == 1:
+        model.body[2].running_mean.normal_()
+        model.body[2].running_var.uniform_(0.5, 2.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 24)).astype(np.float32)
+    extra = {name: rng.dirichlet(np.ones(8), 32).astype(np.float32) for name in ("prev_layer", "prev_token")}
+    entry = onnx_io.export_layer(model, tmp_path, 0, x, extra)
+    mlp = read_mlp(tmp_path / entry["file"])
+    assert mlp.w1.shape == (16, 24 + 16) and mlp.history == ("prev-layer", "prev-token")
+    expected = onnx_io.onnx_scores(tmp_path / entry["file"], x, extra=extra)
+    assert np.abs(mlp.scores(x, extra) - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
+
+
 @dataclass(frozen=True)
 class NativeRun:
     tokens: list[int]

@@ -22,6 +22,7 @@ from edge_preattn.predictors.networks import (
     focal_loss,
     make_loss,
     mse_loss,
+    parameter_formula,
     rank_loss,
     ranking_hinge,
     wbce_loss,
@@ -164,7 +165,9 @@ def traces_dir(llama_lib, moe_ref_a, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained(traces_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("predictors") / "out"
-    manifest = train.train(traces_dir, out, SETTINGS, layers=(0, 1), int8=True, device="cpu", progress=False)
+    manifest = train.train(
+        traces_dir, out, SETTINGS, layers=(0, 1), int8=True, fp16=True, device="cpu", progress=False
+    )
     return out, manifest
 
 
@@ -204,6 +207,9 @@ def test_onnx_equals_torch_and_int8_is_reported(traces_dir, trained):
     int8 = load_predictor_set(out, fingerprint=traces.fingerprint, int8=True)
     assert int8.scores(1, x).shape == expected.shape
     assert 0 <= entry["int8"]["val_recall_at_k"] <= 1
+    fp16 = load_predictor_set(out, fingerprint=traces.fingerprint, fp16=True)  # eval --fp16: the fp16 files
+    assert fp16.fp16 and not fp16.int8 and entry["fp16"]["bytes"] < entry["bytes"]
+    assert 0 < np.abs(fp16.scores(1, x) - expected).max() < 1e-2 * max(1.0, np.abs(expected).max())
 
 
 def test_rerun_resumes_and_an_interrupted_run_finishes_the_same(traces_dir, trained, tmp_path, monkeypatch):
@@ -437,3 +443,36 @@ def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
     assert pset.scores(0, x, extra).shape == (3, 4)
     with pytest.raises(UserError, match="history inputs"):
         pset.scores(0, x)
+
+
+@pytest.mark.parametrize("arch", [1, 2])
+@pytest.mark.parametrize("rank", [0, 3])
+def test_parameter_formula_counts_the_module(arch, rank):
+    """bench/accuracy_ablation.py sizes a Qwen3-30B-A3B set by formula: it is the module's own count."""
+    for prior, n_extra in ((False, 0), (True, 10)):
+        model = Predictor(
+            arch, 12, 5, 16, n_extra=n_extra, prior=torch.randn(5, 12) if prior else None, rank=rank
+        )
+        parts = parameter_formula(arch, 12, 5, 16, n_extra=n_extra, prior=prior, rank=rank)
+        assert parts["total"] == model.parameter_count() == sum(v for k, v in parts.items() if k != "total")
+    assert parameter_formula(2, 2048, 128, 128, n_extra=256, prior=True)["total"] == 578305  # the table's
+
+
+def test_low_rank_trains_exports_and_matches_torch(traces_dir, tmp_path):
+    """train --rank R: W1 as two Linears through R columns, fewer numbers, onnxruntime = torch."""
+    settings = dataclasses.replace(SETTINGS, epochs=1, rank=4)
+    manifest = train.train(traces_dir, tmp_path, settings, layers=(0,), device="cpu", progress=False)
+    traces = TraceSet(traces_dir)
+    model = Predictor(2, traces.n_embd, traces.n_expert, SETTINGS.hidden, rank=4)
+    model.load_state_dict(
+        torch.load(tmp_path / "checkpoints" / "layer-000.pt", weights_only=True)["best_model"]
+    )
+    full = parameter_formula(2, traces.n_embd, traces.n_expert, SETTINGS.hidden)["total"]
+    assert manifest["rank"] == 4 and manifest["settings"]["rank"] == 4
+    assert manifest["parameters_per_layer"] == model.parameter_count() < full
+    x = traces.layer(0, "x_pre")[:64].astype(np.float32)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    found = load_predictor_set(tmp_path, fingerprint=traces.fingerprint).scores(0, x)
+    assert np.abs(found - expected).max() < 1e-4
+    assert "rank" not in dataclasses.replace(settings, rank=0).as_dict()  # older checkpoints still resume

@@ -50,11 +50,12 @@ def validation_prompts(manifest: dict) -> list[int]:
     )
 
 
-def load_set(directory: Path, fingerprint: str, int8: bool = False):
-    """A PredictorSet from onnx_io, refused unless it was trained on traces of this model."""
+def load_set(directory: Path, fingerprint: str, int8: bool = False, fp16: bool = False):
+    """A PredictorSet from onnx_io (its int8 or fp16 files if asked), refused unless it was trained on
+    traces of this model."""
     from .onnx_io import load_predictor_set
 
-    return load_predictor_set(directory, fingerprint=fingerprint, threads=1, int8=int8)
+    return load_predictor_set(directory, fingerprint=fingerprint, threads=1, int8=int8, fp16=fp16)
 
 
 def _check(sets: dict, traces: TraceSet, heldout: TraceSet | None) -> tuple[list[int], tuple[int, ...]]:
@@ -313,7 +314,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--model",
         help="the traces' GGUF, for the router-prior row (default: its path in the traces, if present)",
     )
-    parser.add_argument("--int8", action="store_true", help="evaluate the int8 predictors (train --int8)")
+    form = parser.add_mutually_exclusive_group()
+    form.add_argument("--int8", action="store_true", help="evaluate the int8 predictors (train --int8)")
+    form.add_argument("--fp16", action="store_true", help="evaluate the fp16 predictors (train --fp16)")
     parser.add_argument("--name", help="name in the output files (default: the model file's stem)")
     parser.add_argument(
         "--calibrate",
@@ -364,7 +367,7 @@ def main(args: argparse.Namespace) -> int:
     ):
         if directory is None:
             continue
-        pset = load_set(Path(directory), traces.fingerprint, args.int8)
+        pset = load_set(Path(directory), traces.fingerprint, args.int8, args.fp16)
         found = pset.manifest.get("input", "x_pre")
         if found != expected:
             flag = "--cross-layer" if found == "x_prev" else "PREDICTORS or --arch2"

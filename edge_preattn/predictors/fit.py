@@ -3,6 +3,7 @@ recall@k after every epoch, early stop, and a checkpoint per epoch that a rerun 
 back as tensors and plain data only). `train` runs it for every layer. Split from train.py, unchanged.
 """
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -38,6 +39,15 @@ class TrainSettings:
     patience: int = 2
     prior: bool = True  # a residual on the layer's router applied to the input (baselines.router_prior)
     features: str = ""  # history inputs, comma-separated (features.FEATURES)
+    rank: int = 0  # > 0: the first Linear factorized through this many columns (networks.Predictor)
+
+    def as_dict(self) -> dict:
+        """The settings as stored in checkpoints and manifests; rank only when set, so that runs
+        written before it existed still resume."""
+        fields = dataclasses.asdict(self)
+        if not fields["rank"]:
+            del fields["rank"]
+        return fields
 
 
 def val_recall(scores: np.ndarray, ids: np.ndarray) -> float:
@@ -113,7 +123,13 @@ def fit_layer(
     torch.manual_seed(settings.seed * 1_000_003 + il * 1009)  # initial weights
     n_extra = sum(e.shape[1] for e in extra_train)
     model = Predictor(
-        settings.arch, x_train.shape[1], probs_train.shape[1], settings.hidden, n_extra=n_extra, prior=prior
+        settings.arch,
+        x_train.shape[1],
+        probs_train.shape[1],
+        settings.hidden,
+        n_extra=n_extra,
+        prior=prior,
+        rank=settings.rank,
     ).to(device)
     model.norm.fit(torch.cat([x_train, *extra_train], dim=1) if extra_train else x_train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

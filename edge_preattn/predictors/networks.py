@@ -53,6 +53,9 @@ class Predictor(nn.Module):
     so before any training it ranks experts exactly as the prior does, and training only learns what
     attention and the layer input add. `n_extra` widens the body's input by history features
     (features.py) that come as further inputs, concatenated after x; the prior reads x alone.
+    `rank` R > 0 makes the first Linear low-rank: Linear(width → R) then Linear(R → hidden), i.e.
+    W1 = B·A with (width + hidden)·R numbers instead of width·hidden (both Gemms in ONNX; the library's
+    reader multiplies them back into one W1, predictor_weights.read_mlp).
     """
 
     def __init__(
@@ -64,18 +67,23 @@ class Predictor(nn.Module):
         *,
         n_extra: int = 0,
         prior: torch.Tensor | None = None,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {arch!r}")
+        if rank < 0:
+            raise ValueError(f"rank must be 0 (full) or more, not {rank}")
         self.arch, self.n_embd, self.n_expert, self.hidden = arch, n_embd, n_expert, hidden
-        self.n_extra = n_extra
+        self.n_extra, self.rank = n_extra, rank
         self.norm = InputNorm(n_embd + n_extra)
         width = n_embd + n_extra
+        # [width → hidden], or [width → rank → hidden] (low-rank W1)
+        first = [nn.Linear(width, rank), nn.Linear(rank, hidden)] if rank else [nn.Linear(width, hidden)]
         if arch == 1:  # Linear → BatchNorm1d → GELU → Dropout(0.1) → Linear
-            layers = [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1)]
+            layers = [*first, nn.BatchNorm1d(hidden), nn.GELU(), nn.Dropout(0.1)]
         else:  # Linear → SiLU → Linear
-            layers = [nn.Linear(width, hidden), nn.SiLU()]
+            layers = [*first, nn.SiLU()]
         self.body = nn.Sequential(*layers, nn.Linear(hidden, n_expert))
         if prior is not None and tuple(prior.shape) != (n_expert, n_embd):
             raise ValueError(f"prior must be [{n_expert}, {n_embd}], not {list(prior.shape)}")
@@ -96,6 +104,31 @@ class Predictor(nn.Module):
     def parameter_count(self) -> int:
         """Numbers stored in the exported graph: weights, biases, the prior and the input statistics."""
         return sum(t.numel() for t in self.state_dict().values() if t.dtype.is_floating_point)
+
+
+def parameter_formula(
+    arch: int,
+    n_embd: int,
+    n_expert: int,
+    hidden: int,
+    *,
+    n_extra: int = 0,
+    prior: bool = False,
+    rank: int = 0,
+) -> dict[str, int]:
+    """Predictor.parameter_count by formula, split into its parts, for any model's shape without
+    building the module: {"norm", "first", "batch_norm", "second", "prior", "total"}. With w = d + n_extra:
+    norm 2w; first w·h + h (rank R: w·R + R + R·h + h); Arch 1's batch norm 4h (weight, bias, running
+    mean and variance); second h·E + E; prior E·d + 1 (the model's own router weights and a scale)."""
+    width = n_embd + n_extra
+    parts = {
+        "norm": 2 * width,
+        "first": (width * rank + rank + rank * hidden + hidden) if rank else width * hidden + hidden,
+        "batch_norm": 4 * hidden if arch == 1 else 0,
+        "second": hidden * n_expert + n_expert,
+        "prior": n_expert * n_embd + 1 if prior else 0,
+    }
+    return {**parts, "total": sum(parts.values())}
 
 
 def _rank_key(probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,9 @@ def write_manifest(out_dir: Path, fields: dict) -> None:
 class PredictorSet:
     """ONNX predictors of one model, loaded for CPU inference."""
 
-    def __init__(self, directory: Path, manifest: dict, sessions: dict, int8: bool) -> None:
+    def __init__(
+        self, directory: Path, manifest: dict, sessions: dict, int8: bool, fp16: bool = False
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self._sessions = sessions
@@ -169,7 +171,7 @@ class PredictorSet:
         self.input: str = manifest["input"]
         self.features: tuple[str, ...] = tuple(manifest.get("features") or ())
         self.fingerprint: str = manifest["fingerprint"]
-        self.int8 = int8
+        self.int8, self.fp16 = int8, fp16  # which of the files was loaded (fp32 when neither)
 
     def check_fits(self, layout) -> None:
         """Refuse a set whose shapes or layers are not the model's: a manifest can carry the right
@@ -297,10 +299,14 @@ def _confined(directory: Path, name: str) -> Path:
 
 @deferred()  # Ctrl-C: after it, not inside onnxruntime's import (an ImportError) or a session's creation
 def load_predictor_set(
-    directory, fingerprint: str | None = None, threads: int = 1, int8: bool = False
+    directory, fingerprint: str | None = None, threads: int = 1, int8: bool = False, fp16: bool = False
 ) -> PredictorSet:
-    """Open every predictor of a folder written by `edge-preattn train`, checking it all first."""
+    """Open every predictor of a folder written by `edge-preattn train`, checking it all first;
+    `int8` / `fp16`: the layers' int8 or fp16 files (train --int8 / --fp16) instead of the fp32 ones."""
     directory = Path(directory)
+    if int8 and fp16:
+        raise ValueError("load the int8 or the fp16 files, not both")
+    form = "int8" if int8 else "fp16" if fp16 else None
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(
@@ -330,9 +336,9 @@ def load_predictor_set(
         il = _require(entry, "layer", int, where)
         if il in sessions:
             raise UserError(f"{path} lists layer {il} twice: retrain or re-export the predictors")
-        if int8 and "int8" not in entry:
-            raise UserError(f"{directory} has no int8 predictors: retrain with --int8, or load fp32")
-        files = entry["int8"] if int8 else entry
+        if form and form not in entry:
+            raise UserError(f"{directory} has no {form} predictors: retrain with --{form}, or load fp32")
+        files = entry[form] if form else entry
         name, sha = _require(files, "file", str, where), _require(files, "sha256", str, where)
         file = _confined(directory, name)
         if file.exists() and not file.is_file():
@@ -372,4 +378,4 @@ def load_predictor_set(
         sessions[il] = session
     if not sessions:
         raise UserError(f"{path} lists no predictors: retrain")
-    return PredictorSet(directory, manifest, sessions, int8)
+    return PredictorSet(directory, manifest, sessions, int8, fp16)

@@ -8,10 +8,11 @@ body(norm(x)) + scale · x·prior) the branch MatMul(x, prior) → Mul(scale) �
 output (patch 16). History inputs (`train --features prev-layer,prev-token`) come as a Concat of x and
 them before the normalization: their columns of the first Gemm go to the library apart from x's, and
 the library feeds them itself (patch 17). The input normalization and the batch norm are folded into
-the first Gemm, the scale into the prior. Anything else (an int8 graph, the prev-x feature, another
-architecture) is refused with one line saying why, and the runtime keeps onnxruntime for it. A read
-graph is checked against onnxruntime on random rows (random history rows too) before the library gets
-it, so a misread graph cannot pass for a predictor.
+the first Gemm, the scale into the prior; a low-rank first Linear (`train --rank`: two Gemms in a
+row) is multiplied back into one W1, so the library holds the full matrix. Anything else (an int8
+graph, the prev-x feature, another architecture) is refused with one line saying why, and the runtime
+keeps onnxruntime for it. A read graph is checked against onnxruntime on random rows (random history
+rows too) before the library gets it, so a misread graph cannot pass for a predictor.
 """
 
 from dataclasses import dataclass
@@ -196,6 +197,11 @@ def read_mlp(path: Path) -> MlpWeights:
         node = graph.only_consumer(node.output[0])
     w1, b1 = _gemm(graph, node)
     z = node.output[0]
+    low_rank = graph.only_consumer(z)
+    if low_rank is not None and low_rank.op_type == "Gemm":  # train --rank: W1 = B·A, b1 = B·a + b
+        w_b, b_b = _gemm(graph, low_rank)
+        w1, b1 = w_b @ w1, w_b @ np.broadcast_to(b1, w1.shape[:1]) + b_b
+        z = low_rank.output[0]
     batch_norm = graph.only_consumer(z)
     if batch_norm is not None and batch_norm.op_type == "BatchNormalization":  # eval: per-channel affine
         gamma, beta, mean, var = (graph.constant(batch_norm, i) for i in (1, 2, 3, 4))
@@ -228,8 +234,8 @@ def read_mlp(path: Path) -> MlpWeights:
 @deferred()  # Ctrl-C: after it, not inside onnx's import (its native init aborts the process)
 def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
-    if predictors.int8:
-        raise Unsupported("int8 predictors are evaluated by onnxruntime")
+    if predictors.int8 or getattr(predictors, "fp16", False):
+        raise Unsupported(f"{'int8' if predictors.int8 else 'fp16'} predictors are evaluated by onnxruntime")
     unfed = sorted(set(predictors.features) - set(NATIVE_FEATURES))
     if unfed:
         raise Unsupported(f"history features ({', '.join(unfed)}) that the library does not feed")

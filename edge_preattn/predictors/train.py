@@ -7,7 +7,6 @@ recall@k (fit.py). After each epoch a layer's state is checkpointed; rerunning t
 """
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import time
@@ -30,6 +29,7 @@ EXAMPLES = """\
   edge-preattn train traces/model --arch 1 --loss wbce --epochs 1 -o runs/arch1-wbce
   edge-preattn train traces/model --input x_prev -o predictors/model-cross-layer   # FATE-like baseline
   edge-preattn train traces/model --hidden 512 --int8 --layers 0-3 -o predictors/small
+  edge-preattn train traces/model --rank 32 --fp16 -o predictors/low-rank   # W1 through 32 columns
   edge-preattn train traces/model --features prev-layer,prev-token -o predictors/history   # eval only
 
 What the defaults cost (bench/results/accuracy-ablation-*.md): on a busy 2-core CPU with -t 1, about
@@ -185,7 +185,7 @@ def train(
         {
             "fingerprint": traces.fingerprint,
             "tokens": len(train_mask),
-            "settings": dataclasses.asdict(settings),
+            "settings": settings.as_dict(),
         },
     )
     entries = []
@@ -226,12 +226,13 @@ def train(
         "n_expert": traces.n_expert,
         "n_embd": traces.n_embd,
         "hidden": settings.hidden,
+        "rank": settings.rank,
         "gating": traces.gating,
         "layers": list(layers),
         "validation_prompts": val_prompts,
         "train_tokens": len(train_rows),
         "validation_tokens": len(val_rows),
-        "settings": {**dataclasses.asdict(settings), "device": device, "int8": int8, "fp16": fp16},
+        "settings": {**settings.as_dict(), "device": device, "int8": int8, "fp16": fp16},
         "parameters_per_layer": entries[0]["parameters"],
         "train_seconds": time.monotonic() - started,
         "predictors": entries,
@@ -263,6 +264,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=defaults.hidden,
         help=f"hidden width (default {defaults.hidden}; the paper's 2048)",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=defaults.rank,
+        help="factorize the first Linear through this many columns (low-rank; default 0: full). "
+        "Sizes: bench/results/accuracy-size-*.md",
     )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
@@ -325,6 +333,8 @@ def check_device(name: str | None) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.hidden < 1 or args.batch_size < 2:
         raise UserError("--epochs and --hidden must be at least 1, --batch-size at least 2")
+    if args.rank < 0:
+        raise UserError(f"--rank must be 0 (a full first Linear) or more, not {args.rank}")
     if args.hidden > MAX_HIDDEN:
         raise UserError(f"--hidden {args.hidden} is above {MAX_HIDDEN}: predictors use hundreds to thousands")
     if not 0 < args.val_fraction < 1:
@@ -351,6 +361,7 @@ def main(args: argparse.Namespace) -> int:
         patience=args.patience,
         prior=args.prior,
         features=",".join(features.parse(args.features)),
+        rank=args.rank,
     )
     manifest = train(
         Path(args.traces),
