@@ -14,6 +14,12 @@ oracle). Writes, under --results:
 - accuracy-<name>.{json,md,png}: the same evaluation for the paper's recipe, the cross-layer one, the
   winner and the baselines (the file other tools read).
 
+With --size (issue 18 item 5) it writes accuracy-size-<name>.{json,md,png} instead: --size-base (default
+the shipped recipe) at hidden widths 8-1024 and at hidden 128 with a low-rank first Linear (ranks 8-64),
+every set as its fp32, fp16 and int8 files, all scored on the held-out traces; each row's size at the
+Qwen3-30B-A3B shape with and without the router prior; and the set chosen on validation recall within
+2 % of 6 GiB, with its held-out cost against the best row.
+
 Runs resume (each is an `edge-preattn train` folder under --runs). Example (2 cores, nice):
     nice -n 10 python bench/accuracy_ablation.py /work/traces-pred/ref-train \
         --heldout /work/traces-pred/ref-heldout --runs /work/traces-pred/runs --name moe-ref-a
@@ -55,6 +61,11 @@ RECIPES: dict[str, dict] = {
 }
 DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048"]
 SIZES = (64, 256)  # hidden widths also tried for the winning recipe (128 is in RECIPES)
+# --size: the shipped recipe at these hidden widths, and at hidden 128 with these ranks of the first Linear
+SIZE_BASE = "prior-h128+distill+both"
+SIZE_HIDDEN = (8, 16, 32, 64, 128, 256, 512, 1024)
+SIZE_RANKS = (8, 16, 32, 64)
+FORMATS = ("fp32", "fp16", "int8")
 GAINS = {  # row: (what it adds, the row it is compared with)
     "prior-h128": ("router prior (residual)", "paper-h128"),
     "prior-h128+distill": ("distill loss", "prior-h128"),
@@ -70,28 +81,47 @@ def settings_for(recipe: dict, epochs: int, patience: int) -> TrainSettings:
     return TrainSettings(**{"epochs": epochs, "patience": patience, **recipe})
 
 
-def parameters(recipe: dict, n_embd: int, n_expert: int) -> int:
-    """The recipe's numbers per layer at another model's shape (the real module, counted)."""
-    import torch
-
-    from edge_preattn.predictors.networks import Predictor
+def parameters(recipe: dict, n_embd: int, n_expert: int) -> dict[str, int]:
+    """The recipe's numbers per layer at another model's shape, by part (networks.parameter_formula,
+    which tests/test_predictors.py checks against the real module's count)."""
+    from edge_preattn.predictors.networks import parameter_formula
 
     n_extra = sum(features.width(f, n_embd, n_expert) for f in features.parse(recipe.get("features")))
-    prior = torch.zeros(n_expert, n_embd) if recipe.get("prior") else None
-    model = Predictor(recipe["arch"], n_embd, n_expert, recipe["hidden"], n_extra=n_extra, prior=prior)
-    return model.parameter_count()
+    return parameter_formula(
+        recipe["arch"],
+        n_embd,
+        n_expert,
+        recipe["hidden"],
+        n_extra=n_extra,
+        prior=bool(recipe.get("prior")),
+        rank=recipe.get("rank", 0),
+    )
 
 
 def qwen3_size(recipe: dict) -> dict:
-    per_layer = parameters(recipe, QWEN3_30B["n_embd"], QWEN3_30B["n_expert"])
-    total = per_layer * QWEN3_30B["n_layer"]
-    sizes = {"parameters_per_layer": per_layer, "parameters": total}
-    # int8 files keep the prior's MatMul in float32 (onnx_io.quantize_layer says why)
-    prior = QWEN3_30B["n_embd"] * QWEN3_30B["n_expert"] * QWEN3_30B["n_layer"] if recipe.get("prior") else 0
+    """Bytes of the recipe's set at the Qwen3-30B-A3B shape, as today's files store it (fp32; fp16:
+    every number in float16; int8: the two weight matrices in int8, everything else, the router prior
+    included, in float32 as onnx_io.quantize_layer writes it) and without the router prior's E·d
+    numbers (`*_mib_without_prior`): they are the model's own ffn_gate_inp weights, which a predictor
+    on the GPU can read where the model keeps them. ONNX framing (a few KiB per file) is left out."""
+    n_layer = QWEN3_30B["n_layer"]
+    parts = parameters(recipe, QWEN3_30B["n_embd"], QWEN3_30B["n_expert"])
+    per_layer = parts["total"]
+    sizes = {"parameters_per_layer": per_layer, "parameters": per_layer * n_layer}
+    prior = (parts["prior"] - 1) * n_layer if recipe.get("prior") else 0  # E·d; the scale (1) stays
+    matrices = (
+        parts["first"] - recipe["hidden"] - recipe.get("rank", 0) + parts["second"] - QWEN3_30B["n_expert"]
+    ) * n_layer
+    total = per_layer * n_layer
+    sizes["parameters_without_prior"] = total - prior
     for form, width in (("fp32", 4), ("fp16", 2), ("int8", 1)):
-        size_bytes = (total - prior) * width + prior * (4 if form == "int8" else width)
+        # int8: the matrices in int8; biases, norm statistics, scale and prior in float32
+        size_bytes = matrices + (total - matrices) * 4 if form == "int8" else total * width
+        without = size_bytes - prior * (4 if form == "int8" else width)
         sizes[f"{form}_mib"] = round(size_bytes / 2**20, 2)
         sizes[f"{form}_within_2pct_of_6gib"] = size_bytes <= BUDGET_BYTES
+        sizes[f"{form}_mib_without_prior"] = round(without / 2**20, 2)
+        sizes[f"{form}_without_prior_within_2pct_of_6gib"] = without <= BUDGET_BYTES
     return sizes
 
 
@@ -249,6 +279,241 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def size_recipes(base: str, hiddens, ranks) -> dict[str, dict]:
+    """{row name: recipe}: `base` at each hidden width, and at its own width with each rank."""
+    recipe, stem = RECIPES[base], base.replace(f"-h{RECIPES[base]['hidden']}", "")
+    rows = {f"{stem}@h{h}": {**recipe, "hidden": h} for h in hiddens}
+    return rows | {f"{stem}@h{recipe['hidden']}r{r}": {**recipe, "rank": r} for r in ranks}
+
+
+def size_rows(payload: dict, recipes: dict) -> dict:
+    """Per scored row (shape, or shape:format): its shape, file bytes on this model, validation and
+    held-out recall, and its size at the Qwen3-30B-A3B shape in its own format."""
+    rows = {}
+    for name, recipe in recipes.items():
+        described = payload["recipes"][name]
+        for form in FORMATS:
+            row = name if form == "fp32" else f"{name}:{form}"
+            own = described if form == "fp32" else described[form]
+            qwen = qwen3_size(recipe)
+            rows[row] = {
+                "recipe": name,
+                "format": form,
+                "hidden": recipe["hidden"],
+                "rank": recipe.get("rank", 0),
+                "parameters_per_layer": described["parameters_per_layer"],
+                "file_bytes_per_layer": own["bytes_per_layer"],
+                "val_recall_at_k": own["val_recall_at_k"],
+                "heldout": payload["methods"][row]["mean"],
+                "qwen3_30b": qwen,
+                "qwen3_30b_mib": qwen[f"{form}_mib"],
+                "qwen3_30b_mib_without_prior": qwen[f"{form}_mib_without_prior"],
+            }
+    return rows
+
+
+def choose_default(rows: dict, key: str, formats=FORMATS) -> str | None:
+    """The row in one of `formats` with the highest validation recall (training traces' validation
+    prompts: nothing held out) whose Qwen3-30B-A3B size (`key`) is within the budget; the smaller on
+    a tie."""
+    fits = [n for n, r in rows.items() if r[key] * 2**20 <= BUDGET_BYTES and r["format"] in formats]
+    return max(fits, key=lambda n: (round(rows[n]["val_recall_at_k"], 4), -rows[n][key]), default=None)
+
+
+def size_markdown(payload: dict) -> str:
+    k, half, rows = payload["k"], str(math.ceil(payload["k"] / 2)), payload["size_rows"]
+    layers = payload["moe_layers"]
+    budget = BUDGET_BYTES / 2**20
+    lines = [
+        f"# Predictor size against recall: {payload['model']} (issue 18, item 5)",
+        "",
+        f"Recipe: {payload['size_base']} (residual on the router prior, rank+distill, prev-layer + "
+        f"prev-token inputs) at hidden widths {', '.join(str(h) for h in payload['hidden'])}, and at "
+        f"hidden {RECIPES[payload['size_base']]['hidden']} with the first Linear factorized through "
+        f"rank R = {', '.join(str(r) for r in payload['ranks'])} (`train --rank`); the hidden-"
+        f"{RECIPES[payload['size_base']]['hidden']} set also as its fp16 and int8 files. Held-out: "
+        f"{payload['heldout_tokens']} tokens of {len(payload['heldout_prompts'])} prompts collected "
+        f"separately ({payload['heldout_traces']}); trained on {payload['train_traces']}; k = {k} of "
+        f"{payload['n_expert']}. Every file is scored as written (onnxruntime). Epochs and the default "
+        "below are chosen on the training traces' validation prompts; nothing is selected on the held-out "
+        "prompts. Percent.",
+        "",
+        f"params/layer and bytes/layer: this model (d = {payload['n_embd']}, E = {payload['n_expert']}), "
+        "the router prior included (files hold it today). Qwen3 MiB: the same shape for d = 2048, E = 128, "
+        f"48 MoE layers, in the row's format; 'w/o prior' leaves out the router prior's E·d numbers per "
+        "layer, which are the model's own ffn_gate_inp weights (scaled by its norm weights), already in "
+        "the model: a predictor on the GPU need not hold a copy. ✓ = within 2 % of 6 GiB "
+        f"({budget:.1f} MiB).",
+        "",
+        f"| row | shape | format | params/layer | bytes/layer | Qwen3 MiB | Qwen3 MiB w/o prior "
+        f"| val recall@{k} | recall@{k} | dec recall@{k} | top-1 | recall@{k}+{half} | exact-set |",
+        "|---" * 13 + "|",
+    ]
+    for name, r in rows.items():
+        mean = r["heldout"]
+        decode = payload["methods"][name]["subsets"].get("decode", payload["methods"][name])["mean"]
+        tick = lambda mib: f"{mib:.1f}" + (" ✓" if mib * 2**20 <= BUDGET_BYTES else "")  # noqa: E731
+        shape = f"h{r['hidden']}" + (f" r{r['rank']}" if r["rank"] else "")
+        cells = [
+            shape,
+            r["format"],
+            str(r["parameters_per_layer"]),
+            str(r["file_bytes_per_layer"]),
+            tick(r["qwen3_30b_mib"]),
+            tick(r["qwen3_30b_mib_without_prior"]),
+            f"{100 * r['val_recall_at_k']:.2f}",
+            f"{100 * mean['recall_at_k']:.2f}",
+            f"{100 * decode['recall_at_k']:.2f}",
+            f"{100 * mean['top1']:.2f}",
+            f"{100 * mean['recall_at_k_plus_m'][half]:.2f}",
+            f"{100 * mean['exact_set']:.2f}",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in ("router-prior", "lru-8", "lru-16"):
+        if name in payload["methods"]:
+            mean = payload["methods"][name]["mean"]
+            lines.append(
+                f"| {name} | | | 0 | 0 | 0 | 0 | | {100 * mean['recall_at_k']:.2f} | | "
+                f"{100 * mean['top1']:.2f} | {100 * mean['recall_at_k_plus_m'][half]:.2f} | "
+                f"{100 * mean['exact_set']:.2f} |"
+            )
+    lines += [
+        "",
+        f"## recall@{k} per layer",
+        "",
+        "| row | " + " | ".join(f"L{il}" for il in layers) + " |",
+        "|---" * (len(layers) + 1) + "|",
+    ]
+    for name in rows:
+        per_layer = payload["methods"][name]["per_layer"]["recall_at_k"]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in per_layer) + " |")
+    lines += ["", "## Default within the budget (chosen on validation recall)", ""]
+    lines += [
+        "| counting | default | Qwen3 MiB | val recall@4 | held-out recall@4 | top-1 | recall@4+2 "
+        "| cost vs best held-out row (points) |".replace("@4", f"@{k}").replace("+2", f"+{half}"),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    best = payload["best_heldout_row"]
+    for counting, choice in payload["defaults"].items():
+        if choice["row"] is None:
+            lines.append(f"| {counting} | none fits | | | | | | |")
+            continue
+        r = rows[choice["row"]]
+        mean, top = r["heldout"], rows[best]["heldout"]
+        lines.append(
+            f"| {counting} | {choice['row']} | {choice['mib']:.1f} | {100 * r['val_recall_at_k']:.2f} | "
+            f"{100 * mean['recall_at_k']:.2f} | {100 * mean['top1']:.2f} | "
+            f"{100 * mean['recall_at_k_plus_m'][half]:.2f} | "
+            f"{100 * (mean['recall_at_k'] - top['recall_at_k']):+.2f} recall@{k}, "
+            f"{100 * (mean['top1'] - top['top1']):+.2f} top-1, "
+            f"{100 * (mean['recall_at_k_plus_m'][half] - top['recall_at_k_plus_m'][half]):+.2f} "
+            f"recall@{k}+{half} |"
+        )
+    lines += ["", f"Best held-out row (reported, not chosen): {best}.", "", *payload.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def size_png(payload: dict) -> bytes:
+    """Held-out recall@k against the Qwen3-30B-A3B size (without the prior) of each row."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    rows, k = payload["size_rows"], payload["k"]
+    groups = {
+        f"{shape}, {form}": [
+            r for r in rows.values() if bool(r["rank"]) == (shape != "bottleneck") and r["format"] == form
+        ]
+        for shape in ("bottleneck", "low rank (h 128)")
+        for form in FORMATS
+    }
+    markers = ("o-", "o--", "o:", "s-", "s--", "s:")
+    for (label, members), marker in zip(groups.items(), markers, strict=True):
+        group = sorted(members, key=lambda r: r["qwen3_30b_mib_without_prior"])
+        xs = [r["qwen3_30b_mib_without_prior"] for r in group]
+        ys = [100 * r["heldout"]["recall_at_k"] for r in group]
+        axes.plot(xs, ys, marker, label=label)
+        for r, x, y in zip(group, xs, ys, strict=True):
+            if r["format"] != "fp32":
+                continue
+            text = f"r{r['rank']}" if r["rank"] else f"h{r['hidden']}"
+            axes.annotate(text, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    axes.axvline(BUDGET_BYTES / 2**20, color="grey", linestyle=":", label="2 % of 6 GiB")
+    prior = payload["methods"].get("router-prior")
+    if prior:
+        axes.axhline(
+            100 * prior["mean"]["recall_at_k"], color="red", linestyle=":", label="router prior alone"
+        )
+    axes.set_xscale("log")
+    axes.set_xlabel("predictor set for a Qwen3-30B-A3B shape, router prior not counted (MiB, log)")
+    axes.set_ylabel(f"held-out recall@{k} (%)")
+    axes.set_title(f"{payload['model']}: recall against size")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def size_study(args) -> int:
+    """--size: train the rows of size_recipes, score every file on the held-out traces, write
+    accuracy-size-<name>.{json,md,png}."""
+    from edge_preattn.files import write_bytes_atomic
+
+    base = args.size_base
+    recipes = size_recipes(base, args.sizes, args.ranks)
+    manifests = {name: trained(args, name, r, formats=True) for name, r in recipes.items()}
+    if args.train_only:
+        return 0
+    traces, heldout = TraceSet(Path(args.traces)), TraceSet(Path(args.heldout))
+    sets = {}
+    for name in manifests:
+        for form in FORMATS:  # each shape's fp32, fp16 and int8 files
+            flags = {form: True} if form != "fp32" else {}
+            row = name if form == "fp32" else f"{name}:{form}"
+            sets[row] = evaluate.load_set(Path(args.runs) / name, traces.fingerprint, **flags)
+    priors = evaluate.prior_weights(traces, None, sets)
+    started = time.monotonic()
+    payload = evaluate.evaluate(traces, sets, args.name, heldout, priors)
+    print(f"[size] scored {len(sets)} sets in {time.monotonic() - started:.0f}s", flush=True)
+    payload["n_embd"] = traces.n_embd
+    payload["size_base"], payload["hidden"], payload["ranks"] = base, list(args.sizes), list(args.ranks)
+    payload["recipes"] = {name: describe(m) for name, m in manifests.items()}
+    payload["size_rows"] = rows = size_rows(payload, recipes)
+    payload["budget_mib"] = BUDGET_BYTES / 2**20
+    payload["qwen3_30b_shape"] = QWEN3_30B
+    payload["defaults"] = {}
+    for counting, key, formats in (
+        ("any format, router prior counted (as files store it today)", "qwen3_30b_mib", FORMATS),
+        (
+            "any format, router prior read from the model (not counted)",
+            "qwen3_30b_mib_without_prior",
+            FORMATS,
+        ),
+        ("fp32 (what the library reads today), router prior counted", "qwen3_30b_mib", ("fp32",)),
+        ("fp32, router prior not counted", "qwen3_30b_mib_without_prior", ("fp32",)),
+    ):
+        row = choose_default(rows, key, formats)
+        payload["defaults"][counting] = {"row": row, "mib": rows[row][key] if row else None}
+    payload["best_heldout_row"] = max(rows, key=lambda n: rows[n]["heldout"]["recall_at_k"])
+    payload["notes"] = [
+        "epoch s and train seconds (JSON `recipes`): 1 torch thread on this machine's shared 2-core CPU, "
+        "nice 10: an upper bound, not a benchmark.",
+        *args.note,
+    ]
+    results = Path(args.results)
+    path = results / f"accuracy-size-{args.name}.json"
+    write_json_atomic(path, payload)
+    write_text_atomic(path.with_suffix(".md"), size_markdown(payload))
+    write_bytes_atomic(path.with_suffix(".png"), size_png(payload))
+    print(size_markdown(payload))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", help="training traces")
@@ -259,12 +524,21 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     parser.add_argument("--patience", type=int, default=TrainSettings.patience)
     parser.add_argument("--recipes", nargs="+", help="train only these (default all, then the sizes)")
-    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument(
+        "--size",
+        action="store_true",
+        help="the size study instead (issue 18 item 5): --size-base at each --sizes width and each --ranks "
+        f"rank, its fp16/int8 files; writes accuracy-size-NAME.{{json,md,png}} (defaults: {SIZE_BASE}, "
+        f"widths {SIZE_HIDDEN}, ranks {SIZE_RANKS})",
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="*", help=f"hidden widths (default {SIZES}; --size: {SIZE_HIDDEN})"
+    )
+    parser.add_argument("--ranks", type=int, nargs="*", default=list(SIZE_RANKS), help="--size: ranks")
     parser.add_argument(
         "--size-base",
-        default="prior-h128+distill",
         help="the recipe whose hidden width --sizes varies and whose fp16/int8 cost is measured "
-        "(default: the best one the runtime can feed, without history inputs)",
+        f"(default: prior-h128+distill, the best one without history inputs; --size: {SIZE_BASE})",
     )
     parser.add_argument(
         "--compare", action="append", default=[], help="another predictor folder to score beside (repeatable)"
@@ -280,6 +554,12 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.size:
+        args.size_base = args.size_base or SIZE_BASE
+        args.sizes = list(SIZE_HIDDEN) if args.sizes is None else args.sizes
+        return size_study(args)
+    args.size_base = args.size_base or "prior-h128+distill"
+    args.sizes = list(SIZES) if args.sizes is None else args.sizes
     names = args.recipes or DEFAULT_RECIPES
     manifests = {name: trained(args, name, RECIPES[name]) for name in names}
     recipes_used = {name: RECIPES[name] for name in names}
