@@ -20,6 +20,12 @@ every set as its fp32, fp16 and int8 files, all scored on the held-out traces; e
 Qwen3-30B-A3B shape with and without the router prior; and the set chosen on validation recall within
 2 % of 6 GiB, with its held-out cost against the best row.
 
+With --push it writes accuracy-push-<name>.{json,md}: what else raises recall beyond the shipped recipe,
+one change at a time (PUSH_RECIPES: all three history inputs, 16, 24 or 40 epochs with patience 3, either
+loss alone, lr 3e-3), then hidden 256 with the features chosen, then every axis's chosen variant
+together (also at hidden 128); every choice on the training traces' validation prompts, which are
+scored beside the held-out ones.
+
 Runs resume (each is an `edge-preattn train` folder under --runs). Example (2 cores, nice):
     nice -n 10 python bench/accuracy_ablation.py /work/traces-pred/ref-train \
         --heldout /work/traces-pred/ref-heldout --runs /work/traces-pred/runs --name moe-ref-a
@@ -60,6 +66,37 @@ RECIPES: dict[str, dict] = {
     "paper-h2048": PAPER,
 }
 DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048"]
+# --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
+ALL3 = "prev-layer,prev-token,prev-x"
+SHIPPED = {**DISTILL, "features": BOTH}
+PUSH_RECIPES: dict[str, dict] = {
+    "prior-h128+distill+both": SHIPPED,
+    "prior-h128+distill+all3": {**SHIPPED, "features": ALL3},
+    "prior-h128+distill+both@e16p3": {**SHIPPED, "epochs": 16, "patience": 3},
+    "prior-h128+distill+both@e24p3": {**SHIPPED, "epochs": 24, "patience": 3},
+    "prior-h128+distill+both@e40p3": {**SHIPPED, "epochs": 40, "patience": 3},
+    "prior-h128+distill-only+both": {**SHIPPED, "loss": "distill"},
+    "prior-h128+rank-only+both": {**SHIPPED, "loss": "rank"},
+    "prior-h128+distill+both@lr3e-3": {**SHIPPED, "lr": 3e-3},
+}
+RECIPES |= {name: recipe for name, recipe in PUSH_RECIPES.items() if name not in RECIPES}
+# each axis: {variant: the PUSH_RECIPES row that measures it}; the first is the shipped setting. Hidden
+# 256 is measured with the features chosen on validation, then the best variant of every axis together.
+PUSH_AXES = {
+    "features": {"both": "prior-h128+distill+both", "all3": "prior-h128+distill+all3"},
+    "epochs": {
+        "e8p2": "prior-h128+distill+both",
+        "e16p3": "prior-h128+distill+both@e16p3",
+        "e24p3": "prior-h128+distill+both@e24p3",
+        "e40p3": "prior-h128+distill+both@e40p3",
+    },
+    "loss": {
+        "rank+distill": "prior-h128+distill+both",
+        "distill": "prior-h128+distill-only+both",
+        "rank": "prior-h128+rank-only+both",
+    },
+    "lr": {"1e-3": "prior-h128+distill+both", "3e-3": "prior-h128+distill+both@lr3e-3"},
+}
 SIZES = (64, 256)  # hidden widths also tried for the winning recipe (128 is in RECIPES)
 # --size: the shipped recipe at these hidden widths, and at hidden 128 with these ranks of the first Linear
 SIZE_BASE = "prior-h128+distill+both"
@@ -514,6 +551,198 @@ def size_study(args) -> int:
     return 0
 
 
+def native(recipe: dict) -> bool:
+    """Whether the library's own predictor feeds every history input of the recipe (patch 17 feeds
+    prev-layer and prev-token; prev-x would need native code)."""
+    from edge_preattn.predictors.predictor_weights import NATIVE_FEATURES
+
+    return all(f in NATIVE_FEATURES for f in features.parse(recipe.get("features")))
+
+
+def push_train(args) -> tuple[dict, dict, dict]:
+    """--push's runs, every choice on the validation prompts of the training traces: the PUSH_RECIPES
+    rows; hidden 256 with the features chosen; then the chosen variant of every axis together, once
+    with each feature set (and again at the shipped hidden width when 256 was chosen). Returns
+    ({row: manifest}, {row: recipe}, {axis: chosen variant})."""
+    names = args.recipes or list(PUSH_RECIPES)
+    recipes = {name: RECIPES[name] for name in names}
+    manifests = {name: trained(args, name, recipe) for name, recipe in recipes.items()}
+    choice = {}
+    for axis, variants in PUSH_AXES.items():
+        present = {variant: row for variant, row in variants.items() if row in manifests}
+        if present:
+            choice[axis] = max(present, key=lambda variant: mean_val(manifests[present[variant]]))
+    if args.recipes:  # a partial run: no second stage
+        return manifests, recipes, choice
+    narrow = PUSH_AXES["features"][choice["features"]]
+    wide = narrow.replace("-h128", "-h256")
+    recipes[wide] = {**RECIPES[narrow], "hidden": 256}
+    manifests[wide] = trained(args, wide, recipes[wide])
+    choice["hidden"] = "256" if mean_val(manifests[wide]) > mean_val(manifests[narrow]) else "128"
+    changes = {"hidden": int(choice["hidden"])}  # what each chosen variant changes in the shipped recipe
+    for axis, variant in choice.items():
+        if axis in PUSH_AXES and axis != "features":
+            recipe = RECIPES[PUSH_AXES[axis][variant]]
+            changes |= {key: value for key, value in recipe.items() if SHIPPED.get(key) != value}
+    for variant, row in PUSH_AXES["features"].items():
+        name = f"best-of-axes+{variant}"
+        recipes[name] = {**RECIPES[row], **changes}
+        manifests[name] = trained(args, name, recipes[name])
+    if changes["hidden"] != SHIPPED["hidden"]:  # the same at the shipped size (bytes, native time)
+        for variant, row in PUSH_AXES["features"].items():
+            name = f"best-of-axes@h{SHIPPED['hidden']}+{variant}"
+            recipes[name] = {**RECIPES[row], **changes, "hidden": SHIPPED["hidden"]}
+            manifests[name] = trained(args, name, recipes[name])
+    return manifests, recipes, choice
+
+
+def push_markdown(payload: dict) -> str:
+    k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
+    half = str(math.ceil(k / 2))
+    recipes, validation = payload["recipes"], payload["validation"]
+    phases = payload["heldout_tokens_by_phase"]
+    base = PUSH_AXES["features"]["both"]
+    lines = [
+        f"# Predictor accuracy push: {payload['model']} (issue 18)",
+        "",
+        f"Each row changes one thing in the shipped recipe ({base}: residual on the router prior, "
+        "rank+distill, prev-layer + prev-token inputs, hidden 128, 8 epochs, patience 2, lr 1e-3), then "
+        "hidden 256 with the features chosen, then the chosen variant of every axis together. Every "
+        "choice is made on the validation prompts of the training traces "
+        f"({len(payload['validation_prompts'])} prompts, {payload['validation_tokens']} tokens); the "
+        f"held-out columns score {payload['heldout_tokens']} tokens ({phases['prefill']} prefill, "
+        f"{phases['decode']} decode) of {len(payload['heldout_prompts'])} prompts collected separately "
+        f"({payload['heldout_traces']}); trained on {payload['train_traces']}; k = {k} of "
+        f"{payload['n_expert']}. Percent. native: the library's own predictor (patch 17) feeds every "
+        "input of the row; prev-x (the previous token's pre-attention state) is fed by `eval` only and "
+        "would need native code.",
+        "",
+        f"| row | native | params/layer | val recall@{k} | val top-1 | val recall@{k}+{half} | recall@{k} "
+        f"| dec recall@{k} | top-1 | recall@{k}+{half} | exact-set | epochs run | epoch s |",
+        "|---" * 13 + "|",
+    ]
+    for name, recipe in recipes.items():
+        mean, val = methods[name]["mean"], validation[name]["mean"]
+        decode = methods[name]["subsets"].get("decode", methods[name])["mean"]
+        cells = [
+            "yes" if payload["native"][name] else "no",
+            str(recipe["parameters_per_layer"]),
+            f"{100 * val['recall_at_k']:.2f}",
+            f"{100 * val['top1']:.2f}",
+            f"{100 * val['recall_at_k_plus_m'][half]:.2f}",
+            f"{100 * mean['recall_at_k']:.2f}",
+            f"{100 * decode['recall_at_k']:.2f}",
+            f"{100 * mean['top1']:.2f}",
+            f"{100 * mean['recall_at_k_plus_m'][half]:.2f}",
+            f"{100 * mean['exact_set']:.2f}",
+            f"{min(recipe['epochs_run'])}-{max(recipe['epochs_run'])}",
+            f"{recipe['train_seconds']:.0f}",
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in ("router-prior", "lru-16"):
+        mean = methods[name]["mean"]
+        lines.append(
+            f"| {name} | | | | | | {100 * mean['recall_at_k']:.2f} | | {100 * mean['top1']:.2f} | "
+            f"{100 * mean['recall_at_k_plus_m'][half]:.2f} | {100 * mean['exact_set']:.2f} | | |"
+        )
+    lines += [
+        "| target (issue 18) | | | | | | 93.00 | | 99.50 | 98.50 | | | |",
+        "",
+        "Chosen on validation: "
+        + "; ".join(f"{axis} {variant}" for axis, variant in payload["choice"].items())
+        + f". Highest validation recall@{k}: {payload['winner']}; of the native rows: "
+        f"{payload['winner_native']}.",
+        "",
+        f"## held-out recall@{k} per layer",
+        "",
+        "| row | " + " | ".join(f"L{il}" for il in layers) + " |",
+        "|---" * (len(layers) + 1) + "|",
+    ]
+    for name in recipes:
+        per_layer = methods[name]["per_layer"]["recall_at_k"]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in per_layer) + " |")
+    lines += [
+        "",
+        f"## Gains over {base} (points, mean over layers; validation, then held-out per layer)",
+        "",
+        f"| row | val recall@{k} | val top-1 | val recall@{k}+{half} | recall@{k} | top-1 | "
+        f"recall@{k}+{half} | " + " | ".join(f"L{il}" for il in layers) + " |",
+        "|---" * (len(layers) + 7) + "|",
+    ]
+    for name in recipes:
+        if name == base:
+            continue
+        val, val0 = validation[name]["mean"], validation[base]["mean"]
+        mean, mean0 = methods[name]["mean"], methods[base]["mean"]
+        diff = np.array(methods[name]["per_layer"]["recall_at_k"]) - np.array(
+            methods[base]["per_layer"]["recall_at_k"]
+        )
+        cells = [
+            val["recall_at_k"] - val0["recall_at_k"],
+            val["top1"] - val0["top1"],
+            val["recall_at_k_plus_m"][half] - val0["recall_at_k_plus_m"][half],
+            mean["recall_at_k"] - mean0["recall_at_k"],
+            mean["top1"] - mean0["top1"],
+            mean["recall_at_k_plus_m"][half] - mean0["recall_at_k_plus_m"][half],
+            *diff,
+        ]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * c:+.2f}" for c in cells) + " |")
+    lines += [
+        "",
+        "## Size (analytical, Qwen3-30B-A3B shape: d = 2048, E = 128, 48 layers; budget 2 % of 6 GiB = "
+        f"{BUDGET_BYTES / 2**20:.1f} MiB; ✓ = within budget)",
+        "",
+        "| row | params/layer | fp32 MiB | fp32 MiB w/o prior | fp16 MiB | int8 MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, size in payload["size_qwen3_30b"].items():
+        tick = lambda mib: f"{mib:.1f}" + (" ✓" if mib * 2**20 <= BUDGET_BYTES else "")  # noqa: E731
+        cells = [
+            tick(size["fp32_mib"]),
+            tick(size["fp32_mib_without_prior"]),
+            tick(size["fp16_mib"]),
+            tick(size["int8_mib"]),
+        ]
+        lines.append(f"| {name} | {size['parameters_per_layer']} | " + " | ".join(cells) + " |")
+    lines += ["", *payload.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def push_study(args) -> int:
+    """--push: train (push_train), score every row on the validation prompts and on the held-out
+    traces, write accuracy-push-<name>.{json,md}."""
+    manifests, recipes, choice = push_train(args)
+    if args.train_only:
+        return 0
+    traces, heldout = TraceSet(Path(args.traces)), TraceSet(Path(args.heldout))
+    sets = {name: evaluate.load_set(Path(args.runs) / name, traces.fingerprint) for name in manifests}
+    priors = evaluate.prior_weights(traces, None, sets)
+    payload = evaluate.evaluate(traces, sets, args.name, heldout, priors)
+    scored = evaluate.evaluate(traces, sets, args.name)  # the training traces' validation prompts
+    payload["validation"] = {name: scored["methods"][name] for name in sets}
+    payload["validation_prompts"] = scored["heldout_prompts"]
+    payload["validation_tokens"] = scored["heldout_tokens"]
+    payload["recipes"] = {name: describe(m) for name, m in manifests.items()}
+    payload["native"] = {name: native(recipe) for name, recipe in recipes.items()}
+    payload["choice"] = choice
+    val = {name: payload["validation"][name]["mean"]["recall_at_k"] for name in sets}
+    payload["winner"] = max(val, key=val.get)
+    payload["winner_native"] = max((n for n in val if payload["native"][n]), key=val.get)
+    payload["size_qwen3_30b"] = {name: qwen3_size(recipe) for name, recipe in recipes.items()}
+    payload["notes"] = [
+        "val columns: the sets' own validation prompts of the training traces, scored like the held-out "
+        "ones (evaluate without --heldout); the epoch each layer keeps is the one of lowest validation "
+        "loss. epoch s: seconds in training epochs, summed over layers, 1 torch thread on this machine's "
+        "shared 2-core CPU, nice 10: an upper bound, not a benchmark.",
+        *args.note,
+    ]
+    path = Path(args.results) / f"accuracy-push-{args.name}.json"
+    write_json_atomic(path, payload)
+    write_text_atomic(path.with_suffix(".md"), push_markdown(payload))
+    print(push_markdown(payload))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("traces", help="training traces")
@@ -530,6 +759,12 @@ def main() -> int:
         help="the size study instead (issue 18 item 5): --size-base at each --sizes width and each --ranks "
         f"rank, its fp16/int8 files; writes accuracy-size-NAME.{{json,md,png}} (defaults: {SIZE_BASE}, "
         f"widths {SIZE_HIDDEN}, ranks {SIZE_RANKS})",
+    )
+    parser.add_argument(
+        "--push",
+        action="store_true",
+        help="what else raises recall beyond the shipped recipe: one change at a time (PUSH_RECIPES), "
+        "hidden 256, then the best of each axis together; writes accuracy-push-NAME.{json,md}",
     )
     parser.add_argument(
         "--sizes", type=int, nargs="*", help=f"hidden widths (default {SIZES}; --size: {SIZE_HIDDEN})"
@@ -554,6 +789,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.push:
+        return push_study(args)
     if args.size:
         args.size_base = args.size_base or SIZE_BASE
         args.sizes = list(SIZE_HIDDEN) if args.sizes is None else args.sizes
