@@ -15,6 +15,9 @@
 #   mps-probe        SMs, device copy and host-to-device rate under MPS shares (carry: .carry/mps_probe.sh)
 #   bench MODEL ARGS `edge-preattn bench MODEL ARGS -o /tmp/results/<model>`, packed into $OUT
 #   test ARGS        pytest on the GPU build (EDGE_PREATTN_TEST_PRESET=cuda-hopper)
+#   first [SECONDS]  everything a first call needs, within SECONDS (default 560): setup, the widened
+#                    packaged model, `modes` in both residencies, the GPU tests, stock, and in the time
+#                    left a bench at 25 % of the cache configurations against all-gpu and ngl
 #   presets P...     configure each CUDA preset on the patched source and compile the CUDA sources the
 #                    patches touch (the rest of ggml-cuda is stock), in parallel, into $OUT/presets.log
 #
@@ -96,6 +99,27 @@ bench)
 test)
     EDGE_PREATTN_LIB=$(patched_lib) python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest-gpu.log" |
         tail -15
+    ;;
+first)
+    deadline=${1:-560}
+    left() { echo $((deadline - SECONDS)); }
+    model=/tmp/models/edge-moe-default-wide.gguf
+    bash "$0" setup || exit 1
+    bash "$0" widen edge_preattn/data/edge-moe-default.gguf
+    echo "setup and widen done at ${SECONDS} s"
+    for residency in token routing; do
+        bash "$0" modes "$model" --slots 8 --copy-queue --residency "$residency" &&
+            mv "$OUT/modes-edge-moe-default-wide.tgz" "$OUT/modes-$residency.tgz"
+    done
+    EDGE_PREATTN_GPU_TESTS=1 timeout $(($(left) > 300 ? 150 : $(left) / 2)) \
+        bash "$0" test -m gpu tests/test_engine_counters.py tests/test_faults.py
+    echo "tests done at ${SECONDS} s"
+    [ "$(left)" -gt 150 ] || exit 0
+    bash "$0" stock | tail -1
+    timeout "$(left)" bash "$0" bench "$model" --predictors edge_preattn/onnx_models/edge-moe-default \
+        --configs all-gpu,ngl,lru,lru+token,exact,exact+token,oracle,oracle+token --copy-queue \
+        --rounds 2 -n 24 --vram-budget 25% -t 8
+    [ -f "$OUT/results-edge-moe-default-wide.tgz" ] || pack results-partial /tmp/results/edge-moe-default-wide
     ;;
 presets)
     src=/tmp/presets/llama.cpp
