@@ -1,9 +1,8 @@
-"""History inputs at run time (patch 17): predictors trained with `--features prev-layer,prev-token` run
-in the library with no Python per token, the output stays stock's, the library feeds exactly what
-`features.history` builds from traces of the same prompt, and its scores are onnxruntime's on those
-inputs."""
+"""History inputs at run time (patch 17; prev-x, patch 22): predictors trained with `--features
+prev-layer,prev-token` or all three inputs run in the library with no Python per token, the output stays
+stock's, the library feeds exactly what `features.history` builds from traces of the same prompt, and
+its scores are onnxruntime's on those inputs."""
 
-import copy
 import ctypes
 import dataclasses
 
@@ -29,6 +28,7 @@ from .test_native_predictor import run_native
 PROMPTS = (PROMPT, "The quick brown fox jumps over", "import numpy as np\nx = np.zeros(3)\n", "Once upon a")
 N_NEW = 8
 HISTORY = "prev-layer,prev-token"
+ALL_HISTORY = "prev-layer,prev-token,prev-x"
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2"])  # deepseek2: a dense first layer
@@ -41,19 +41,37 @@ def tiny(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def traced(llama_lib, tiny, tmp_path_factory):
-    """Greedy traces of PROMPTS on the tiny model, and predictors trained on them with history inputs
-    (the default recipe's router prior included), briefly: what matters here is the runtime, not recall."""
+def traces_dir(llama_lib, tiny, tmp_path_factory):
+    """Greedy traces of PROMPTS on the tiny model."""
     root = tmp_path_factory.mktemp("history-traces")
     (root / "prompts.txt").write_text("\n".join(p.replace("\n", "\\n") for p in PROMPTS) + "\n")
     settings = CollectSettings(max_new_tokens=N_NEW, greedy=True, n_ctx=256, prompts_per_shard=4)
     collect(tiny, root / "prompts.txt", root / "traces", settings, progress=False)
+    return root / "traces"
+
+
+@pytest.fixture(scope="module", params=[HISTORY, ALL_HISTORY])
+def traced(tiny, traces_dir, tmp_path_factory, request):
+    """The traces, and predictors trained on them with history inputs (the default recipe's router prior
+    included), briefly: what matters here is the runtime, not recall. With and without prev-x."""
+    root = tmp_path_factory.mktemp("history-predictors")
     recipe = dataclasses.replace(
-        train.TrainSettings(), epochs=2, hidden=32, features=HISTORY, val_fraction=0.25
+        train.TrainSettings(), epochs=2, hidden=32, features=request.param, val_fraction=0.25
     )
-    train.train(root / "traces", root / "predictors", recipe, device="cpu", progress=False)
+    train.train(traces_dir, root / "predictors", recipe, device="cpu", progress=False)
     layout = read_layout(tiny)
-    return TraceSet(root / "traces"), load_predictor_set(root / "predictors", fingerprint=layout.fingerprint)
+    return TraceSet(traces_dir), load_predictor_set(root / "predictors", fingerprint=layout.fingerprint)
+
+
+def input_width(predictors, layout) -> int:
+    """x and the history inputs: what llama_edge_predictor_get_last returns as a layer's input."""
+    return layout.n_embd + sum(features.width(f, layout.n_embd, layout.n_expert) for f in predictors.features)
+
+
+def split_history(predictors, layout, history_part: np.ndarray) -> dict[str, np.ndarray]:
+    """The history inputs of one row, by feature (FEATURES order, prev-x's n_embd columns last)."""
+    widths = [features.width(f, layout.n_embd, layout.n_expert) for f in predictors.features]
+    return dict(zip(predictors.features, np.split(history_part, np.cumsum(widths)[:-1]), strict=True))
 
 
 def test_a_history_graph_is_read_with_its_inputs_columns_apart(tmp_path):
@@ -82,7 +100,7 @@ def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
 ):
     layout = read_layout(tiny)
     _, predictors = traced
-    assert predictors.features == ("prev-layer", "prev-token")
+    assert predictors.features in (("prev-layer", "prev-token"), features.FEATURES)
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
     run = run_native(
@@ -118,7 +136,12 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
         bank = runtime.bank
 
         def after_decode(_logits) -> None:
-            seen.append({il: bank.last_prediction(il, n_embd + 2 * n_expert, n_expert) for il in bank.layers})
+            seen.append(
+                {
+                    il: bank.last_prediction(il, input_width(predictors, layout), n_expert)
+                    for il in bank.layers
+                }
+            )
 
         tokens = [t for t, _ in engine.generate(PROMPT, N_NEW, on_logits=after_decode)]
         assert runtime.engine_counters()["python_callbacks_per_token"] == 0
@@ -129,9 +152,7 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
         row = rows[n_prompt + step]
         for il, (inputs, scores) in last.items():
             x, history_part = inputs[:n_embd], inputs[n_embd:]  # the history in the graph's input order
-            fed = dict(
-                zip(predictors.features, np.split(history_part, len(predictors.features)), strict=True)
-            )
+            fed = split_history(predictors, layout, history_part)
             assert np.allclose(x, traces.layer(il, "x_pre")[row], rtol=1e-3, atol=1e-3)
             for f in predictors.features:
                 assert np.array_equal(fed[f], history[il, f][row].astype(np.float32)), (step, il, f)
@@ -139,9 +160,10 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
             extra = {features.input_name(f): fed[f][None] for f in predictors.features}
             expected = predictors.scores(il, x[None], extra)[0]
             assert np.abs(scores - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
-    # prev-layer is zeros at the first MoE layer only; prev-token at none of the decoded tokens
+    # prev-layer is zeros at the first MoE layer only; prev-token and prev-x at none of the decoded tokens
     assert fed_nonzero["prev-layer"] == (len(seen) - 1) * (len(bank.layers) - 1)
     assert fed_nonzero["prev-token"] == (len(seen) - 1) * len(bank.layers)
+    assert fed_nonzero.get("prev-x", (len(seen) - 1) * len(bank.layers)) == (len(seen) - 1) * len(bank.layers)
 
 
 def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, tiny, traced):
@@ -160,12 +182,6 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
         assert "\n" not in str(caught.value)
     with pytest.raises(UserError, match="--predictor-engine native"):
         predictors.scores(predictors.layers[0], np.zeros((1, layout.n_embd), np.float32))
-    prev_x = copy.copy(predictors)
-    prev_x.features = ("prev-x",)  # a history input no runtime feeds
-    with host_experts_engine(llama_lib, tiny) as engine, pytest.raises(UserError, match="prev-x"):
-        CacheRuntime.for_layout(
-            engine, layout, CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=prev_x)
-        )
 
 
 def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
@@ -175,17 +191,31 @@ def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
     mlp = read_predictor_set(predictors)[il]
     floats = ctypes.POINTER(ctypes.c_float)
     w_layer, w_token = (mlp.history_columns(f) for f in ("prev-layer", "prev-token"))
-    h, e = mlp.w1.shape[0], layout.n_expert
+    # prev-x's columns [n_hidden, n_embd]; a set without it gets random ones here (the C API takes them)
+    has_x = "prev-x" in mlp.history
+    w_x = mlp.history_columns("prev-x") if has_x else np.ones((mlp.w1.shape[0], layout.n_embd), np.float32)
+    h, e, d = mlp.w1.shape[0], layout.n_expert, layout.n_embd
     with host_experts_engine(llama_lib, tiny) as engine:
         lib = engine.api.lib
         bank = SlotBank(engine.api, engine.ctx, (first, il), n_slots=8)
-        good = [engine.ctx, il, w_layer.ctypes.data_as(floats), first, w_token.ctypes.data_as(floats), h, e]
+        x_pointer = w_x.ctypes.data_as(floats)
+        good = [
+            engine.ctx,
+            il,
+            w_layer.ctypes.data_as(floats),
+            first,
+            w_token.ctypes.data_as(floats),
+            h,
+            e,
+            x_pointer,
+            d,
+        ]
         assert lib.llama_edge_predictor_set_history(*good) == -2  # no predictor yet
-        assert bank.last_prediction(il, layout.n_embd + 2 * e, e) is None
+        assert bank.last_prediction(il, input_width(predictors, layout), e) is None
         bank.set_predictor(il, mlp, 4)
         assert lib.llama_edge_predictor_set_history(*good) == 0
-        nan = w_token.copy()
-        nan[0, 0] = np.nan
+        nan, nan_x = w_token.copy(), w_x.copy()
+        nan[0, 0] = nan_x[-1, -1] = np.nan
         dense = [i for i in range(first) if i not in {layer.index for layer in layout.moe_layers}]
         for index, bad in [
             (0, None),  # no context
@@ -197,14 +227,75 @@ def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
             (4, nan.ctypes.data_as(floats)),  # not finite
             (5, h + 1),  # not the predictor's hidden units
             (6, e - 1),  # not its experts
+            (7, nan_x.ctypes.data_as(floats)),  # prev-x's columns not finite
+            (8, d + 1),  # not the predictor's activation width
+            (8, 0),
         ]:
             args = list(good)
             args[index] = bad
             assert lib.llama_edge_predictor_set_history(*args) in (-1, -2), index
         assert lib.llama_edge_predictor_set_lookahead(engine.ctx, 1) == -2  # history: no lookahead
-        assert lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0) == 0  # removed
+        assert (
+            lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0, None, 0) == 0
+        )  # removed
         bank.set_lookahead(1)
         assert lib.llama_edge_predictor_set_history(*good) == -2  # and the other way round
         bank.set_lookahead(0)
         bank.set_predictor_history(il, mlp, -1)  # -1: the prev-layer input is zeros
         assert lib.llama_edge_predictor_get_last(None, il, None, 0, None, 0) == -1
+
+
+def test_prev_x_is_the_token_before_in_its_ubatch_or_the_one_before_and_zeros_first(llama_lib, tiny, traced):
+    """patch 22: prev-x is zeros for a sequence's first token; for a ubatch's first row, the last row the
+    layer saw in the ubatch before; for a later row, the row before it in the same ubatch (prompt rows
+    too); float16-rounded, as the traces store it. The scores are onnxruntime's on what was fed."""
+    _, predictors = traced
+    if "prev-x" not in predictors.features:
+        pytest.skip("a set without prev-x")
+    layout = read_layout(tiny)
+    d, e = layout.n_embd, layout.n_expert
+    width = input_width(predictors, layout)
+
+    def fp16(x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float16).astype(np.float32)
+
+    # 12 slots: a ubatch of 2 or 3 tokens (× k = 4) reads the bank, and no layer is ever settled
+    options = CacheOptions(n_slots=12, mode="exact", predictors=predictors)
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(engine, layout, options) as runtime,
+    ):
+        bank = runtime.bank
+        tokens = engine.tokenize("The quick brown fox jumps")[:4]
+        assert len(tokens) == 4
+
+        def decode(chunk: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+            engine.decode(chunk)
+            seen = {il: bank.last_prediction(il, width, e) for il in bank.layers}
+            for il, (inputs, scores) in seen.items():
+                fed = split_history(predictors, layout, inputs[d:])
+                extra = {features.input_name(f): fed[f][None] for f in predictors.features}
+                expected = predictors.scores(il, inputs[None, :d], extra)[0]
+                assert np.abs(scores - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), il
+            return {
+                il: (inputs[:d], split_history(predictors, layout, inputs[d:])["prev-x"])
+                for il, (inputs, _) in seen.items()
+            }
+
+        one_by_one = []
+        for token in tokens:
+            one_by_one.append(decode([token]))
+        for il in bank.layers:
+            assert not one_by_one[0][il][1].any()  # the sequence's first token
+            for step in range(1, 4):  # the last row of the ubatch before
+                assert np.array_equal(one_by_one[step][il][1], fp16(one_by_one[step - 1][il][0])), (step, il)
+        engine.reset()
+        together = decode(tokens[:1]), decode(tokens[1:3])  # the last row of [t1, t2] reads t1's row
+        for il in bank.layers:
+            assert not together[0][il][1].any()  # zeros again after the reset
+            assert np.allclose(together[1][il][0], one_by_one[2][il][0], rtol=1e-3, atol=1e-3)
+            assert np.allclose(together[1][il][1], fp16(one_by_one[1][il][0]), rtol=1e-2, atol=1e-2), il
+            assert together[1][il][1].any()
+        after = decode(tokens[3:])  # and the next ubatch's first row, the last row of [t1, t2]
+        for il in bank.layers:
+            assert np.array_equal(after[il][1], fp16(together[1][il][0])), il

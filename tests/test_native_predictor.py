@@ -116,20 +116,31 @@ def test_a_graph_it_cannot_read_is_refused_in_one_line(tmp_path):
         read_mlp(tmp_path / "broken.onnx")
 
 
-def test_history_inputs_the_library_does_not_feed_are_left_to_onnxruntime_in_one_line(tiny, tmp_path):
-    """prev-x (the previous token's activation) is not a history input the library keeps: neither its
-    graph nor a set whose manifest names it is handed over (prev-layer and prev-token are: test_history)."""
-    prior = torch.randn(8, 24)
-    model = Predictor(2, 24, 8, 16, n_extra=24, prior=prior).eval()
-    extra = {"prev_x": np.zeros((2, 24), np.float32)}
-    entry = onnx_io.export_layer(model, tmp_path, 0, np.zeros((2, 24), np.float32), extra)
-    with pytest.raises(Unsupported, match="prev_x") as caught:
-        read_mlp(tmp_path / entry["file"])
-    assert "\n" not in str(caught.value)
+def test_a_prev_x_graph_is_read_with_its_columns_last(tiny, tmp_path):
+    """prev-x (the previous token's activation, patch 22) is a history input the library feeds: its graph
+    is read with its n_embd columns after the routing inputs', scores as torch; a set whose manifest names
+    an input its graphs lack is still refused (the runtime's feeding: test_history)."""
+    torch.manual_seed(3)
+    model = Predictor(2, 24, 8, 16, n_extra=2 * 8 + 24, prior=torch.randn(8, 24)).eval()
+    model.norm.mean.normal_()
+    model.body[-1].reset_parameters()
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, 24)).astype(np.float32)
+    extra = {name: rng.dirichlet(np.ones(8), 5).astype(np.float32) for name in ("prev_layer", "prev_token")}
+    extra["prev_x"] = rng.standard_normal((5, 24)).astype(np.float32)
+    mlp = read_mlp(tmp_path / onnx_io.export_layer(model, tmp_path, 0, x, extra)["file"])
+    assert mlp.history == ("prev-layer", "prev-token", "prev-x") and mlp.w1.shape == (16, 64)
+    assert mlp.n_embd == 24
+    assert np.array_equal(mlp.history_columns("prev-token"), mlp.w1[:, 32:40])
+    assert np.array_equal(mlp.history_columns("prev-x"), mlp.w1[:, 40:])
+    with torch.no_grad():
+        expected = model(*(torch.from_numpy(a) for a in (x, *extra.values()))).numpy()
+    assert np.abs(mlp.scores(x, extra) - expected).max() < 1e-4
     predictors = export_predictors(read_layout(tiny), tmp_path / "predictors", prior=True)
     predictors.features = ("prev-x",)
-    with pytest.raises(Unsupported, match="prev-x"):
+    with pytest.raises(Unsupported, match="than its manifest") as caught:
         read_predictor_set(predictors)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.mark.parametrize("arch", [1, 2])

@@ -10,7 +10,9 @@ prefetches during that attention:
   is only a decode-time input (training uses it as the traces hold it).
 - `prev-x`: the previous token's pre-attention state at this layer (what its own predictor read one
   step earlier), zeros for a prompt's first token: the attention this predictor cannot see mixes in
-  earlier tokens, the previous one most of all. Same decode-time caveat.
+  earlier tokens, the previous one most of all. Unlike prev-token it exists for a prompt's tokens too
+  (every row's pre-attention state is known when the predictor runs): the library feeds it there
+  (patch 22).
 
 Each is [N, E] float16 ([N, d] for prev-x), one row per trace token; the exported ONNX graph takes
 them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`, `prev_x`), after

@@ -5,14 +5,15 @@ the host already, so a decode token needs no Python. It reads one shape of graph
 exports: [Sub(mean) → Div(std)] → Gemm → [BatchNormalization] → SiLU or GELU → Gemm, i.e. Arch 2
 and Arch 1 of `predictors.Predictor`, and with a router prior (`train --prior`, the residual
 body(norm(x)) + scale · x·prior) the branch MatMul(x, prior) → Mul(scale) → Add to the body's
-output (patch 16). History inputs (`train --features prev-layer,prev-token`) come as a Concat of x and
-them before the normalization: their columns of the first Gemm go to the library apart from x's, and
-the library feeds them itself (patch 17). The input normalization and the batch norm are folded into
-the first Gemm, the scale into the prior; a low-rank first Linear (`train --rank`: two Gemms in a
-row) is multiplied back into one W1, so the library holds the full matrix. Anything else (an int8
-graph, the prev-x feature, another architecture) is refused with one line saying why, and the runtime
-keeps onnxruntime for it. A read graph is checked against onnxruntime on random rows (random history
-rows too) before the library gets it, so a misread graph cannot pass for a predictor.
+output (patch 16). History inputs (`train --features prev-layer,prev-token,prev-x`) come as a Concat of
+x and them before the normalization: their columns of the first Gemm go to the library apart from x's,
+and the library feeds them itself (patch 17; prev-x, the previous token's activation, patch 22). The
+input normalization and the batch norm are folded into the first Gemm, the scale into the prior; a
+low-rank first Linear (`train --rank`: two Gemms in a row) is multiplied back into one W1, so the
+library holds the full matrix. Anything else (an int8 graph, another architecture) is refused with one
+line saying why, and the runtime keeps onnxruntime for it. A read graph is checked against onnxruntime
+on random rows (random history rows too) before the library gets it, so a misread graph cannot pass
+for a predictor.
 """
 
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from ..interrupts import deferred
+from . import features
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # LLAMA_EDGE_ACT_* in llama-edge.h
-NATIVE_FEATURES = ("prev-layer", "prev-token")  # history inputs the library feeds (patch 17)
+NATIVE_FEATURES = ("prev-layer", "prev-token", "prev-x")  # history inputs the library feeds (patches 17, 22)
 CHECK_ROWS = 16
 CHECK_TOLERANCE = 1e-3  # relative to the largest score: float32 sums in another order
 
@@ -35,9 +37,9 @@ class Unsupported(Exception):
 @dataclass(frozen=True)
 class MlpWeights:
     """scores = w2 · act(w1 · [x, history] + b1) + b2 [+ prior_w · x] for one token's activation x
-    [n_embd] and its history inputs ([n_expert] each, in `history` order)."""
+    [n_embd] and its history inputs ([n_expert] each, [n_embd] for prev-x, in `history` order)."""
 
-    w1: np.ndarray  # [n_hidden, n_embd + n_expert · len(history)] float32
+    w1: np.ndarray  # [n_hidden, n_embd + Σ features.width(history)] float32
     b1: np.ndarray  # [n_hidden]
     activation: str  # a key of ACTIVATIONS
     w2: np.ndarray  # [n_expert, n_hidden]
@@ -45,11 +47,18 @@ class MlpWeights:
     prior_w: np.ndarray | None = None  # [n_expert, n_embd]: the router prior times its scale, on the raw x
     history: tuple[str, ...] = ()  # features.FEATURES names, the order of their columns after x's
 
+    @property
+    def n_embd(self) -> int:
+        """The activation's width: W1's columns less the routing inputs', halved where prev-x adds one."""
+        routing = self.w2.shape[0] * sum(f != "prev-x" for f in self.history)
+        return (self.w1.shape[1] - routing) // (2 if "prev-x" in self.history else 1)
+
     def history_columns(self, feature: str) -> np.ndarray:
-        """W1's columns [n_hidden, n_expert] that read one history input."""
-        n_expert = self.w2.shape[0]
-        start = self.w1.shape[1] - n_expert * (len(self.history) - self.history.index(feature))
-        return np.ascontiguousarray(self.w1[:, start : start + n_expert])
+        """W1's columns [n_hidden, n_expert] ([n_hidden, n_embd] for prev-x) that read one history input."""
+        widths = [features.width(f, self.n_embd, self.w2.shape[0]) for f in self.history]
+        index = self.history.index(feature)
+        start = self.n_embd + sum(widths[:index])
+        return np.ascontiguousarray(self.w1[:, start : start + widths[index]])
 
     def scores(self, x: np.ndarray, extra: dict | None = None) -> np.ndarray:
         """x [N, n_embd] and the history inputs {ONNX input name: [N, n_expert]} → [N, n_expert], in
@@ -246,15 +255,20 @@ def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     for il in predictors.layers:
         mlp = read_mlp(Path(predictors.directory) / names[il])
         prior_fits = mlp.prior_w is None or mlp.prior_w.shape == (n_expert, n_embd)
-        width = n_embd + n_expert * len(mlp.history)
+        width = n_embd + sum(features.width(f, n_embd, n_expert) for f in mlp.history)
         if mlp.w1.shape[1] != width or mlp.w2.shape[0] != n_expert or not prior_fits:
             raise Unsupported(f"layer {il}'s graph has other shapes than its manifest")
         if mlp.history != tuple(predictors.features):
             raise Unsupported(f"layer {il}'s graph reads other history inputs than its manifest names")
         x = rng.standard_normal((CHECK_ROWS, n_embd)).astype(np.float32)
-        # probability rows (random points of the simplex), and some of zeros, as the runtime feeds them
+        # probability rows (random points of the simplex), activations for prev-x, and some rows of zeros,
+        # as the runtime feeds them
         extra = {
-            f.replace("-", "_"): rng.dirichlet(np.ones(n_expert), CHECK_ROWS).astype(np.float32)
+            features.input_name(f): (
+                rng.standard_normal((CHECK_ROWS, n_embd))
+                if f == "prev-x"
+                else rng.dirichlet(np.ones(n_expert), CHECK_ROWS)
+            ).astype(np.float32)
             for f in mlp.history
         }
         for rows in extra.values():

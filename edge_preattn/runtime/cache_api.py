@@ -213,7 +213,8 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
     ]
     # int32_t llama_edge_predictor_set_history(struct llama_context * ctx, int32_t il, const float * w_layer,
-    #     int32_t prev_layer, const float * w_token, int32_t n_hidden, int32_t n_expert);
+    #     int32_t prev_layer, const float * w_token, int32_t n_hidden, int32_t n_expert, const float * w_x,
+    #     int32_t n_embd);
     lib.llama_edge_predictor_set_history.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_history.argtypes = [
         ctypes.c_void_p,
@@ -222,6 +223,8 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         floats,
         ctypes.c_int32,
+        ctypes.c_int32,
+        floats,
         ctypes.c_int32,
     ]
     # int32_t llama_edge_predictor_get_last(const struct llama_context * ctx, int32_t il, float * input,

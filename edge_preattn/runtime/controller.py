@@ -105,7 +105,7 @@ class Controller:
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
-        # history inputs (train --features): fed by the library's own predictor only (patch 17)
+        # history inputs (train --features): fed by the library's own predictor only (patches 17, 22)
         features = tuple(getattr(predictors, "features", ()) or ()) if mode in PREDICTION_MODES else ()
         unfed = [f for f in features if f not in NATIVE_FEATURES]
         if unfed:

@@ -158,7 +158,7 @@ class SlotBank:
 
         n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
         # W1's columns that read x; those of the history inputs go to set_predictor_history
-        n_embd = mlp.w1.shape[1] - n_expert * len(mlp.history)
+        n_embd = mlp.n_embd
         w1 = np.ascontiguousarray(mlp.w1[:, :n_embd])
         status = self.api.lib.llama_edge_predictor_set(
             self.ctx,
@@ -193,8 +193,9 @@ class SlotBank:
     def set_predictor_history(self, il: int, mlp: MlpWeights, prev_layer: int) -> None:
         """Layer il's predictor (set first, with its prior) also reads the history inputs of its graph,
         which the library feeds: this token's router probabilities at `prev_layer` (-1: zeros, the first
-        MoE layer) and the previous token's at il (patch 17)."""
-        columns = {f: mlp.history_columns(f) for f in mlp.history}  # [n_hidden, n_expert] each
+        MoE layer) and the previous token's at il (patch 17), and the previous token's pre-attention state
+        at il (prev-x, patch 22)."""
+        columns = {f: mlp.history_columns(f) for f in mlp.history}  # [n_hidden, n_expert or n_embd] each
 
         def pointer(feature: str):
             found = columns.get(feature)
@@ -202,7 +203,15 @@ class SlotBank:
 
         n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
         status = self.api.lib.llama_edge_predictor_set_history(
-            self.ctx, il, pointer("prev-layer"), prev_layer, pointer("prev-token"), n_hidden, n_expert
+            self.ctx,
+            il,
+            pointer("prev-layer"),
+            prev_layer,
+            pointer("prev-token"),
+            n_hidden,
+            n_expert,
+            pointer("prev-x"),
+            mlp.n_embd,
         )
         if status != 0:
             raise ValueError(f"the library refused layer {il}'s history inputs (status {status})")
