@@ -49,7 +49,9 @@ def test_predictors_load_for_the_packaged_model():
     predictors = load_predictor_set(DEFAULT_PREDICTORS, fingerprint=layout.fingerprint)
     x = np.random.default_rng(0).standard_normal((3, layout.n_embd)).astype(np.float32)  # [n, d]
     uniform = np.full((3, layout.n_expert), 1 / layout.n_expert, np.float32)  # [n, E] router probabilities
-    extra = {features.input_name(f): uniform for f in predictors.features}  # the history inputs they read
+    previous_x = np.concatenate([np.zeros_like(x[:1]), x[:-1]])  # [n, d] prev-x: the row before, zeros first
+    history = {"prev-x": previous_x}  # the other history inputs read router probabilities
+    extra = {features.input_name(f): history.get(f, uniform) for f in predictors.features}
     for layer in layout.moe_layers:
         assert predictors.scores(layer.index, x, extra).shape == (3, layout.n_expert)
 

@@ -3,10 +3,11 @@
 # project's own commands, on a CPU: prompts from ../shared/prompts/train.txt plus chunks of this machine's
 # Python standard library and licence texts, a held-out prompt set cut from other files, collection
 # (about 8 min on 2 busy cores with -t 1), training with the defaults (residual on the router prior,
-# hidden 128, rank+distill) plus the history inputs the library feeds (--features prev-layer,prev-token,
-# patch 17) and longer optimization at a higher learning rate (--epochs 40 --patience 3 --lr 3e-3,
-# chosen on validation prompts in bench/results/accuracy-push-edge-moe-default.md; about 5 min on one
-# thread, layer 5 stops early at 18 epochs) and evaluation on the held-out traces.
+# hidden 128, rank+distill) plus the three history inputs the library feeds (--features
+# prev-layer,prev-token,prev-x: patch 17 feeds the first two, patch 22 prev-x) and longer optimization at
+# a higher learning rate (--epochs 40 --patience 3 --lr 3e-3); the third input and those settings were
+# chosen on validation prompts in bench/results/accuracy-push-edge-moe-default.md (about 4 min on one
+# thread, layers 5 and 6 stop early at 18 and 12 epochs) and evaluation on the held-out traces.
 #
 # Why a script: the predictors are shipped beside the model, so the steps that made them must be repeatable.
 # usage: bench/default_model/predictors.sh [PROMPTS] [WORK_DIR]   (PROMPTS default ../shared/prompts/train.txt)
@@ -29,7 +30,7 @@ with open(sys.argv[3], "w") as out:
 EOF
 edge-preattn collect "$model" --prompts "$work_dir/train.jsonl" -n 16 -o "$work_dir/traces" -t 1
 edge-preattn collect "$model" --prompts "$work_dir/heldout.jsonl" -n 48 --seed 1000 -o "$work_dir/heldout" -t 1
-edge-preattn train "$work_dir/traces" -o "$work_dir/preds" -t 1 --features prev-layer,prev-token \
+edge-preattn train "$work_dir/traces" -o "$work_dir/preds" -t 1 --features prev-layer,prev-token,prev-x \
     --epochs 40 --patience 3 --lr 3e-3
 edge-preattn eval "$work_dir/traces" "$work_dir/preds" --heldout "$work_dir/heldout" --calibrate \
     -o "$work_dir/eval" --name edge-moe-default
