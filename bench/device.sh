@@ -4,7 +4,10 @@
 # logs go to $OUT (at most 8 files come back: each step packs its folder into one archive).
 #
 #   setup            wheels, the llama.cpp source and the patched cuda-hopper build
-#                    (carry: .carry/whl .carry/llama-src.tgz)
+#                    (carry: .carry/whl .carry/llama-src.tgz; .carry is ignored by git, so make it here:
+#                    `pip download --no-deps -d .carry/whl gguf==0.19.0 diskcache`, `CMAKE_ARGS=-DLLAMA_BUILD=OFF
+#                    pip wheel --no-deps -w .carry/whl <llama-cpp-python 0.3.36 sdist>`, and `tar czf
+#                    .carry/llama-src.tgz -C $EDGE_PREATTN_CACHE/src/llama.cpp-lcp0.3.36 .` after a local build)
 #   stock            a stock libllama on the patched build's ggml (bench compares against it)
 #   modes MODEL ARGS greedy `run` of MODEL in stock placement and in lru/top1/exact/oracle (ARGS: cache
 #                    flags; PREDICTORS=DIR for top1/exact, default the packaged model's),
