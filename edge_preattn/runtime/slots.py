@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _ok(status: int, refused: str) -> None:
+    """A library call's status: 0, or a ValueError saying what it refused (a caller's bug, not a user's)."""
+    if status != 0:
+        raise ValueError(f"{refused} (status {status})")
+
+
 class SlotAllocationError(UserError):
     """The device could not allocate the slot banks (out of memory); fewer slots may still fit."""
 
@@ -99,9 +105,10 @@ class SlotBank:
             )
 
     def upload(self, il: int, expert: int, slot: int) -> None:
-        status = self.api.lib.llama_edge_cache_upload(self.ctx, il, expert, slot)
-        if status != 0:
-            raise ValueError(f"upload of expert {expert} to layer {il} slot {slot} refused (status {status})")
+        _ok(
+            self.api.lib.llama_edge_cache_upload(self.ctx, il, expert, slot),
+            f"upload of expert {expert} to layer {il} slot {slot} refused",
+        )
 
     def prefetch(self, il: int, experts: list[int], max_uploads: int, on_miss: bool = False) -> int:
         """Upload up to `max_uploads` of `experts` that are not resident (victims by the eviction
@@ -136,16 +143,17 @@ class SlotBank:
         k = runs[0].shape[1] if runs else 1
         ids = np.ascontiguousarray(np.concatenate(runs) if runs else np.zeros((0, k)), np.int32)
         n_rows = np.array([len(run) for run in runs], np.int32)
-        status = self.api.lib.llama_edge_cache_set_oracle(
-            self.ctx,
-            il,
-            ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            n_rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
-            len(runs),
-            k,
+        _ok(
+            self.api.lib.llama_edge_cache_set_oracle(
+                self.ctx,
+                il,
+                ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                n_rows.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+                len(runs),
+                k,
+            ),
+            f"the oracle's routing of layer {il} was refused",
         )
-        if status != 0:
-            raise ValueError(f"the oracle's routing of layer {il} was refused (status {status})")
 
     def set_predictor(
         self, il: int, mlp: MlpWeights, n_candidates: int, temperature: float = 1.0, target: float = 0.0
@@ -160,23 +168,24 @@ class SlotBank:
         # W1's columns that read x; those of the history inputs go to set_predictor_history
         n_embd = mlp.n_embd
         w1 = np.ascontiguousarray(mlp.w1[:, :n_embd])
-        status = self.api.lib.llama_edge_predictor_set(
-            self.ctx,
-            il,
-            n_embd,
-            n_hidden,
-            n_expert,
-            ACTIVATIONS[mlp.activation],
-            pointer(w1),
-            pointer(mlp.b1),
-            pointer(mlp.w2),
-            pointer(mlp.b2),
-            n_candidates,
-            temperature,
-            target,
+        _ok(
+            self.api.lib.llama_edge_predictor_set(
+                self.ctx,
+                il,
+                n_embd,
+                n_hidden,
+                n_expert,
+                ACTIVATIONS[mlp.activation],
+                pointer(w1),
+                pointer(mlp.b1),
+                pointer(mlp.w2),
+                pointer(mlp.b2),
+                n_candidates,
+                temperature,
+                target,
+            ),
+            f"the library refused layer {il}'s predictor",
         )
-        if status != 0:
-            raise ValueError(f"the library refused layer {il}'s predictor (status {status})")
 
     def set_predictor_prior(self, il: int, prior_w: np.ndarray | None) -> None:
         """Layer il's predictor (set first) adds prior_w [n_expert, n_embd] · x to its scores, on the raw
@@ -202,19 +211,20 @@ class SlotBank:
             return None if found is None else found.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
         n_hidden, n_expert = mlp.w1.shape[0], mlp.w2.shape[0]
-        status = self.api.lib.llama_edge_predictor_set_history(
-            self.ctx,
-            il,
-            pointer("prev-layer"),
-            prev_layer,
-            pointer("prev-token"),
-            n_hidden,
-            n_expert,
-            pointer("prev-x"),
-            mlp.n_embd,
+        _ok(
+            self.api.lib.llama_edge_predictor_set_history(
+                self.ctx,
+                il,
+                pointer("prev-layer"),
+                prev_layer,
+                pointer("prev-token"),
+                n_hidden,
+                n_expert,
+                pointer("prev-x"),
+                mlp.n_embd,
+            ),
+            f"the library refused layer {il}'s history inputs",
         )
-        if status != 0:
-            raise ValueError(f"the library refused layer {il}'s history inputs (status {status})")
 
     def last_prediction(self, il: int, n_input: int, n_expert: int) -> tuple[np.ndarray, np.ndarray] | None:
         """The last row layer il's predictor evaluated in the library: (its input [n_input]: x, then the
@@ -233,42 +243,48 @@ class SlotBank:
     def set_predictor_threads(self, n_threads: int) -> None:
         """Predictors set from now on run as ggml graphs on a CPU backend with a pool of `n_threads`
         threads (0: the plain loop on the decode thread)."""
-        status = self.api.lib.llama_edge_predictor_set_threads(self.ctx, n_threads)
-        if status != 0:
-            raise ValueError(f"cannot evaluate predictors with {n_threads} threads (status {status})")
+        _ok(
+            self.api.lib.llama_edge_predictor_set_threads(self.ctx, n_threads),
+            f"cannot evaluate predictors with {n_threads} threads",
+        )
 
     def set_lookahead(self, depth: int) -> None:
         """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""
-        status = self.api.lib.llama_edge_predictor_set_lookahead(self.ctx, depth)
-        if status != 0:
-            raise ValueError(f"cannot set a lookahead of {depth} (status {status})")
+        _ok(
+            self.api.lib.llama_edge_predictor_set_lookahead(self.ctx, depth),
+            f"cannot set a lookahead of {depth}",
+        )
 
     def set_eviction(self, policy: int) -> None:
         """LLAMA_EDGE_EVICT_LRU (0) or _LFU (1): the victims of misses and prefetches."""
-        status = self.api.lib.llama_edge_cache_set_eviction(self.ctx, policy)
-        if status != 0:
-            raise ValueError(f"cannot set eviction policy {policy} (status {status})")
+        _ok(
+            self.api.lib.llama_edge_cache_set_eviction(self.ctx, policy),
+            f"cannot set eviction policy {policy}",
+        )
 
     def set_bus_rate(self, bytes_per_s: float | None) -> None:
         """Every upload, prefetch or miss, then takes bytes / rate on one modelled bus (None: the
         machine's own link), so a fast machine measures what a slow one would."""
-        status = self.api.lib.llama_edge_cache_set_bus_rate(self.ctx, bytes_per_s or 0.0)
-        if status != 0:
-            raise ValueError(f"cannot set a bus rate of {bytes_per_s} bytes/s (status {status})")
+        _ok(
+            self.api.lib.llama_edge_cache_set_bus_rate(self.ctx, bytes_per_s or 0.0),
+            f"cannot set a bus rate of {bytes_per_s} bytes/s",
+        )
 
     def layer_stats(self, il: int) -> dict[str, int]:
         out = LayerStats()
-        status = self.api.lib.llama_edge_cache_get_layer_stats(self.ctx, il, ctypes.byref(out))
-        if status != 0:
-            raise ValueError(f"no statistics for layer {il} (status {status})")
+        _ok(
+            self.api.lib.llama_edge_cache_get_layer_stats(self.ctx, il, ctypes.byref(out)),
+            f"no statistics for layer {il}",
+        )
         return out.as_dict()
 
     def prediction_stats(self, il: int) -> dict[str, int]:
         """Predictions of layer il taken, and those dropped whole as stale."""
         out = PredictionStats()
-        status = self.api.lib.llama_edge_cache_get_prediction_stats(self.ctx, il, ctypes.byref(out))
-        if status != 0:
-            raise ValueError(f"no prediction statistics for layer {il} (status {status})")
+        _ok(
+            self.api.lib.llama_edge_cache_get_prediction_stats(self.ctx, il, ctypes.byref(out)),
+            f"no prediction statistics for layer {il}",
+        )
         return out.as_dict()
 
     def slot_expert(self, il: int, slot: int) -> int:
