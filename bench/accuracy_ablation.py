@@ -204,6 +204,18 @@ def describe(manifest: dict) -> dict:
     return row
 
 
+def per_layer_recall(label: str, methods: dict, names, layers) -> list[str]:
+    """A markdown table of recall@k per layer (percent), one row per name of `methods`."""
+    lines = [
+        "| " + label + " | " + " | ".join(f"L{il}" for il in layers) + " |",
+        "|---" * (len(layers) + 1) + "|",
+    ]
+    for name in names:
+        per_layer = methods[name]["per_layer"]["recall_at_k"]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in per_layer) + " |")
+    return lines
+
+
 def markdown(payload: dict) -> str:
     k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
     half = str(math.ceil(k / 2))
@@ -245,13 +257,8 @@ def markdown(payload: dict) -> str:
         "",
         f"## recall@{k} per layer",
         "",
-        "| method | " + " | ".join(f"L{il}" for il in layers) + " |",
+        *per_layer_recall("method", methods, methods, layers),
     ]
-    lines.append("|---" * (len(layers) + 1) + "|")
-    for name, method in methods.items():
-        lines.append(
-            f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in method["per_layer"]["recall_at_k"]) + " |"
-        )
     lines += ["", "## Gains (held-out recall@k, points; mean and per layer)", ""]
     lines += ["| item | vs | mean | " + " | ".join(f"L{il}" for il in layers) + " |"]
     lines.append("|---" * (len(layers) + 3) + "|")
@@ -418,12 +425,8 @@ def size_markdown(payload: dict) -> str:
         "",
         f"## recall@{k} per layer",
         "",
-        "| row | " + " | ".join(f"L{il}" for il in layers) + " |",
-        "|---" * (len(layers) + 1) + "|",
+        *per_layer_recall("row", payload["methods"], rows, layers),
     ]
-    for name in rows:
-        per_layer = payload["methods"][name]["per_layer"]["recall_at_k"]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in per_layer) + " |")
     lines += ["", "## Default within the budget (chosen on validation recall)", ""]
     lines += [
         "| counting | default | Qwen3 MiB | val recall@4 | held-out recall@4 | top-1 | recall@4+2 "
@@ -655,12 +658,8 @@ def push_markdown(payload: dict) -> str:
         "",
         f"## held-out recall@{k} per layer",
         "",
-        "| row | " + " | ".join(f"L{il}" for il in layers) + " |",
-        "|---" * (len(layers) + 1) + "|",
+        *per_layer_recall("row", methods, recipes, layers),
     ]
-    for name in recipes:
-        per_layer = methods[name]["per_layer"]["recall_at_k"]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.2f}" for v in per_layer) + " |")
     lines += [
         "",
         f"## Gains over {base} (points, mean over layers; validation, then held-out per layer)",
