@@ -14,6 +14,16 @@ SHARED_CANDIDATES = tuple(
 )
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need a CUDA build and a GPU: they run only where EDGE_PREATTN_GPU_TESTS=1."""
+    if os.environ.get("EDGE_PREATTN_GPU_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def shared_file(relative: str) -> Path | None:
     """A fixture from ../shared, or None: tests skip, never fail, when it is absent."""
     for root in SHARED_CANDIDATES:

@@ -2,7 +2,6 @@
 the library counts them, in the cache stats, `run --stats-json` and the run summary."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.options import CacheOptions
 
 from .test_cache import greedy, host_experts_engine
-from .test_native_predictor import export_predictors
+from .test_native_predictor import export_predictors, rewrite_weight_matrices
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +113,6 @@ def run_packaged(tmp_path, *options: str) -> tuple[str, dict]:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
-    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
-)
 @pytest.mark.parametrize("mode", ["top1", "exact", "oracle"])
 def test_the_copy_queue_keeps_greedy_tokens_on_the_gpu(tmp_path, mode):
     """Prefetches on the copy queue, the compute stream waiting on their events: the same greedy text
@@ -129,10 +124,6 @@ def test_the_copy_queue_keeps_greedy_tokens_on_the_gpu(tmp_path, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
-    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
-)
 @pytest.mark.parametrize("mode", ["lru", "exact", "oracle"])
 def test_copies_waited_on_the_device_keep_greedy_tokens(tmp_path, mode):
     """Residency between tokens with the copy queue: the compute stream waits for a layer's copies at its
@@ -148,38 +139,16 @@ def test_copies_waited_on_the_device_keep_greedy_tokens(tmp_path, mode):
 
 def scrambled_packaged_predictors(out: Path) -> str:
     """The packaged predictors with every weight matrix replaced by large random values: finite, so they
-    pass every check and run in the library, and predicting nonsense (a copy of the folder, hashes
-    rewritten)."""
+    pass every check and run in the library, and predicting nonsense (a copy of the folder)."""
     import shutil
 
-    import onnx
-    from onnx import numpy_helper
-
-    from edge_preattn.predictors import onnx_io
-
-    source = Path(cli.__file__).parent / "onnx_models" / "edge-moe-default"
-    shutil.copytree(source, out)
-    manifest = json.loads((Path(out) / onnx_io.MANIFEST).read_text())
+    shutil.copytree(Path(cli.__file__).parent / "onnx_models" / "edge-moe-default", out)
     rng = np.random.default_rng(7)
-    for entry in manifest["predictors"]:
-        path = Path(out) / entry["file"]
-        model = onnx.load(str(path))
-        for tensor in model.graph.initializer:
-            array = numpy_helper.to_array(tensor)
-            if array.ndim == 2:
-                noise = (rng.standard_normal(array.shape) * 1e3).astype(array.dtype)
-                tensor.CopyFrom(numpy_helper.from_array(noise, tensor.name))
-        onnx.save(model, str(path))
-        entry.update(sha256=onnx_io.sha256_bytes(path.read_bytes()), bytes=path.stat().st_size)
-    onnx_io.write_manifest(Path(out), {key: value for key, value in manifest.items() if key != "format"})
+    rewrite_weight_matrices(out, lambda array: (rng.standard_normal(array.shape) * 1e3).astype(array.dtype))
     return str(out)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
-    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
-)
 @pytest.mark.parametrize("residency", ["routing", "token"])
 def test_a_nonsense_predictor_on_the_gpu_never_changes_the_text(tmp_path, residency):
     """Issue 20 on CUDA: predictions that are all wrong cost uploads, never a token."""

@@ -406,10 +406,6 @@ def test_a_ggml_abort_ends_the_run_in_one_line(lib_dir, tiny, thread):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(
-    os.environ.get("EDGE_PREATTN_GPU_TESTS") != "1",
-    reason="needs a CUDA build and a GPU (EDGE_PREATTN_GPU_TESTS=1)",
-)
 def test_an_abort_in_the_cuda_backend_ends_the_run_in_one_line(lib_dir, tiny):
     """The CUDA backend's asserts and CUDA errors (CUDA_CHECK, after three ERROR lines of llama.cpp's log)
     end in the same ggml_abort: here an assert inside libggml-cuda, on a worker thread."""

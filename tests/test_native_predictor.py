@@ -3,7 +3,9 @@ Python, predicting what onnxruntime predicts, and never changing the output."""
 
 import ctypes
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -389,6 +391,25 @@ def test_predictor_graphs_on_a_cpu_backend_predict_what_the_loop_predicts(llama_
         assert lib.llama_edge_predictor_set_threads(engine.ctx, 2) == -2  # a predictor is placed already
 
 
+def rewrite_weight_matrices(folder: Path, replace: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Every weight matrix (2-D initializer: the Gemm weights) of a predictor folder's ONNX files
+    replaced by `replace(matrix)`, and the manifest's hashes rewritten, so the set still loads."""
+    import onnx
+    from onnx import numpy_helper
+
+    manifest = json.loads((folder / onnx_io.MANIFEST).read_text())
+    for entry in manifest["predictors"]:
+        path = folder / entry["file"]
+        model = onnx.load(str(path))
+        for tensor in model.graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if array.ndim == 2:
+                tensor.CopyFrom(numpy_helper.from_array(replace(array), tensor.name))
+        onnx.save(model, str(path))
+        entry.update(sha256=onnx_io.sha256_bytes(path.read_bytes()), bytes=path.stat().st_size)
+    onnx_io.write_manifest(folder, {key: value for key, value in manifest.items() if key != "format"})
+
+
 GARBAGE = {  # weights that pass the library's check (finite) and still predict nonsense: (weight, whether
     # the library prefetches on such scores)
     "huge (scores overflow to inf and NaN)": (3e38, False),
@@ -436,23 +457,10 @@ def test_a_predictor_file_with_nan_weights_is_switched_off_and_the_output_stays(
 ):
     """Not refused at load (the manifest's hashes match): the library's reader finds it differs from
     onnxruntime and leaves it to onnxruntime, whose NaN scores switch prediction off layer by layer."""
-    import onnx
-    from onnx import numpy_helper
-
     layout = read_layout(tiny)
     out = tmp_path / "predictors"
-    predictors = export_predictors(layout, out)
-    manifest = json.loads((out / onnx_io.MANIFEST).read_text())
-    for entry in manifest["predictors"]:
-        path = out / entry["file"]
-        model = onnx.load(str(path))
-        for tensor in model.graph.initializer:
-            array = numpy_helper.to_array(tensor)
-            if array.ndim == 2:  # the Gemm weights
-                tensor.CopyFrom(numpy_helper.from_array(np.full_like(array, np.nan), tensor.name))
-        onnx.save(model, str(path))
-        entry.update(sha256=onnx_io.sha256_bytes(path.read_bytes()), bytes=path.stat().st_size)
-    onnx_io.write_manifest(out, {key: value for key, value in manifest.items() if key != "format"})
+    export_predictors(layout, out)
+    rewrite_weight_matrices(out, lambda array: np.full_like(array, np.nan))
     predictors = onnx_io.load_predictor_set(out, fingerprint=layout.fingerprint)
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
