@@ -29,6 +29,10 @@ scored beside the held-out ones.
 Runs resume (each is an `edge-preattn train` folder under --runs). Example (2 cores, nice):
     nice -n 10 python bench/accuracy_ablation.py /work/traces-pred/ref-train \
         --heldout /work/traces-pred/ref-heldout --runs /work/traces-pred/runs --name moe-ref-a
+The shipped recipe (`shipped-all3@lr3e-3`, and its cross-layer twin) is not in the default list: name it
+with --recipes, with --epochs/--patience for the data size, e.g. on 1.6M tokens of moe-ref-a
+(accuracy-ablation-moe-ref-a-1m.md): --recipes shipped-all3@lr3e-3 cross-layer-shipped-all3@lr3e-3
+--sizes --size-base shipped-all3@lr3e-3 --epochs 8 --patience 8.
 """
 
 import argparse
@@ -65,9 +69,15 @@ RECIPES: dict[str, dict] = {
     "cross-layer-prior-h128+distill+both": {**DISTILL, "features": BOTH, "input": "x_prev"},
     "paper-h2048": PAPER,
 }
-DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048"]
-# --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
 ALL3 = "prev-layer,prev-token,prev-x"
+# the recipe of the shipped predictors (bench/default_model/predictors.sh; chosen by --push on the
+# packaged model) less its epochs and patience, which come from --epochs/--patience: on other data
+# sizes the number of passes is what changes; and its cross-layer twin
+SHIPPED_ALL3 = {**DISTILL, "features": ALL3, "lr": 3e-3}
+RECIPES["shipped-all3@lr3e-3"] = SHIPPED_ALL3
+RECIPES["cross-layer-shipped-all3@lr3e-3"] = {**SHIPPED_ALL3, "input": "x_prev"}
+DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048" and "shipped" not in name]
+# --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
 SHIPPED = {**DISTILL, "features": BOTH}
 PUSH_RECIPES: dict[str, dict] = {
     "prior-h128+distill+both": SHIPPED,

@@ -12,7 +12,9 @@
 #   modes MODEL ARGS greedy `run` of MODEL in stock placement and in lru/top1/exact/oracle (ARGS: cache
 #                    flags; PREDICTORS=DIR for top1/exact, default the packaged model's),
 #                    each with --stats-json in $OUT: same tokens, counters
-#   part FILE...     keep carried model parts in /tmp/parts (a model over 64 MiB travels in parts)
+#   part FILE...     keep carried model parts in /tmp/parts (a model over 64 MiB travels in parts; the
+#                    working tree is ~27 MB of the 64 MiB a call carries, so one 27 MB part per call:
+#                    `split -b 27000000 -d -a 1 moe-ref-a.gguf .carry/parts/moe-ref-a.gguf.part-`)
 #   join NAME SHA256 join /tmp/parts/NAME.part-* into /tmp/models/NAME and check its sha256
 #   widen MODEL      synth --widen-from MODEL --expert-bytes-like qwen3-30b-a3b -> /tmp/models/<stem>-wide.gguf
 #   mps-probe        SMs, device copy and host-to-device rate under MPS shares (carry: .carry/mps_probe.sh)
