@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UserError
 from ..files import atomic_output, write_json_atomic
 from ..interrupts import deferred
+from .features import input_name
 
 FORMAT = "edge-preattn-predictors/1"
 MANIFEST = "predictors.json"
@@ -366,7 +367,7 @@ def load_predictor_set(
             ) from None
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if (
-            [i.name for i in inputs] != ["x", *(str(f).replace("-", "_") for f in features)]
+            [i.name for i in inputs] != ["x", *(input_name(str(f)) for f in features)]
             or [o.name for o in outputs] != ["scores"]
             or inputs[0].shape[-1] != n_embd
             or outputs[0].shape[-1] != n_expert

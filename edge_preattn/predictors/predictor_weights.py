@@ -66,7 +66,7 @@ class MlpWeights:
         x = x.astype(np.float64)
         prior = 0.0 if self.prior_w is None else x @ self.prior_w.T.astype(np.float64)
         inputs = np.concatenate(
-            [x, *(np.asarray((extra or {})[f.replace("-", "_")]) for f in self.history)], 1
+            [x, *(np.asarray((extra or {})[features.input_name(f)]) for f in self.history)], 1
         )
         h = inputs @ self.w1.T.astype(np.float64) + self.b1
         if self.activation == "silu":  # h · sigmoid(h), without overflow for large negative h

@@ -196,8 +196,7 @@ class SlotBank:
             prior_w = np.ascontiguousarray(prior_w, np.float32)
             pointer = prior_w.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             status = self.api.lib.llama_edge_predictor_set_prior(self.ctx, il, pointer, *prior_w.shape)
-        if status != 0:
-            raise ValueError(f"the library refused layer {il}'s router prior (status {status})")
+        _ok(status, f"the library refused layer {il}'s router prior")
 
     def set_predictor_history(self, il: int, mlp: MlpWeights, prev_layer: int) -> None:
         """Layer il's predictor (set first, with its prior) also reads the history inputs of its graph,
