@@ -137,6 +137,20 @@ def test_copies_waited_on_the_device_keep_greedy_tokens(tmp_path, mode):
         assert stats["async_uploads"] > 0 and stats["host_syncs_per_token"] <= 2.2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["top1", "exact", "overprov"])
+def test_predictors_in_the_graph_prefetch_on_the_device_with_the_stock_text(tmp_path, mode):
+    """Patch 23: the predictor as graph nodes on the GPU, its prefetch decided and copied by the device
+    and waited for at the routing node: the same greedy text as stock all-on-GPU, the device's uploads
+    counted, and no host synchronization per layer: the scheduler's before each ubatch and the routing
+    log's read after it (the device's state comes back on the compute stream)."""
+    stock, _ = run_packaged(tmp_path, "--mode", "off")
+    text, stats = run_packaged(tmp_path, "--mode", mode, "--residency", "token", "--predictor-device", "gpu")
+    assert text == stock
+    assert stats["python_callbacks_per_token"] == 0 and stats["prefetch_issued"] > 0
+    assert stats["host_syncs_per_token"] <= 2.2
+
+
 def scrambled_packaged_predictors(out: Path) -> str:
     """The packaged predictors with every weight matrix replaced by large random values: finite, so they
     pass every check and run in the library, and predicting nonsense (a copy of the folder)."""
@@ -149,12 +163,20 @@ def scrambled_packaged_predictors(out: Path) -> str:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("residency", ["routing", "token"])
-def test_a_nonsense_predictor_on_the_gpu_never_changes_the_text(tmp_path, residency):
-    """Issue 20 on CUDA: predictions that are all wrong cost uploads, never a token."""
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ("--residency", "routing"),
+        ("--residency", "token"),
+        ("--residency", "token", "--predictor-device", "gpu"),
+    ],
+)
+def test_a_nonsense_predictor_on_the_gpu_never_changes_the_text(tmp_path, placement):
+    """Issue 20 on CUDA: predictions that are all wrong cost uploads, never a token (patch 23: also when the
+    device decides and copies them itself)."""
     predictors = scrambled_packaged_predictors(tmp_path / "scrambled")
     stock, _ = run_packaged(tmp_path, "--mode", "off")
-    options = ["--mode", "exact", "--copy-queue", "--residency", residency, "--predictors", predictors]
+    options = ["--mode", "exact", "--copy-queue", *placement, "--predictors", predictors]
     text, stats = run_packaged(tmp_path, *options)
     assert text == stock
     assert stats["python_callbacks_per_token"] == 0 and stats["prefetch_issued"] > 0

@@ -92,31 +92,42 @@ def test_a_history_graph_is_read_with_its_inputs_columns_apart(tmp_path):
     assert np.array_equal(mlp.history_columns("prev-token"), mlp.w1[:, 32:])
 
 
+# patch 23: the predictor as nodes of the model's graph, with residency decided between tokens
+IN_GRAPH = {"predictor_device": "gpu", "residency": "token", "miss": "cpu"}
+
+
 @pytest.mark.parametrize(
-    ("mode", "threads", "miss"), [("top1", 0, "upload"), ("exact", 1, "upload"), ("exact", 0, "cpu")]
+    ("mode", "options"),
+    [
+        ("top1", {}),
+        ("exact", {"predictor_threads": 1}),
+        ("exact", {"miss": "cpu"}),
+        ("top1", IN_GRAPH),
+        ("exact", IN_GRAPH),
+    ],
 )
 def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
-    llama_lib, tiny, traced, mode, threads, miss
+    llama_lib, tiny, traced, mode, options
 ):
     layout = read_layout(tiny)
     _, predictors = traced
     assert predictors.features in (("prev-layer", "prev-token"), features.FEATURES)
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
-    run = run_native(
-        llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, predictor_threads=threads, miss=miss
-    )
+    run = run_native(llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, **options)
     assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
     assert run.native and not run.python_hooks  # no Python callback at all
     assert run.stats.totals().prefetch_issued > 0
 
 
-@pytest.mark.parametrize("threads", [0, 1])
-def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_lib, tiny, traced, threads):
+@pytest.mark.parametrize("options", [{}, {"predictor_threads": 1}, IN_GRAPH])
+def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_lib, tiny, traced, options):
     """After each decoded token, every layer's last native prediction read x and the history inputs of
     that token's trace row (features.history: the probabilities bit for bit, float16 as stored), and
-    scored them as onnxruntime does. The prompt's own tokens route together, so their prev-token input
-    exists at decode time only (features.py): the comparison starts at the first decoded token."""
+    scored them as onnxruntime does: on the host (a loop, a CPU graph) and as nodes of the model's graph,
+    whose history inputs the graph itself keeps. The prompt's own tokens route together, so their
+    prev-token input exists at decode time only (features.py): the comparison starts at the first decoded
+    token."""
     traces, predictors = traced
     layout = read_layout(tiny)
     rows = np.flatnonzero(traces.meta()["prompt"] == 0)  # PROMPTS[0] is PROMPT
@@ -128,9 +139,7 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
         CacheRuntime.for_layout(
             engine,
             layout,
-            CacheOptions(
-                n_slots=layout.n_expert_used, mode="exact", predictors=predictors, predictor_threads=threads
-            ),
+            CacheOptions(n_slots=layout.n_expert_used, mode="exact", predictors=predictors, **options),
         ) as runtime,
     ):
         bank = runtime.bank

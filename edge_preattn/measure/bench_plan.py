@@ -11,7 +11,8 @@ from ..runtime.options import MODES, PREDICTION_MODES
 
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
 # "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU);
-# "mode+token": with `--residency token` (residency decided between tokens, misses by the host side)
+# "mode+token": with `--residency token` (residency decided between tokens, misses by the host side);
+# "mode+gpu": that, with `--predictor-device gpu` (the predictor in the graph, the device prefetching)
 EDGE_CONFIGS = (
     *MODES[1:],
     "lru+cpu",
@@ -23,15 +24,18 @@ EDGE_CONFIGS = (
     "top1+token",
     "exact+token",
     "oracle+token",
+    "top1+gpu",
+    "exact+gpu",
+    "overprov+gpu",
 )
 
 
-def edge_mode(name: str) -> tuple[str, str, str]:
-    """(run mode, miss policy, residency) of an edge configuration name."""
+def edge_mode(name: str) -> tuple[str, str, str, str]:
+    """(run mode, miss policy, residency, predictor device) of an edge configuration name."""
     mode, _, variant = name.partition("+")
-    if variant == "token":
-        return mode, "cpu", "token"
-    return mode, variant or "upload", "routing"
+    if variant in ("token", "gpu"):
+        return mode, "cpu", "token", "gpu" if variant == "gpu" else "cpu"
+    return mode, variant or "upload", "routing", "cpu"
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,10 @@ def _stock_runs_at(
 
 
 def _edge_placement(name: str, slots: int) -> str:
-    mode, miss, residency = edge_mode(name)
+    mode, miss, residency, device = edge_mode(name)
     if residency == "token":
-        return f"--mode {mode} --slots {slots} --residency token"
+        on_gpu = " --predictor-device gpu" if device == "gpu" else ""
+        return f"--mode {mode} --slots {slots} --residency token{on_gpu}"
     return f"--mode {mode} --slots {slots} --miss {miss}"
 
 

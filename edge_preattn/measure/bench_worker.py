@@ -72,7 +72,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
         runtime = None
         if spec.kind == "edge":
             predictors = None
-            mode, miss, residency = edge_mode(spec.name)
+            mode, miss, residency, predictor_device = edge_mode(spec.name)
             if mode in PREDICTION_MODES:
                 from ..predictors.onnx_io import load_predictor_set
 
@@ -94,8 +94,9 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                         target=work.target,
                         bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
                         oracle=oracle,
-                        copy_queue=work.copy_queue,
+                        copy_queue=work.copy_queue or predictor_device == "gpu",
                         residency=residency,
+                        predictor_device=predictor_device,
                     ),
                 )
             )

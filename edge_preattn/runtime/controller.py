@@ -123,7 +123,7 @@ class Controller:
             mode in PREDICTION_MODES
             and not self.cross_layer
             and options.predictor_engine == "native"
-            and self._predict_natively(lookahead, options.predictor_threads)
+            and self._predict_natively(lookahead, options.predictor_threads, options.predictor_device)
         )
         if self.residency == "token" and mode in PREDICTION_MODES and not self.native:
             raise UserError(
@@ -166,10 +166,11 @@ class Controller:
             runs = [ids for ids in runs if self._cached(il, len(ids))]
             self.bank.set_oracle(il, runs)
 
-    def _predict_natively(self, lookahead: int, threads: int) -> bool:
+    def _predict_natively(self, lookahead: int, threads: int, device: str) -> bool:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
         and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
-        `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel)."""
+        `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel), or with
+        `device` gpu as nodes of the model's graph on the cached layers' device."""
         from ..predictors.predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
@@ -180,6 +181,7 @@ class Controller:
             log.warning("the predictors run in onnxruntime, not in the library: %s", why)
             return False
         self.bank.set_predictor_threads(threads)
+        self.bank.set_predictor_in_graph(device == "gpu")
         order = sorted(self.bank.layers)  # history's previous MoE layer: every MoE layer is cached in `run`
         for il in self.bank.layers:
             if il in weights:

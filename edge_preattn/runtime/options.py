@@ -20,6 +20,9 @@ MISS_POLICIES = ("upload", "cpu", "auto")
 # layer), or between tokens from a routing log the graph writes on the device (patch 18)
 RESIDENCIES = ("routing", "token")
 PREDICTOR_ENGINES = ("native", "onnxruntime")  # who evaluates pre-attention predictors
+# where the library's predictors run: on the host (a loop or a CPU graph, the decode thread waiting at each
+# layer's pre-attention output), or as nodes of the model's graph on the cached layers' device (patch 23)
+PREDICTOR_DEVICES = ("cpu", "gpu")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +45,7 @@ class CacheOptions:
     late_fallback: bool = True  # prediction switches off when its uploads keep arriving too late
     predictor_engine: str = "native"  # one of PREDICTOR_ENGINES
     predictor_threads: int = 0  # the library's predictors as ggml graphs with N CPU threads; 0: a loop
+    predictor_device: str = "cpu"  # one of PREDICTOR_DEVICES
     copy_queue: bool = False  # prefetches on a second device stream, where the device has events
     residency: str = "routing"  # one of RESIDENCIES
 
@@ -60,6 +64,18 @@ class CacheOptions:
             raise ValueError("residency token computes misses by the host side: miss must be cpu")
         if self.predictor_engine not in PREDICTOR_ENGINES:
             raise ValueError(f"predictor_engine must be one of {PREDICTOR_ENGINES}")
+        if self.predictor_device not in PREDICTOR_DEVICES:
+            raise ValueError(f"predictor_device must be one of {PREDICTOR_DEVICES}")
+        if self.predictor_device == "gpu" and (
+            self.residency != "token"
+            or self.predictor_engine != "native"
+            or self.mode == "adaptive"
+            or self.lookahead
+        ):
+            raise ValueError(
+                "predictor_device gpu needs residency token, the native predictor engine, a fixed number of "
+                "candidates (not adaptive) and no lookahead"
+            )
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
         if self.lookahead and self.mode not in PREDICTION_MODES:

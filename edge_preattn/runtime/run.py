@@ -22,7 +22,15 @@ from ..model.layout import MoeLayout, plan_slots, read_layout
 from ..units import parse_bytes, parse_rate
 from .cache import EVICTION_POLICIES
 from .cache_runtime import CacheRuntime, record_routing
-from .options import MISS_POLICIES, MODES, PREDICTION_MODES, PREDICTOR_ENGINES, RESIDENCIES, CacheOptions
+from .options import (
+    MISS_POLICIES,
+    MODES,
+    PREDICTION_MODES,
+    PREDICTOR_DEVICES,
+    PREDICTOR_ENGINES,
+    RESIDENCIES,
+    CacheOptions,
+)
 from .slots import shrink_until_allocated
 from .stats import format_layers, format_stats, run_stats
 
@@ -210,6 +218,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "0 (default): a plain loop on the decode thread, enough for small predictors",
     )
     cache.add_argument(
+        "--predictor-device",
+        choices=PREDICTOR_DEVICES,
+        default="cpu",
+        help="where the library's predictors run: cpu (default: on the host, at each cached layer's "
+        "pre-attention output, the decode thread waiting for it) or gpu (nodes of the model's graph on the "
+        "GPU, the device itself prefetching what they predict on the copy queue: no host synchronization "
+        "per layer; needs --residency token, implies --copy-queue; on a CPU-only build the nodes run on "
+        "the CPU)",
+    )
+    cache.add_argument(
         "--copy-queue",
         action="store_true",
         help="prefetch uploads on a second stream of the GPU, with an event per slot that the routing's "
@@ -358,6 +376,17 @@ def prepare(args: argparse.Namespace) -> Setup:
                 "--residency token needs a cache --mode, and computes misses by the host side: no --miss auto"
             )
         args.miss = "cpu"
+    if args.predictor_device == "gpu":
+        if args.mode not in PREDICTION_MODES or args.mode == "adaptive" or args.residency != "token":
+            raise UserError(
+                "--predictor-device gpu needs a prediction mode with a fixed number of experts (top1, exact, "
+                "overprov) and --residency token"
+            )
+        if args.lookahead:
+            raise UserError(
+                "--predictor-device gpu predicts each layer from its own activation: drop --lookahead"
+            )
+        args.copy_queue = True
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
@@ -416,6 +445,7 @@ def cache_options(args: argparse.Namespace, setup: Setup, oracle: dict | None) -
         late_fallback=not args.keep_late_predictions,
         predictor_engine=args.predictor_engine,
         predictor_threads=args.predictor_threads,
+        predictor_device=args.predictor_device,
         copy_queue=args.copy_queue,
         residency=args.residency,
     )

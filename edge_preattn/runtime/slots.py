@@ -247,6 +247,15 @@ class SlotBank:
             f"cannot evaluate predictors with {n_threads} threads",
         )
 
+    def set_predictor_in_graph(self, enabled: bool) -> None:
+        """Predictors set from now on are nodes of the model's graph on the cached layers' device (patch 23):
+        on a GPU the device itself decides and copies each prediction's prefetch, no host synchronization
+        per layer; on the CPU their top-k is read at its node and uploaded as a native prediction."""
+        _ok(
+            self.api.lib.llama_edge_predictor_set_in_graph(self.ctx, enabled),
+            "cannot place predictors in the model's graph once predictors are set",
+        )
+
     def set_lookahead(self, depth: int) -> None:
         """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""
         _ok(
