@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edge_preattn.model.layout import read_layout
-from edge_preattn.predictors import onnx_io
+from edge_preattn.predictors import features, onnx_io
 from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
 from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_mlp, read_predictor_set
@@ -26,13 +26,20 @@ from .test_cache import greedy, host_experts_engine
 
 
 def random_predictor(
-    arch: int, n_embd: int, n_expert: int, hidden: int, seed: int, prior: np.ndarray | None = None
+    arch: int,
+    n_embd: int,
+    n_expert: int,
+    hidden: int,
+    seed: int,
+    prior: np.ndarray | None = None,
+    n_extra: int = 0,
 ) -> Predictor:
     """An untrained predictor with every folded part non-trivial (input statistics, batch norm); with
-    `prior` [E, d], a residual on it as if trained: the body's last layer no longer zero, a scale not 1."""
+    `prior` [E, d], a residual on it as if trained: the body's last layer no longer zero, a scale not 1;
+    with `n_extra`, that many history-input columns."""
     torch.manual_seed(seed)
     router = None if prior is None else torch.from_numpy(prior)
-    model = Predictor(arch, n_embd, n_expert, hidden, prior=router)
+    model = Predictor(arch, n_embd, n_expert, hidden, n_extra=n_extra, prior=router)
     if prior is not None:
         model.body[-1].reset_parameters()
         model.prior_scale.data.fill_(0.75)
@@ -47,28 +54,34 @@ def random_predictor(
     return model.eval()
 
 
-def export_predictors(layout, out, arch: int = 2, hidden: int = 32, prior: bool = False):
+def export_predictors(
+    layout, out, arch: int = 2, hidden: int = 32, prior: bool = False, history: tuple[str, ...] = ()
+):
     """A predictors folder for every MoE layer of `layout`, as `train` writes it (random weights; with
-    `prior`, residuals on the model's own router prior, as `train --prior` makes them)."""
+    `prior`, residuals on the model's own router prior, as `train --prior` makes them; with `history`,
+    reading those history inputs, as `train --features` makes them)."""
     out.mkdir(parents=True, exist_ok=True)
-    x = np.random.default_rng(0).standard_normal((8, layout.n_embd)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, layout.n_embd)).astype(np.float32)
+    widths = {f: features.width(f, layout.n_embd, layout.n_expert) for f in history}
+    extra = {features.input_name(f): rng.random((8, w)).astype(np.float32) for f, w in widths.items()}
     indices = tuple(layer.index for layer in layout.moe_layers)
     priors = router_prior(layout.path, indices) if prior else {}
     entries = []
     for il in indices:
-        model = random_predictor(arch, layout.n_embd, layout.n_expert, hidden, il, priors.get(il))
-        entries.append(onnx_io.export_layer(model, out, il, x))
-    onnx_io.write_manifest(
-        out,
-        {
-            "fingerprint": layout.fingerprint,
-            "k": layout.n_expert_used,
-            "n_expert": layout.n_expert,
-            "n_embd": layout.n_embd,
-            "input": "x_pre",
-            "predictors": entries,
-        },
-    )
+        model = random_predictor(
+            arch, layout.n_embd, layout.n_expert, hidden, il, priors.get(il), n_extra=sum(widths.values())
+        )
+        entries.append(onnx_io.export_layer(model, out, il, x, extra or None))
+    manifest = {
+        "fingerprint": layout.fingerprint,
+        "k": layout.n_expert_used,
+        "n_expert": layout.n_expert,
+        "n_embd": layout.n_embd,
+        "input": "x_pre",
+        "predictors": entries,
+    }
+    onnx_io.write_manifest(out, manifest | ({"features": list(history)} if history else {}))
     return onnx_io.load_predictor_set(out, fingerprint=layout.fingerprint)
 
 
@@ -469,3 +482,21 @@ def test_a_predictor_file_with_nan_weights_is_switched_off_and_the_output_stays(
     assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
     assert "differs from onnxruntime by nan" in caplog.text
     assert caplog.text.count("prediction is off for that layer") == len(layout.moe_layers)
+
+
+# ids without "gpu", which marks the tests that need a GPU
+@pytest.mark.parametrize("device", ["cpu", "gpu"], ids=["on-the-host", "in-the-graph"])
+def test_predictors_with_every_history_input_fit_moe_ref_a_s_graph_with_stock_output(
+    llama_lib, moe_ref_a, tmp_path, device
+):
+    """Patch 23 on a trained model: predictors reading all three history inputs, as nodes of the graph
+    (gpu) with the host side and the routing log beside them, fit the scheduler's graph (moe-ref-a's was
+    too small for them once) and keep stock's text; on the host (cpu) likewise."""
+    layout = read_layout(moe_ref_a)
+    predictors = export_predictors(layout, tmp_path / "predictors", prior=True, history=features.FEATURES)
+    with host_experts_engine(llama_lib, moe_ref_a) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    options = {"residency": "token", "miss": "cpu", "predictor_device": device}
+    run = run_native(llama_lib, moe_ref_a, layout, predictors, "exact", 2 * layout.n_expert_used, **options)
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert run.native and not run.python_hooks and run.stats.totals().prefetch_issued > 0
