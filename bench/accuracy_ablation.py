@@ -76,6 +76,7 @@ ALL3 = "prev-layer,prev-token,prev-x"
 SHIPPED_ALL3 = {**DISTILL, "features": ALL3, "lr": 3e-3}
 RECIPES["shipped-all3@lr3e-3"] = SHIPPED_ALL3
 RECIPES["cross-layer-shipped-all3@lr3e-3"] = {**SHIPPED_ALL3, "input": "x_prev"}
+RECIPES["shipped-all3@lr3e-3-h256"] = {**SHIPPED_ALL3, "hidden": 256}  # more width where data is plenty
 DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048" and "shipped" not in name]
 # --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
 SHIPPED = {**DISTILL, "features": BOTH}
