@@ -4,10 +4,12 @@ misses nothing, and a decoded token costs two host synchronizations and no graph
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edge_preattn import cli
 from edge_preattn.errors import UserError
 from edge_preattn.model.engine import Sampling
 from edge_preattn.runtime.cache_api import LLAMA_EDGE_ERR_BACKEND, LLAMA_EDGE_ERR_STATE
@@ -163,3 +165,29 @@ def test_run_refuses_token_residency_with_miss_auto_in_one_line():
         "edge-preattn: error: --residency token needs a cache --mode, and computes misses by the host side: "
         "no --miss auto"
     ]
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        (["--mode", "lru"], "needs a prediction mode with a fixed number of experts"),
+        (
+            ["--mode", "adaptive", "--residency", "token"],
+            "needs a prediction mode with a fixed number of experts",
+        ),
+        (["--mode", "exact"], "and --residency token"),
+        (["--mode", "exact", "--residency", "token", "--lookahead", "1"], "drop --lookahead"),
+    ],
+)
+def test_run_refuses_predictors_on_the_gpu_where_they_cannot_run_in_one_line(options, reason):
+    """Patch 23's predictors in the graph: a fixed top-k, residency between tokens, no lookahead."""
+    command = [sys.executable, "-m", "edge_preattn.cli", "run", "--predictor-device", "gpu", *options]
+    command += ["--predictors", str(Path(cli.__file__).parent / "onnx_models" / "edge-moe-default")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("edge-preattn: error: --predictor-device gpu")
+        and reason in lines[0]
+    )
