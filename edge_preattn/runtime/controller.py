@@ -125,6 +125,7 @@ class Controller:
             and options.predictor_engine == "native"
             and self._predict_natively(lookahead, options.predictor_threads, options.predictor_device)
         )
+        self.in_graph = self.native and options.predictor_device == "gpu"  # nodes of the model's graph
         if self.residency == "token" and mode in PREDICTION_MODES and not self.native:
             raise UserError(
                 "--residency token works with the library's own predictor (--predictor-engine native, "

@@ -78,6 +78,7 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 "miss_policy": runtime.controller.miss
                 + (" (host side on the GPU)" * runtime.host_side_mapped),
                 "residency": runtime.controller.residency,
+                "predictor_in_graph": runtime.controller.in_graph,
                 "hits_per_token": round(total.hits / tokens, 3),
                 "late_per_token": round(total.late / tokens, 3),
                 "misses_per_token": round(total.misses / tokens, 3),
@@ -145,8 +146,12 @@ def format_stats(stats: dict) -> str:
             f"({stats['eval_splits_per_token']:.1f} graph splits), "
             f"{stats['python_callbacks_per_token']:.1f} Python callbacks, "
             f"{stats['native_predictions_per_token']:.1f} predictions in the library "
-            f"({stats['native_predictor_ms_per_token']:.3f} ms), "
-            f"copies busy {stats['copy_busy_ms_per_token']:.3f} ms"
+            + (
+                "(in the graph, not timed), "
+                if stats.get("predictor_in_graph")
+                else f"({stats['native_predictor_ms_per_token']:.3f} ms), "
+            )
+            + f"copies busy {stats['copy_busy_ms_per_token']:.3f} ms"
             + (f" (+{stats['async_uploads']} queued, not timed)" if stats["async_uploads"] else "")
             + f" | stale predictions dropped {stats['stale_predictions']}"
         )
@@ -157,6 +162,8 @@ def predictor_place(stats: dict) -> str:
     """Where the predictors ran: onnxruntime from Python (its time per call), the library, or nowhere."""
     if stats["predictor_ms_per_call"]:
         return f"predictor {stats['predictor_ms_per_call']:.3f} ms/call in onnxruntime"
+    if stats.get("predictor_in_graph"):
+        return "predictor in the model's graph"
     return "predictor in the library" if stats["native_predictions_per_token"] else "no predictor"
 
 
