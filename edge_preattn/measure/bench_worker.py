@@ -94,7 +94,7 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                         target=work.target,
                         bandwidth_bytes_per_s=spec.bandwidth_bytes_per_s,
                         oracle=oracle,
-                        copy_queue=work.copy_queue or predictor_device == "gpu",
+                        copy_queue=work.copy_queue,
                         residency=residency,
                         predictor_device=predictor_device,
                     ),

@@ -93,9 +93,11 @@ class Controller:
         self.budget = UploadBudget(options.bandwidth_bytes_per_s)
         bank.set_bus_rate(options.bandwidth_bytes_per_s)
         bank.set_eviction(EVICTION_POLICIES[options.eviction])
-        # prefetches on their own stream, which the routing's compute stream waits for per slot
-        self.copy_queue = options.copy_queue and bank.set_copy_queue(True)
-        if options.copy_queue and not self.copy_queue:
+        # prefetches on their own stream, which the routing's compute stream waits for per slot (the
+        # device's own prefetches, with the predictors on it, go there too)
+        wants_queue = options.copy_queue or options.predictor_device == "gpu"
+        self.copy_queue = wants_queue and bank.set_copy_queue(True)
+        if wants_queue and not self.copy_queue:
             log.info("this device has no asynchronous copies or events: uploads stay synchronous")
         self.python = {il: LayerCounters() for il in bank.layers}  # what only this side counts
         self.first_layer, self.last_layer = min(bank.layers), max(bank.layers)

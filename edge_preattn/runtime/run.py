@@ -387,7 +387,6 @@ def prepare(args: argparse.Namespace) -> Setup:
             raise UserError(
                 "--predictor-device gpu predicts each layer from its own activation: drop --lookahead"
             )
-        args.copy_queue = True
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
