@@ -431,6 +431,49 @@ def test_prior_features_and_distill_train_export_and_evaluate(traces_dir, moe_re
     assert payload["methods"]["p"]["mean"]["recall_at_k"] > 0.3
 
 
+def test_a_lead_reads_an_earlier_layer_and_its_prior_divides_by_that_layer(traces_dir, moe_ref_a, tmp_path):
+    """train --lead D: layer il's predictor reads the pre-attention state D MoE layers earlier (the
+    first layer's past the start), its router prior divides by that layer's attn_norm, eval feeds it
+    alike, and the runtime refuses the set (it feeds each layer's own activation)."""
+    from edge_preattn.model.layout import read_layout
+    from edge_preattn.predictors import evaluate, features
+    from edge_preattn.predictors.baselines import router_prior
+
+    assert features.source_layer((0, 1, 2, 3), 3, 1) == 2
+    assert features.source_layer((0, 1, 2, 3), 1, 1024) == 0
+    assert features.source_layer((1, 3, 5), 5, 1) == 3 and features.source_layer((1, 3, 5), 3, 2) == 1
+    traces = TraceSet(traces_dir)
+    assert np.array_equal(features.activation(traces, 3, "x_pre", 2), traces.layer(1, "x_pre"))
+    assert np.array_equal(features.activation(traces, 3, "x_pre", 0), traces.layer(3, "x_pre"))
+    lead = router_prior(moe_ref_a, (3,), "x_pre", {3: 1})[3]
+    own = router_prior(moe_ref_a, (3,), "x_pre")[3]
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(moe_ref_a).tensors}
+    norm = {
+        il: np.asarray(tensors[f"blk.{il}.attn_norm.weight"].data, np.float32).reshape(-1) for il in (1, 3)
+    }
+    assert np.allclose(lead * norm[1], own * norm[3], rtol=1e-4, atol=1e-6)  # the same router input
+    settings = dataclasses.replace(SETTINGS, epochs=1, prior=True, features="prev-token,prev-x", lead=2)
+    manifest = train.train(traces_dir, tmp_path / "p", settings, layers=(3,), device="cpu", progress=False)
+    assert manifest["lead"] == 2 and manifest["settings"]["lead"] == 2
+    pset = load_predictor_set(tmp_path / "p", fingerprint=traces.fingerprint)
+    x, _ = evaluate.set_inputs(pset, traces, 3, np.arange(5))
+    assert np.array_equal(x, traces.layer(1, "x_pre")[:5])
+    assert evaluate.set_name(pset.manifest) == "preattn-arch2+lead2+prior+prev-token+prev-x"
+    with pytest.raises(UserError, match=r"trained with --lead 2.*train without --lead"):
+        pset.check_fits(read_layout(moe_ref_a))
+    for lead_value, feature, source, message in (
+        (1, "prev-layer", "x_pre", "not known 1 layers ahead"),
+        (-1, "", "x_pre", "--lead must be 0"),
+        (1, "", "x_prev", "use it with --input x_pre"),
+    ):
+        bad = dataclasses.replace(SETTINGS, lead=lead_value, features=feature, input=source)
+        with pytest.raises(UserError, match=message):
+            train.train(traces_dir, tmp_path / "bad", bad, layers=(3,), device="cpu", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):
     from edge_preattn.predictors import onnx_io
 

@@ -176,7 +176,9 @@ def lru_capacities(k: int, n_expert: int) -> tuple[int, ...]:
     return tuple(c for c in (k, 2 * k, 4 * k) if c < n_expert) or (k,)
 
 
-def router_prior(model: Path, layers: tuple[int, ...], source: str = "x_pre") -> dict[int, np.ndarray]:
+def router_prior(
+    model: Path, layers: tuple[int, ...], source: str = "x_pre", read_from: dict[int, int] | None = None
+) -> dict[int, np.ndarray]:
     """Per layer, the router's weights mapped onto a predictor's input: prior [E, d] such that
     x @ prior.T is the router's logits on that input, as if the residual stream had not changed since.
 
@@ -185,7 +187,9 @@ def router_prior(model: Path, layers: tuple[int, ...], source: str = "x_pre") ->
     is per token, and a per-token factor changes neither the top-k nor the order). For x_prev (the
     previous layer's router input, rmsnorm(·)·w_ffn of that layer; the token embedding for layer 0)
     the divisor is that layer's w_ffn (1 for the embedding). Selection biases (exp_probs_b) are not
-    included: the prior ranks by the gating logits alone.
+    included: the prior ranks by the gating logits alone. `read_from` ({layer: layer}, x_pre only)
+    names an earlier layer whose pre-attention state the predictor reads instead (a lead):
+    its w_attn is the divisor.
     """
     import gguf
 
@@ -202,7 +206,7 @@ def router_prior(model: Path, layers: tuple[int, ...], source: str = "x_pre") ->
         ffn_norm = weight(f"blk.{il}.ffn_norm.weight").reshape(-1)  # [d]
         router = weight(f"blk.{il}.ffn_gate_inp.weight").reshape(-1, len(ffn_norm))  # [E, d]
         if source == "x_pre":
-            divisor = weight(f"blk.{il}.attn_norm.weight").reshape(-1)
+            divisor = weight(f"blk.{(read_from or {}).get(il, il)}.attn_norm.weight").reshape(-1)
         elif il > 0 and f"blk.{il - 1}.ffn_norm.weight" in tensors:
             divisor = weight(f"blk.{il - 1}.ffn_norm.weight").reshape(-1)
         else:

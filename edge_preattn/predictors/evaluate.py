@@ -104,7 +104,7 @@ def _check(sets: dict, traces: TraceSet, heldout: TraceSet | None) -> tuple[list
 
 def set_inputs(pset, traces: TraceSet, il: int, rows: np.ndarray) -> tuple[np.ndarray, dict]:
     """What a predictor set reads for layer il on the given rows: (x [N, d], {input name: [N, E]})."""
-    x = traces.x_prev(il) if pset.manifest.get("input", "x_pre") == "x_prev" else traces.layer(il, "x_pre")
+    x = features.activation(traces, il, pset.manifest.get("input", "x_pre"), pset.manifest.get("lead", 0))
     extra = {
         features.input_name(f): features.history(traces, il, f)[rows]
         for f in pset.manifest.get("features") or ()
@@ -237,7 +237,7 @@ def evaluate(
         "sources": {
             name: {
                 key: pset.manifest.get(key)
-                for key in ("arch", "loss", "input", "prior", "features", "hidden")
+                for key in ("arch", "loss", "input", "lead", "prior", "features", "hidden")
             }
             for name, pset in sets.items()
         },
@@ -334,6 +334,7 @@ def set_name(manifest: dict) -> str:
         name = f"preattn-arch{manifest.get('arch', '?')}"
     return (
         name
+        + (f"+lead{manifest['lead']}" if manifest.get("lead") else "")
         + ("+prior" if manifest.get("prior") else "")
         + "".join(f"+{f}" for f in manifest.get("features") or [])
     )

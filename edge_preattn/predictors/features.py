@@ -17,6 +17,12 @@ prefetches during that attention:
 Each is [N, E] float16 ([N, d] for prev-x), one row per trace token; the exported ONNX graph takes
 them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`, `prev_x`), after
 `x`.
+
+The activation itself (`activation`) is the layer's pre-attention state, or with a lead of D the
+pre-attention state of the MoE layer D positions earlier (the first MoE layer's where there is none
+that far back): a prediction made there can start its uploads D layers before the layer routes, and a
+lead as deep as the model predicts every layer from the first one, as soon as a token's forward pass
+starts. prev-layer does not exist that early and is refused with a lead; prev-token and prev-x do.
 """
 
 import numpy as np
@@ -45,6 +51,31 @@ def input_name(feature: str) -> str:
 def width(feature: str, n_embd: int, n_expert: int) -> int:
     """Columns of a feature: d for prev-x, E for the routing ones."""
     return n_embd if feature == "prev-x" else n_expert
+
+
+def source_layer(layers: tuple[int, ...], il: int, lead: int) -> int:
+    """The MoE layer whose pre-attention state a predictor of layer il reads with this lead."""
+    return layers[max(0, layers.index(il) - lead)]
+
+
+def activation(traces: TraceSet, il: int, input_kind: str, lead: int = 0) -> np.ndarray:
+    """What a predictor of layer il reads as x for every trace token: [N, d] float16 (module doc)."""
+    if input_kind == "x_prev":
+        return traces.x_prev(il)
+    return traces.layer(source_layer(traces.layers, il, lead), "x_pre")
+
+
+def check_lead(lead: int, names: tuple[str, ...], input_kind: str) -> None:
+    """Refuse what a lead cannot read (module doc)."""
+    if lead < 0:
+        raise UserError(f"--lead must be 0 (the layer's own activation) or more, not {lead}")
+    if lead and input_kind != "x_pre":
+        raise UserError("--lead reads an earlier layer's pre-attention state: use it with --input x_pre")
+    if lead and "prev-layer" in names:
+        raise UserError(
+            f"--lead {lead} with prev-layer: the previous layer's routing is not known {lead} layers "
+            "ahead; use prev-token and prev-x"
+        )
 
 
 def history(traces: TraceSet, il: int, feature: str) -> np.ndarray:

@@ -40,13 +40,15 @@ class TrainSettings:
     prior: bool = True  # a residual on the layer's router applied to the input (baselines.router_prior)
     features: str = ""  # history inputs, comma-separated (features.FEATURES)
     rank: int = 0  # > 0: the first Linear factorized through this many columns (networks.Predictor)
+    lead: int = 0  # x_pre read this many MoE layers earlier (features.activation)
 
     def as_dict(self) -> dict:
-        """The settings as stored in checkpoints and manifests; rank only when set, so that runs
-        written before it existed still resume."""
+        """The settings as stored in checkpoints and manifests; rank and lead only when set, so that
+        runs written before they existed still resume."""
         fields = dataclasses.asdict(self)
-        if not fields["rank"]:
-            del fields["rank"]
+        for optional in ("rank", "lead"):
+            if not fields[optional]:
+                del fields[optional]
         return fields
 
 

@@ -170,13 +170,21 @@ class PredictorSet:
         self.n_expert: int = manifest["n_expert"]
         self.n_embd: int = manifest["n_embd"]
         self.input: str = manifest["input"]
+        self.lead: int = manifest.get("lead", 0)  # train --lead: each layer read from an earlier one
         self.features: tuple[str, ...] = tuple(manifest.get("features") or ())
         self.fingerprint: str = manifest["fingerprint"]
         self.int8, self.fp16 = int8, fp16  # which of the files was loaded (fp32 when neither)
 
     def check_fits(self, layout) -> None:
-        """Refuse a set whose shapes or layers are not the model's: a manifest can carry the right
-        fingerprint and still hold another model's graphs (edited by hand, or files mixed up)."""
+        """Refuse a set the runtime cannot serve for this model: shapes or layers not the model's (a
+        manifest can carry the right fingerprint and still hold another model's graphs, edited by hand
+        or files mixed up), or trained with a lead (the runtime feeds each layer's own activation)."""
+        if self.lead:
+            raise UserError(
+                f"{self.directory} was trained with --lead {self.lead} (each layer predicted from an "
+                "earlier layer's activation): `eval` scores it, the runtime does not serve it yet; "
+                "train without --lead"
+            )
         moe_layers = {layer.index for layer in layout.moe_layers}
         same_shape = (self.n_embd, self.n_expert) == (layout.n_embd, layout.n_expert)
         if not same_shape or not set(self.layers) <= moe_layers:

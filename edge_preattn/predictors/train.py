@@ -73,7 +73,7 @@ def _layer_data(traces: TraceSet, il: int, settings: TrainSettings, rows: tuple,
     import torch
 
     train_rows, val_rows = rows
-    x = traces.x_prev(il) if settings.input == "x_prev" else traces.layer(il, "x_pre")  # [T, d] float16
+    x = features.activation(traces, il, settings.input, settings.lead)  # [T, d] float16
     probs, ids = traces.layer(il, "probs"), traces.layer(il, "ids")  # [T, E] float16, [T, k] int16
     extra = [features.history(traces, il, name) for name in features.parse(settings.features)]
 
@@ -102,9 +102,12 @@ def traces_id(traces: TraceSet) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def router_priors(traces: TraceSet, layers: tuple[int, ...], source: str, model: Path | None) -> dict:
-    """{layer: prior [E, d]} from the model the traces came from (its path in the traces' manifest,
-    or `model`), refused when that file is missing or another model."""
+def router_priors(
+    traces: TraceSet, layers: tuple[int, ...], settings: TrainSettings, model: Path | None
+) -> dict:
+    """{layer: prior [E, d]} on what each predictor reads (features.activation), from the model the
+    traces came from (its path in the traces' manifest, or `model`), refused when that file is missing
+    or another model."""
     from ..model.layout import read_layout
     from .baselines import router_prior
 
@@ -113,7 +116,8 @@ def router_priors(traces: TraceSet, layers: tuple[int, ...], source: str, model:
         raise UserError(f"the router prior needs the model's GGUF ({model} not found): pass -m MODEL.gguf")
     if read_layout(model).fingerprint != traces.fingerprint:
         raise UserError(f"{model} is not the model {traces.directory} was collected from: pass the right -m")
-    return router_prior(model, layers, source)
+    read_from = {il: features.source_layer(traces.layers, il, settings.lead) for il in layers}
+    return router_prior(model, layers, settings.input, read_from)
 
 
 def _export(model, out_dir: Path, il: int, data: dict, *, names: list[str], formats: tuple[str, ...]) -> dict:
@@ -162,6 +166,7 @@ def train(
         raise UserError("--loss must be one of mse, wbce, focal, rank, distill, or a sum like rank+distill")
     if settings.input not in ("x_pre", "x_prev"):
         raise UserError("--input must be x_pre or x_prev")
+    features.check_lead(settings.lead, features.parse(settings.features), settings.input)
     names = [features.input_name(f) for f in features.parse(settings.features)]
     traces = TraceSet(traces_dir)
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
@@ -170,7 +175,7 @@ def train(
     missing = sorted(set(layers) - set(traces.layers))
     if missing:
         raise UserError(f"layers {missing} are not in the traces (collected: {list(traces.layers)})")
-    priors = router_priors(traces, layers, settings.input, model) if settings.prior else {}
+    priors = router_priors(traces, layers, settings, model) if settings.prior else {}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = traces.meta()
     train_mask, val_prompts = split_by_prompt(meta["prompt"], settings.val_fraction, settings.seed)
@@ -219,6 +224,7 @@ def train(
         "arch": settings.arch,
         "loss": settings.loss,
         "input": settings.input,
+        "lead": settings.lead,
         "prior": settings.prior,
         "features": list(features.parse(settings.features)),
         "traces_id": traces_id(traces),
@@ -282,6 +288,14 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         choices=("x_pre", "x_prev"),
         default=defaults.input,
         help="x_pre: pre-attention (the paper); x_prev: previous layer's router input (FATE-like)",
+    )
+    parser.add_argument(
+        "--lead",
+        type=int,
+        default=defaults.lead,
+        help="read the pre-attention state this many MoE layers earlier (the first layer's where there "
+        "is none that far back), so that uploads can start that many layers ahead (default 0: the "
+        "layer's own; eval only, the runtime feeds each layer's own)",
     )
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="prompts held out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -362,6 +376,7 @@ def main(args: argparse.Namespace) -> int:
         prior=args.prior,
         features=",".join(features.parse(args.features)),
         rank=args.rank,
+        lead=args.lead,
     )
     manifest = train(
         Path(args.traces),
