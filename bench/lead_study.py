@@ -126,6 +126,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
+    parser.add_argument(
+        "--train", nargs="+", metavar="ROW", help="train only these rows and write nothing (parallel runs)"
+    )
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--note", action="append", default=[], help="a line for the notes")
     args = parser.parse_args()
@@ -133,6 +136,10 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     recipes = {SAME_LAYER: RECIPES[SAME_LAYER], **lead_recipes()}
+    if args.train:
+        for name in args.train:
+            trained(args, name, recipes[name])
+        return 0
     manifests = {name: trained(args, name, recipe) for name, recipe in recipes.items()}
     traces, heldout = TraceSet(Path(args.traces)), TraceSet(Path(args.heldout))
     sets = {name: evaluate.load_set(Path(args.runs) / name, traces.fingerprint) for name in manifests}

@@ -29,6 +29,7 @@ PROMPTS = (PROMPT, "The quick brown fox jumps over", "import numpy as np\nx = np
 N_NEW = 8
 HISTORY = "prev-layer,prev-token"
 ALL_HISTORY = "prev-layer,prev-token,prev-x"
+FROM_FIRST = ("prev-token,prev-x", 1024)  # train --lead 1024: every layer from the first MoE layer's state
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2"])  # deepseek2: a dense first layer
@@ -50,13 +51,15 @@ def traces_dir(llama_lib, tiny, tmp_path_factory):
     return root / "traces"
 
 
-@pytest.fixture(scope="module", params=[HISTORY, ALL_HISTORY])
+@pytest.fixture(scope="module", params=[(HISTORY, 0), (ALL_HISTORY, 0), FROM_FIRST])
 def traced(tiny, traces_dir, tmp_path_factory, request):
     """The traces, and predictors trained on them with history inputs (the default recipe's router prior
-    included), briefly: what matters here is the runtime, not recall. With and without prev-x."""
+    included), briefly: what matters here is the runtime, not recall. With and without prev-x, and
+    (patch 24) every layer predicted from the first MoE layer's activation."""
     root = tmp_path_factory.mktemp("history-predictors")
+    wanted, lead = request.param
     recipe = dataclasses.replace(
-        train.TrainSettings(), epochs=2, hidden=32, features=request.param, val_fraction=0.25
+        train.TrainSettings(), epochs=2, hidden=32, features=wanted, val_fraction=0.25, lead=lead
     )
     train.train(traces_dir, root / "predictors", recipe, device="cpu", progress=False)
     layout = read_layout(tiny)
@@ -111,7 +114,7 @@ def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
 ):
     layout = read_layout(tiny)
     _, predictors = traced
-    assert predictors.features in (("prev-layer", "prev-token"), features.FEATURES)
+    assert predictors.features in (("prev-layer", "prev-token"), features.FEATURES, ("prev-token", "prev-x"))
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
     run = run_native(llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, **options)
@@ -127,7 +130,8 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
     scored them as onnxruntime does: on the host (a loop, a CPU graph) and as nodes of the model's graph,
     whose history inputs the graph itself keeps. The prompt's own tokens route together, so their
     prev-token input exists at decode time only (features.py): the comparison starts at the first decoded
-    token."""
+    token. With a lead (patch 24) x is the first MoE layer's activation, the history inputs the layer's
+    own."""
     traces, predictors = traced
     layout = read_layout(tiny)
     rows = np.flatnonzero(traces.meta()["prompt"] == 0)  # PROMPTS[0] is PROMPT
@@ -162,7 +166,8 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
         for il, (inputs, scores) in last.items():
             x, history_part = inputs[:n_embd], inputs[n_embd:]  # the history in the graph's input order
             fed = split_history(predictors, layout, history_part)
-            assert np.allclose(x, traces.layer(il, "x_pre")[row], rtol=1e-3, atol=1e-3)
+            read = features.activation(traces, il, "x_pre", predictors.lead)[row]
+            assert np.allclose(x, read, rtol=1e-3, atol=1e-3)
             for f in predictors.features:
                 assert np.array_equal(fed[f], history[il, f][row].astype(np.float32)), (step, il, f)
                 fed_nonzero[f] += bool(fed[f].any())
@@ -170,7 +175,8 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
             expected = predictors.scores(il, x[None], extra)[0]
             assert np.abs(scores - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
     # prev-layer is zeros at the first MoE layer only; prev-token and prev-x at none of the decoded tokens
-    assert fed_nonzero["prev-layer"] == (len(seen) - 1) * (len(bank.layers) - 1)
+    if "prev-layer" in predictors.features:
+        assert fed_nonzero["prev-layer"] == (len(seen) - 1) * (len(bank.layers) - 1)
     assert fed_nonzero["prev-token"] == (len(seen) - 1) * len(bank.layers)
     if "prev-x" in predictors.features:
         assert fed_nonzero["prev-x"] == (len(seen) - 1) * len(bank.layers)
@@ -197,6 +203,8 @@ def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, 
 def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
     layout = read_layout(tiny)
     _, predictors = traced
+    if "prev-layer" not in predictors.features:
+        pytest.skip("the columns of every history input are taken from a set that reads them all")
     first, il, other = (layer.index for layer in layout.moe_layers[:3])
     mlp = read_predictor_set(predictors)[il]
     floats = ctypes.POINTER(ctypes.c_float)
@@ -260,8 +268,8 @@ def test_prev_x_is_the_token_before_in_its_ubatch_or_the_one_before_and_zeros_fi
     layer saw in the ubatch before; for a later row, the row before it in the same ubatch (prompt rows
     too); float16-rounded, as the traces store it. The scores are onnxruntime's on what was fed."""
     _, predictors = traced
-    if "prev-x" not in predictors.features:
-        pytest.skip("a set without prev-x")
+    if "prev-x" not in predictors.features or predictors.lead:
+        pytest.skip("a set without prev-x, or with a lead (which predicts one-token ubatches only)")
     layout = read_layout(tiny)
     d, e = layout.n_embd, layout.n_expert
     width = input_width(predictors, layout)
@@ -309,3 +317,62 @@ def test_prev_x_is_the_token_before_in_its_ubatch_or_the_one_before_and_zeros_fi
         after = decode(tokens[3:])  # and the next ubatch's first row, the last row of [t1, t2]
         for il in bank.layers:
             assert np.array_equal(after[il][1], fp16(together[1][il][0])), il
+
+
+def test_lead_c_api_refuses_bad_arguments_and_a_new_predictor_reads_its_own_layer(llama_lib, tiny, traced):
+    """patch 24: llama_edge_predictor_set_source takes a cached layer at or before il, after il's
+    predictor, and refuses a prev-layer input or a lookahead beside a lead (neither is known that early)."""
+    layout = read_layout(tiny)
+    _, predictors = traced
+    if predictors.lead:
+        pytest.skip("run once per model, with a set that reads prev-layer")
+    first, il, other = (layer.index for layer in layout.moe_layers[:3])
+    mlp = read_predictor_set(predictors)[il]
+    with host_experts_engine(llama_lib, tiny) as engine:
+        lib = engine.api.lib
+        bank = SlotBank(engine.api, engine.ctx, (first, il), n_slots=8)
+        assert lib.llama_edge_predictor_set_source(engine.ctx, il, first) == -2  # no predictor yet
+        bank.set_predictor(il, mlp, 4)
+        for args in ((None, il, first), (engine.ctx, other, first)):  # no context, an uncached layer
+            assert lib.llama_edge_predictor_set_source(*args) in (-1, -2), args
+        for source in (other, -1):  # a later layer (and not cached), none
+            assert lib.llama_edge_predictor_set_source(engine.ctx, il, source) == -1, source
+        dense = [i for i in range(first) if i not in {layer.index for layer in layout.moe_layers}]
+        for layer in dense:  # deepseek2's dense first layer: not a cached one
+            assert lib.llama_edge_predictor_set_source(engine.ctx, il, layer) == -1
+        bank.set_predictor_history(il, mlp, first)  # a prev-layer input: not known a layer ahead
+        assert lib.llama_edge_predictor_set_source(engine.ctx, il, first) == -2
+        assert lib.llama_edge_predictor_set_source(engine.ctx, il, il) == 0  # its own layer: always
+        bank.set_predictor(il, mlp, 4)  # a new predictor reads its own layer, without history
+        bank.set_predictor_source(il, first)
+        with pytest.raises(ValueError, match="status -2"):
+            bank.set_lookahead(1)
+        with pytest.raises(ValueError, match="status -2"):
+            bank.set_predictor_history(il, mlp, first)
+        bank.set_predictor(il, mlp, 4)
+        bank.set_lookahead(1)  # the new predictor reads il's own output again
+        assert lib.llama_edge_predictor_set_source(engine.ctx, il, first) == -2  # and the other way round
+
+
+def test_run_with_a_lead_set_says_how_far_ahead_and_keeps_its_text(llama_lib, tiny, traced, tmp_path, capsys):
+    """`run` with predictors trained with --lead: the summary and the stats JSON say how many layers ahead
+    the prediction runs, and the greedy text is stock's (`--mode off`)."""
+    import json
+
+    from edge_preattn import cli
+
+    _, predictors = traced
+    if not predictors.lead:
+        pytest.skip("a set without a lead")
+    argv = ["run", "-m", str(tiny), "-n", "12", "--temp", "0", "-p", PROMPT]
+    assert cli.main([*argv, "--mode", "off"]) == 0
+    stock = capsys.readouterr().out
+    stats_file = tmp_path / "stats.json"
+    for extra in ([], ["--residency", "token", "--predictor-device", "gpu"]):
+        cached = ["--mode", "exact", "--slots", "4", "--predictors", str(predictors.directory), *extra]
+        assert cli.main([*argv, *cached, "--stats-json", str(stats_file)]) == 0
+        out = capsys.readouterr()
+        stats = json.loads(stats_file.read_text())
+        moe_layers = len(read_layout(tiny).moe_layers)
+        assert out.out == stock and stats["predictor_lead"] == moe_layers - 1
+        assert f"up to {moe_layers - 1} layers ahead" in out.err and stats["native_predictions_per_token"] > 0

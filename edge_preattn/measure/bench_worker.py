@@ -77,7 +77,6 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
                 from ..predictors.onnx_io import load_predictor_set
 
                 predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.routing_fingerprint)
-                predictors.check_fits(layout)
             oracle = (
                 record_oracle(engine, work.prompts, work.n_predict, sampling) if mode == "oracle" else None
             )

@@ -171,20 +171,17 @@ class PredictorSet:
         self.n_embd: int = manifest["n_embd"]
         self.input: str = manifest["input"]
         self.lead: int = manifest.get("lead", 0)  # train --lead: each layer read from an earlier one
+        # {layer: the layer whose pre-attention state its predictor reads}: itself but with a lead
+        self.sources: dict[int, int] = {
+            entry["layer"]: entry.get("source_layer", entry["layer"]) for entry in manifest["predictors"]
+        }
         self.features: tuple[str, ...] = tuple(manifest.get("features") or ())
         self.fingerprint: str = manifest["fingerprint"]
         self.int8, self.fp16 = int8, fp16  # which of the files was loaded (fp32 when neither)
 
     def check_fits(self, layout) -> None:
-        """Refuse a set the runtime cannot serve for this model: shapes or layers not the model's (a
-        manifest can carry the right fingerprint and still hold another model's graphs, edited by hand
-        or files mixed up), or trained with a lead (the runtime feeds each layer's own activation)."""
-        if self.lead:
-            raise UserError(
-                f"{self.directory} was trained with --lead {self.lead} (each layer predicted from an "
-                "earlier layer's activation): `eval` scores it, the runtime does not serve it yet; "
-                "train without --lead"
-            )
+        """Refuse a set whose shapes or layers are not the model's: a manifest can carry the right
+        fingerprint and still hold another model's graphs (edited by hand, or files mixed up)."""
         moe_layers = {layer.index for layer in layout.moe_layers}
         same_shape = (self.n_embd, self.n_expert) == (layout.n_embd, layout.n_expert)
         if not same_shape or not set(self.layers) <= moe_layers:
@@ -340,11 +337,19 @@ def load_predictor_set(
     features = manifest.get("features") or []
     if not isinstance(features, list):
         raise UserError(f"{where} lacks a valid 'features': retrain or re-export the predictors")
+    lead = manifest.get("lead", 0)
+    if type(lead) is not int or lead < 0:
+        raise UserError(f"{where} lacks a valid 'lead': retrain or re-export the predictors")
     sessions = {}
     for entry in _require(manifest, "predictors", list, where):
         il = _require(entry, "layer", int, where)
         if il in sessions:
             raise UserError(f"{path} lists layer {il} twice: retrain or re-export the predictors")
+        source = entry.get("source_layer", il)
+        if type(source) is not int or not 0 <= source <= il or (source < il and not lead):
+            raise UserError(
+                f"{where}: layer {il}'s source_layer {source!r} is not a layer at or before it: retrain"
+            )
         if form and form not in entry:
             raise UserError(f"{directory} has no {form} predictors: retrain with --{form}, or load fp32")
         files = entry[form] if form else entry

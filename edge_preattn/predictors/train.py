@@ -206,6 +206,7 @@ def train(
                 il, data, settings, gating=traces.gating, checkpoint=checkpoint, prior=prior, bar=bar
             )
             entry = _export(predictor, out_dir, il, data, names=names, formats=formats)
+            entry["source_layer"] = features.source_layer(traces.layers, il, settings.lead)
             best = min(history, key=lambda h: h["val_loss"])
             entry["validation"] = {
                 "recall_at_k_per_epoch": [h["val_recall_at_k"] for h in history],

@@ -115,6 +115,13 @@ class Controller:
                 f"these predictors read {', '.join(unfed)}, a history input only `eval` feeds (no runtime "
                 "does): train predictors without it"
             )
+        # train --lead: each layer's predictor reads an earlier layer's activation (patch 24)
+        self.lead = lead = getattr(predictors, "lead", 0) if mode in PREDICTION_MODES else 0
+        if lead and lookahead:
+            raise UserError(
+                f"--lookahead with predictors trained with --lead {lead}: they predict layers ahead "
+                "already; drop --lookahead"
+            )
         if features and lookahead:
             raise UserError(
                 f"--lookahead with predictors that read history inputs ({', '.join(features)}): a later "
@@ -128,6 +135,12 @@ class Controller:
             and self._predict_natively(lookahead, options.predictor_threads, options.predictor_device)
         )
         self.in_graph = self.native and options.predictor_device == "gpu"  # nodes of the model's graph
+        if lead and not self.native:
+            raise UserError(
+                f"these predictors were trained with --lead {lead}: only the library's own predictor feeds "
+                "them an earlier layer's activation (pre-attention, fp32, --predictor-engine native); run "
+                "them that way, or train without --lead"
+            )
         if self.residency == "token" and mode in PREDICTION_MODES and not self.native:
             raise UserError(
                 "--residency token works with the library's own predictor (--predictor-engine native, "
@@ -201,6 +214,14 @@ class Controller:
                 if weights[il].history:  # train --features prev-layer,prev-token
                     position = order.index(il)
                     self.bank.set_predictor_history(il, weights[il], order[position - 1] if position else -1)
+                source = getattr(self.predictors, "sources", {}).get(il, il)
+                if source != il:  # train --lead: an earlier layer's activation
+                    if source not in self.bank.layers:
+                        raise UserError(
+                            f"layer {il}'s predictor reads layer {source}'s activation (train --lead), "
+                            "which is not a cached layer: cache it too, or train without --lead"
+                        )
+                    self.bank.set_predictor_source(il, source)
         self.bank.set_lookahead(lookahead)
         return True
 

@@ -256,6 +256,14 @@ class SlotBank:
             "cannot place predictors in the model's graph once predictors are set",
         )
 
+    def set_predictor_source(self, il: int, source: int) -> None:
+        """Layer il's predictor reads cached layer `source`'s pre-attention output (patch 24, a predictor
+        trained with `train --lead`): its prediction and uploads start at that layer's attention."""
+        _ok(
+            self.api.lib.llama_edge_predictor_set_source(self.ctx, il, source),
+            f"cannot make layer {il}'s predictor read layer {source}'s activation",
+        )
+
     def set_lookahead(self, depth: int) -> None:
         """A layer's pre-attention output also feeds the predictors of the next `depth` cached layers."""
         _ok(

@@ -79,6 +79,8 @@ def run_stats(record: Generation, engine: Engine, runtime: CacheRuntime | None) 
                 + (" (host side on the GPU)" * runtime.host_side_mapped),
                 "residency": runtime.controller.residency,
                 "predictor_in_graph": runtime.controller.in_graph,
+                # train --lead: MoE layers between a layer and the one whose activation predicts it
+                "predictor_lead": min(runtime.controller.lead, len(runtime.bank.layers) - 1),
                 "hits_per_token": round(total.hits / tokens, 3),
                 "late_per_token": round(total.late / tokens, 3),
                 "misses_per_token": round(total.misses / tokens, 3),
@@ -159,12 +161,14 @@ def format_stats(stats: dict) -> str:
 
 
 def predictor_place(stats: dict) -> str:
-    """Where the predictors ran: onnxruntime from Python (its time per call), the library, or nowhere."""
+    """Where the predictors ran: onnxruntime from Python (its time per call), the library, or nowhere;
+    and how many layers ahead (train --lead)."""
     if stats["predictor_ms_per_call"]:
         return f"predictor {stats['predictor_ms_per_call']:.3f} ms/call in onnxruntime"
+    lead = f", up to {stats['predictor_lead']} layers ahead" if stats.get("predictor_lead") else ""
     if stats.get("predictor_in_graph"):
-        return "predictor in the model's graph"
-    return "predictor in the library" if stats["native_predictions_per_token"] else "no predictor"
+        return "predictor in the model's graph" + lead
+    return ("predictor in the library" + lead) if stats["native_predictions_per_token"] else "no predictor"
 
 
 def upload_source(stats: dict) -> str:
