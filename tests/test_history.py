@@ -376,3 +376,46 @@ def test_run_with_a_lead_set_says_how_far_ahead_and_keeps_its_text(llama_lib, ti
         moe_layers = len(read_layout(tiny).moe_layers)
         assert out.out == stock and stats["predictor_lead"] == moe_layers - 1
         assert f"up to {moe_layers - 1} layers ahead" in out.err and stats["native_predictions_per_token"] > 0
+
+
+@pytest.mark.parametrize("options", [{"predictor_threads": 1}, IN_GRAPH])
+def test_fp16_predictors_score_near_onnxruntime_and_keep_stock_text(llama_lib, tiny, traced, options):
+    """patch 25: graph predictors with float16 matrices (a CPU graph, or nodes of the model's graph) score
+    within float16's rounding of onnxruntime's float32 scores on the inputs they were fed, not bit for
+    bit (so the float16 weights are what ran), and the text stays stock's."""
+    _, predictors = traced
+    layout = read_layout(tiny)
+    width = input_width(predictors, layout)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, _ = greedy(engine, PROMPT, N_NEW)
+    errors = []
+    with (
+        host_experts_engine(llama_lib, tiny) as engine,
+        CacheRuntime.for_layout(
+            engine,
+            layout,
+            CacheOptions(
+                n_slots=layout.n_expert_used,
+                mode="exact",
+                predictors=predictors,
+                predictor_fp16=True,
+                **options,
+            ),
+        ) as runtime,
+    ):
+        bank, d = runtime.bank, layout.n_embd
+
+        def after_decode(_logits) -> None:
+            for il in bank.layers:
+                last = bank.last_prediction(il, width, layout.n_expert)
+                if last is None:
+                    continue
+                inputs, scores = last
+                fed = split_history(predictors, layout, inputs[d:])
+                extra = {features.input_name(f): fed[f][None] for f in predictors.features}
+                expected = predictors.scores(il, inputs[None, :d], extra)[0]
+                errors.append(np.abs(scores - expected).max() / max(1.0, np.abs(expected).max()))
+
+        tokens = [t for t, _ in engine.generate(PROMPT, N_NEW, on_logits=after_decode)]
+    assert tokens == ref_tokens and errors
+    assert 0 < max(errors) <= 2e-2, max(errors)

@@ -191,3 +191,22 @@ def test_run_refuses_predictors_on_the_gpu_where_they_cannot_run_in_one_line(opt
         and lines[0].startswith("edge-preattn: error: --predictor-device gpu")
         and reason in lines[0]
     )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--mode", "exact"],  # the loop on the decode thread keeps float32
+        ["--mode", "lru", "--predictor-threads", "2"],  # no predictor
+        ["--mode", "exact", "--predictor-threads", "2", "--predictor-engine", "onnxruntime"],
+    ],
+)
+def test_run_refuses_fp16_predictors_that_are_not_graphs_in_one_line(options):
+    """Patch 25: float16 matrices are for the library's predictors as ggml graphs (on the GPU or threads)."""
+    command = [sys.executable, "-m", "edge_preattn.cli", "run", "--predictor-fp16", *options]
+    command += ["--predictors", str(Path(cli.__file__).parent / "onnx_models" / "edge-moe-default")]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("edge-preattn: error: --predictor-fp16 is for the library's")

@@ -233,6 +233,9 @@ def bind_cache_functions(api: NativeApi) -> None:
     # int32_t llama_edge_predictor_set_source(struct llama_context * ctx, int32_t il, int32_t source);
     lib.llama_edge_predictor_set_source.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_source.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
+    # int32_t llama_edge_predictor_set_fp16(struct llama_context * ctx, bool enabled);
+    lib.llama_edge_predictor_set_fp16.restype = ctypes.c_int32
+    lib.llama_edge_predictor_set_fp16.argtypes = [ctypes.c_void_p, ctypes.c_bool]
     # int32_t llama_edge_predictor_get_last(const struct llama_context * ctx, int32_t il, float * input,
     #     int32_t n_input, float * scores, int32_t n_scores);
     lib.llama_edge_predictor_get_last.restype = ctypes.c_int32

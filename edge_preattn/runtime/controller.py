@@ -132,7 +132,7 @@ class Controller:
             mode in PREDICTION_MODES
             and not self.cross_layer
             and options.predictor_engine == "native"
-            and self._predict_natively(lookahead, options.predictor_threads, options.predictor_device)
+            and self._predict_natively(options)
         )
         self.in_graph = self.native and options.predictor_device == "gpu"  # nodes of the model's graph
         if lead and not self.native:
@@ -182,11 +182,12 @@ class Controller:
             runs = [ids for ids in runs if self._cached(il, len(ids))]
             self.bank.set_oracle(il, runs)
 
-    def _predict_natively(self, lookahead: int, threads: int, device: str) -> bool:
+    def _predict_natively(self, options: CacheOptions) -> bool:
         """Hand every cached layer's predictor to the library, if it can evaluate them (else one warning,
         and onnxruntime predicts, on the prefetch thread): as a plain loop on the decode thread, or with
-        `threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in parallel), or with
-        `device` gpu as nodes of the model's graph on the cached layers' device."""
+        `predictor_threads` > 0 as ggml graphs on a CPU backend with that many threads (SIMD, in
+        parallel), or with `predictor_device` gpu as nodes of the model's graph on the cached layers'
+        device; graphs with float16 matrices with `predictor_fp16`."""
         from ..predictors.predictor_weights import Unsupported, read_predictor_set
 
         if getattr(self.predictors, "directory", None) is None:
@@ -196,8 +197,9 @@ class Controller:
         except (Unsupported, ImportError) as why:
             log.warning("the predictors run in onnxruntime, not in the library: %s", why)
             return False
-        self.bank.set_predictor_threads(threads)
-        self.bank.set_predictor_in_graph(device == "gpu")
+        self.bank.set_predictor_threads(options.predictor_threads)
+        self.bank.set_predictor_in_graph(options.predictor_device == "gpu")
+        self.bank.set_predictor_fp16(options.predictor_fp16)
         order = sorted(self.bank.layers)  # history's previous MoE layer: every MoE layer is cached in `run`
         for il in self.bank.layers:
             if il in weights:
@@ -222,7 +224,7 @@ class Controller:
                             "which is not a cached layer: cache it too, or train without --lead"
                         )
                     self.bank.set_predictor_source(il, source)
-        self.bank.set_lookahead(lookahead)
+        self.bank.set_lookahead(options.lookahead)
         return True
 
     @property

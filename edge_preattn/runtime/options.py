@@ -46,6 +46,7 @@ class CacheOptions:
     predictor_engine: str = "native"  # one of PREDICTOR_ENGINES
     predictor_threads: int = 0  # the library's predictors as ggml graphs with N CPU threads; 0: a loop
     predictor_device: str = "cpu"  # one of PREDICTOR_DEVICES
+    predictor_fp16: bool = False  # graph predictors' matrices in float16 (patch 25)
     copy_queue: bool = False  # prefetches on a second device stream, where the device has events
     residency: str = "routing"  # one of RESIDENCIES
 
@@ -76,6 +77,9 @@ class CacheOptions:
                 "predictor_device gpu needs residency token, the native predictor engine, a fixed number of "
                 "candidates (not adaptive) and no lookahead"
             )
+        as_graph = self.predictor_device == "gpu" or self.predictor_threads > 0
+        if self.predictor_fp16 and (self.predictor_engine != "native" or not as_graph):
+            raise ValueError("predictor_fp16 needs the native predictors as graphs (device gpu, threads > 0)")
         if self.eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {tuple(EVICTION_POLICIES)}")
         if self.lookahead and self.mode not in PREDICTION_MODES:

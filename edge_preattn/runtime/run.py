@@ -229,6 +229,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "so the default keeps the path measured longest",
     )
     cache.add_argument(
+        "--predictor-fp16",
+        action="store_true",
+        help="the library's predictors hold their matrices in float16: half the bytes, in GPU memory with "
+        "--predictor-device gpu (needs it, or --predictor-threads N: the loop stays float32)",
+    )
+    cache.add_argument(
         "--copy-queue",
         action="store_true",
         help="prefetch uploads on a second stream of the GPU, with an event per slot that the routing's "
@@ -387,6 +393,15 @@ def prepare(args: argparse.Namespace) -> Setup:
             raise UserError(
                 "--predictor-device gpu predicts each layer from its own activation: drop --lookahead"
             )
+    if args.predictor_fp16 and (
+        args.mode not in PREDICTION_MODES
+        or args.predictor_engine != "native"
+        or (args.predictor_device != "gpu" and not args.predictor_threads)
+    ):
+        raise UserError(
+            "--predictor-fp16 is for the library's predictors as graphs: add --predictor-device gpu (or "
+            "--predictor-threads N) to a prediction mode"
+        )
     if args.miss != "upload" and args.mode == "off":
         raise UserError(f"--miss {args.miss} needs the expert cache: choose a --mode (e.g. lru)")
     model = Path(args.model)
@@ -446,6 +461,7 @@ def cache_options(args: argparse.Namespace, setup: Setup, oracle: dict | None) -
         predictor_engine=args.predictor_engine,
         predictor_threads=args.predictor_threads,
         predictor_device=args.predictor_device,
+        predictor_fp16=args.predictor_fp16,
         copy_queue=args.copy_queue,
         residency=args.residency,
     )

@@ -256,6 +256,14 @@ class SlotBank:
             "cannot place predictors in the model's graph once predictors are set",
         )
 
+    def set_predictor_fp16(self, enabled: bool) -> None:
+        """Graph predictors set from now on hold their matrices in float16 (patch 25): half the bytes in the
+        device memory the expert slots share."""
+        _ok(
+            self.api.lib.llama_edge_predictor_set_fp16(self.ctx, enabled),
+            "cannot change the predictors' weight type once predictors are set",
+        )
+
     def set_predictor_source(self, il: int, source: int) -> None:
         """Layer il's predictor reads cached layer `source`'s pre-attention output (patch 24, a predictor
         trained with `train --lead`): its prediction and uploads start at that layer's attention."""
