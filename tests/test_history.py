@@ -419,3 +419,26 @@ def test_fp16_predictors_score_near_onnxruntime_and_keep_stock_text(llama_lib, t
         tokens = [t for t, _ in engine.generate(PROMPT, N_NEW, on_logits=after_decode)]
     assert tokens == ref_tokens and errors
     assert 0 < max(errors) <= 2e-2, max(errors)
+
+
+def test_bench_runs_the_lead_set_in_its_own_configurations(lib_dir, tiny, traced, tmp_path, capsys):
+    """`bench --lead-predictors`: the "+lead" configurations run that set (stock's tokens, its placement
+    says so); a set trained without --lead is refused in one line."""
+    import json
+
+    from edge_preattn import cli
+
+    _, predictors = traced
+    argv = ["bench", str(tiny), "--vram-budget", "50%", "-c", "256", "-n", "4", "--rounds", "1"]
+    argv += ["--configs", "lru,exact+lead", "--lead-predictors", str(predictors.directory)]
+    argv += ["-o", str(tmp_path)]
+    argv += ["--stock-lib", str(lib_dir)]  # the patched library: inert when off, enough for the harness
+    if not predictors.lead:
+        assert cli.main(argv) == 2
+        assert "was trained without --lead: give it as --predictors" in capsys.readouterr().err
+        return
+    assert cli.main(argv) == 0
+    result = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    lead = next(config for config in result["configs"] if config["name"] == "exact+lead")
+    assert lead["tokens_equal_stock"] and lead["placement"].endswith("with the --lead-predictors set")
+    capsys.readouterr()

@@ -168,6 +168,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="cap on cache uploads, e.g. 16GB/s; none,8GB/s runs both",
     )
     parser.add_argument("--predictors", metavar="DIR", help="predictors for top1/exact/overprov/adaptive")
+    parser.add_argument(
+        "--lead-predictors",
+        metavar="DIR",
+        help="predictors trained with `train --lead` for the top1/exact/overprov+lead configurations",
+    )
     parser.add_argument("-p", "--prompts", metavar="FILE", help="one prompt per line (default: 3 built in)")
     parser.add_argument("-n", "--n-predict", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all configurations (default 3)")
@@ -220,6 +225,15 @@ def _matrix(args: argparse.Namespace, layout: MoeLayout, n_ctx: int):
         raise UserError(f"output folder {args.output} does not exist")
     if args.predictors and not Path(args.predictors).is_dir():
         raise UserError(f"--predictors {args.predictors} is not a folder")
+    if args.lead_predictors:
+        from ..predictors.onnx_io import load_predictor_set
+
+        lead_set = load_predictor_set(Path(args.lead_predictors), fingerprint=layout.routing_fingerprint)
+        if not lead_set.lead:
+            raise UserError(
+                f"--lead-predictors {args.lead_predictors} was trained without --lead: give it as "
+                "--predictors"
+            )
     known = STOCK_CONFIGS + EDGE_CONFIGS
     names = [name.strip() for name in (args.configs or ",".join(known)).split(",") if name.strip()]
     unknown = [name for name in names if name not in known]
@@ -274,6 +288,7 @@ def _bench(
         target=args.target,
         bypass_tokens=args.bypass_tokens,
         copy_queue=args.copy_queue,
+        lead_predictors=str(Path(args.lead_predictors).resolve()) if args.lead_predictors else None,
     )
     # Runs are kept by what they measure, not by this command's matrix: a later bench of the same
     # workload (say, with --bandwidth capped and fewer --configs) reuses the stock runs made here.
@@ -307,6 +322,7 @@ def _bench(
         gpu=gpu,
         n_ctx=n_ctx,
         has_predictors=bool(args.predictors),
+        has_lead_predictors=bool(args.lead_predictors),
     )
     order = [reference_key] + [key for key in runs if key != reference_key]
     log.info("%d configurations × %d rounds, each in its own process", len(order), args.rounds)

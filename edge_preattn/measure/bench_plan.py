@@ -12,7 +12,9 @@ from ..runtime.options import MODES, PREDICTION_MODES
 STOCK_CONFIGS = ("all-gpu", "exps-cpu", "n-cpu-moe", "ngl")
 # "mode+cpu" / "mode+auto": that mode with `--miss cpu|auto` (missed experts computed on the CPU);
 # "mode+token": with `--residency token` (residency decided between tokens, misses by the host side);
-# "mode+gpu": that, with `--predictor-device gpu` (the predictor in the graph, the device prefetching)
+# "mode+gpu": that, with `--predictor-device gpu` (the predictor in the graph, the device prefetching);
+# "mode+lead": "mode+gpu" with bench's --lead-predictors (trained with `train --lead`: each layer predicted
+# from an earlier layer's activation, its uploads started that many layers ahead)
 EDGE_CONFIGS = (
     *MODES[1:],
     "lru+cpu",
@@ -27,15 +29,23 @@ EDGE_CONFIGS = (
     "top1+gpu",
     "exact+gpu",
     "overprov+gpu",
+    "top1+lead",
+    "exact+lead",
+    "overprov+lead",
 )
 
 
 def edge_mode(name: str) -> tuple[str, str, str, str]:
     """(run mode, miss policy, residency, predictor device) of an edge configuration name."""
     mode, _, variant = name.partition("+")
-    if variant in ("token", "gpu"):
-        return mode, "cpu", "token", "gpu" if variant == "gpu" else "cpu"
+    if variant in ("token", "gpu", "lead"):
+        return mode, "cpu", "token", "cpu" if variant == "token" else "gpu"
     return mode, variant or "upload", "routing", "cpu"
+
+
+def reads_lead(name: str) -> bool:
+    """Whether an edge configuration runs the --lead-predictors set instead of --predictors."""
+    return name.endswith("+lead")
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class Workload:
     target: float
     bypass_tokens: int
     copy_queue: bool = False  # every cache configuration queues its prefetches on a copy stream
+    lead_predictors: str | None = None  # the "+lead" configurations' set (train --lead)
 
 
 # --- sizing stock placements from the header ---------------------------------------------------------
@@ -156,7 +167,8 @@ def _edge_placement(name: str, slots: int) -> str:
     mode, miss, residency, device = edge_mode(name)
     if residency == "token":
         on_gpu = " --predictor-device gpu" if device == "gpu" else ""
-        return f"--mode {mode} --slots {slots} --residency token{on_gpu}"
+        lead = " with the --lead-predictors set" if reads_lead(name) else ""
+        return f"--mode {mode} --slots {slots} --residency token{on_gpu}{lead}"
     return f"--mode {mode} --slots {slots} --miss {miss}"
 
 
@@ -183,6 +195,7 @@ def plan_runs(
     gpu: bool,
     n_ctx: int,
     has_predictors: bool,
+    has_lead_predictors: bool = False,
 ) -> tuple[dict[str, RunSpec], dict[tuple[int, float | None], list[str]], dict[int, list[str]], str]:
     """(runs by key, keys of each (budget, bandwidth) table, notes per budget, the reference's key).
 
@@ -196,7 +209,9 @@ def plan_runs(
     notes: dict[int, list[str]] = {}
     edge_names = [name for name in EDGE_CONFIGS if name in names]
     predicting = [name for name in edge_names if edge_mode(name)[0] in PREDICTION_MODES]
-    skipped = [] if has_predictors else predicting
+    skipped = [
+        name for name in predicting if not (has_lead_predictors if reads_lead(name) else has_predictors)
+    ]
     edge_names = [name for name in edge_names if name not in skipped]
     for budget in budgets:
         said = notes.setdefault(budget, [])
@@ -211,7 +226,7 @@ def plan_runs(
                 said.append("all-gpu does not fit: run as the token reference and marked over budget")
             stock = _stock_runs_at(layout, weights, n_ctx, budget, names, notes=said)
         if skipped:
-            said.append(f"no --predictors: {', '.join(skipped)} not run")
+            said.append(f"no --predictors or --lead-predictors: {', '.join(skipped)} not run")
         try:
             plan = plan_slots(layout, budget, n_ctx)
         except UserError as error:

@@ -13,7 +13,7 @@ from ..files import write_json_atomic
 from ..model import native
 from ..model.layout import read_layout
 from ..runtime.options import PREDICTION_MODES, CacheOptions
-from .bench_plan import RunSpec, Workload, edge_mode
+from .bench_plan import RunSpec, Workload, edge_mode, reads_lead
 
 
 def _merged(records):
@@ -76,7 +76,8 @@ def run_config(spec: RunSpec, work: Workload) -> dict:
             if mode in PREDICTION_MODES:
                 from ..predictors.onnx_io import load_predictor_set
 
-                predictors = load_predictor_set(Path(work.predictors), fingerprint=layout.routing_fingerprint)
+                chosen = work.lead_predictors if reads_lead(spec.name) else work.predictors
+                predictors = load_predictor_set(Path(chosen), fingerprint=layout.routing_fingerprint)
             oracle = (
                 record_oracle(engine, work.prompts, work.n_predict, sampling) if mode == "oracle" else None
             )
