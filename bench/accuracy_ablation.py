@@ -77,6 +77,10 @@ SHIPPED_ALL3 = {**DISTILL, "features": ALL3, "lr": 3e-3}
 RECIPES["shipped-all3@lr3e-3"] = SHIPPED_ALL3
 RECIPES["cross-layer-shipped-all3@lr3e-3"] = {**SHIPPED_ALL3, "input": "x_prev"}
 RECIPES["shipped-all3@lr3e-3-h256"] = {**SHIPPED_ALL3, "hidden": 256}  # more width where data is plenty
+# thirteenth session: prev-layer adds nothing at either data size (accuracy-lead-*.md); the previous
+# token's router input at the layer (prev-router) in its place
+RECIPES["shipped-ptx@lr3e-3"] = {**SHIPPED_ALL3, "features": "prev-token,prev-x"}
+RECIPES["shipped-ptx+router@lr3e-3"] = {**SHIPPED_ALL3, "features": "prev-token,prev-x,prev-router"}
 DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048" and "shipped" not in name]
 # --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
 SHIPPED = {**DISTILL, "features": BOTH}

@@ -28,7 +28,9 @@
 #
 # The headline table of issue 17, one model per call after `setup` (C: the bench options shared by all):
 #   C="--predictors DIR --configs all-gpu,exps-cpu,n-cpu-moe,ngl,lru,top1,exact,oracle --copy-queue"
-#   (add lru+token,top1+token,exact+token,oracle+token for residency decided between tokens)
+#   (add lru+token,top1+token,exact+token,oracle+token for residency decided between tokens; for
+#   predictions made layers ahead, exact+gpu,exact+lead,top1+lead with --lead-predictors DIR, a set
+#   trained with `train --lead 1024` on the CPU beforehand and carried: bench/results/accuracy-lead-*.md)
 #   bench MODEL $C --vram-budget 25%,50% -t 8
 #   bench MODEL $C --vram-budget 25%,50% --emulate rtx4070-pcie4   (and laptop-pcie4x8)
 # The same greedy text and the host synchronizations per token in every mode, both residencies:

@@ -114,7 +114,8 @@ def test_history_predictors_run_in_the_library_with_no_python_and_stock_output(
 ):
     layout = read_layout(tiny)
     _, predictors = traced
-    assert predictors.features in (("prev-layer", "prev-token"), features.FEATURES, ("prev-token", "prev-x"))
+    trained_with = (HISTORY, ALL_HISTORY, FROM_FIRST[0])
+    assert predictors.features in [features.parse(wanted) for wanted in trained_with]
     with host_experts_engine(llama_lib, tiny) as engine:
         ref_tokens, ref_logits = greedy(engine)
     run = run_native(llama_lib, tiny, layout, predictors, mode, layout.n_expert_used, **options)

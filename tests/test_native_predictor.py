@@ -15,7 +15,13 @@ from edge_preattn.model.layout import read_layout
 from edge_preattn.predictors import features, onnx_io
 from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
-from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_mlp, read_predictor_set
+from edge_preattn.predictors.predictor_weights import (
+    NATIVE_FEATURES,
+    MlpWeights,
+    Unsupported,
+    read_mlp,
+    read_predictor_set,
+)
 from edge_preattn.runtime.cache_runtime import CacheRuntime
 from edge_preattn.runtime.options import CacheOptions
 from edge_preattn.runtime.slots import SlotBank
@@ -493,7 +499,7 @@ def test_predictors_with_every_history_input_fit_moe_ref_a_s_graph_with_stock_ou
     (gpu) with the host side and the routing log beside them, fit the scheduler's graph (moe-ref-a's was
     too small for them once) and keep stock's text; on the host (cpu) likewise."""
     layout = read_layout(moe_ref_a)
-    predictors = export_predictors(layout, tmp_path / "predictors", prior=True, history=features.FEATURES)
+    predictors = export_predictors(layout, tmp_path / "predictors", prior=True, history=NATIVE_FEATURES)
     with host_experts_engine(llama_lib, moe_ref_a) as engine:
         ref_tokens, ref_logits = greedy(engine)
     options = {"residency": "token", "miss": "cpu", "predictor_device": device}

@@ -403,6 +403,9 @@ def test_history_features_shift_within_prompts(traces_dir):
     assert np.array_equal(features.history(traces, 1, "prev-layer"), traces.layer(0, "probs"))
     assert not features.history(traces, 0, "prev-layer").any()
     assert features.parse("prev-token,prev-layer") == ("prev-layer", "prev-token")
+    router = features.history(traces, 1, "prev-router")  # the previous token's router input, as stored
+    x_router = traces.layer(1, "x_router")
+    assert (router[first] == 0).all() and np.array_equal(router[~first], x_router[np.flatnonzero(~first) - 1])
     with pytest.raises(UserError, match="unknown --features"):
         features.parse("next-token")
 
@@ -472,6 +475,41 @@ def test_a_lead_reads_an_earlier_layer_and_its_prior_divides_by_that_layer(trace
         with pytest.raises(UserError, match=message):
             train.train(traces_dir, tmp_path / "bad", bad, layers=(3,), device="cpu", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_prev_router_trains_exports_and_evaluates_and_the_runtime_refuses_it(
+    traces_dir, moe_ref_a, llama_lib, tmp_path
+):
+    """The previous token's router input as a history input: trained and exported after prev-x, scored
+    by eval; the library's reader and the runtime, which do not feed it, refuse the set (the runtime in
+    one line). Its columns of W1 come after prev-x's, d of them."""
+    from edge_preattn.model.layout import read_layout
+    from edge_preattn.predictors import evaluate
+    from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_predictor_set
+    from edge_preattn.runtime.cache_runtime import CacheRuntime
+    from edge_preattn.runtime.options import CacheOptions
+
+    from .test_cache import host_experts_engine
+
+    settings = dataclasses.replace(SETTINGS, epochs=1, prior=True, features="prev-token,prev-x,prev-router")
+    manifest = train.train(traces_dir, tmp_path / "p", settings, layers=(2,), device="cpu", progress=False)
+    assert manifest["features"] == ["prev-token", "prev-x", "prev-router"]
+    traces = TraceSet(traces_dir)
+    pset = load_predictor_set(tmp_path / "p", fingerprint=traces.fingerprint)
+    with pytest.raises(Unsupported, match="prev-router"):
+        read_predictor_set(pset)
+    # d 6, E 5: the columns of x, prev-token, prev-x, prev-router
+    w1 = np.arange(4 * (3 * 6 + 5), dtype=np.float32).reshape(4, -1)
+    history = ("prev-token", "prev-x", "prev-router")
+    mlp = MlpWeights(w1, np.zeros(4), "silu", np.zeros((5, 4)), np.zeros(5), history=history)
+    assert mlp.n_embd == 6 and np.array_equal(mlp.history_columns("prev-router"), w1[:, 17:])
+    payload = evaluate.evaluate(traces, {"p": pset}, "m")
+    assert payload["methods"]["p"]["mean"]["recall_at_k"] > 0.3
+    layout = read_layout(moe_ref_a)
+    with host_experts_engine(llama_lib, moe_ref_a) as engine, pytest.raises(UserError) as caught:
+        CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=16, mode="exact", predictors=pset))
+    message = str(caught.value)
+    assert "prev-router, a history input only `eval` feeds" in message and "\n" not in message
 
 
 def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):

@@ -13,10 +13,15 @@ prefetches during that attention:
   earlier tokens, the previous one most of all. Unlike prev-token it exists for a prompt's tokens too
   (every row's pre-attention state is known when the predictor runs): the library feeds it there
   (patch 22).
+- `prev-router`: the previous token's router input at this layer (its state after this layer's
+  attention, normalized: what its router read), zeros for a prompt's first token. It carries the
+  attention this predictor cannot see as the previous token saw it. Like prev-token it exists at decode
+  time only (a prompt's rows reach the router together, after the predictor); `eval` and `train` read it
+  from the traces, the library does not feed it yet.
 
-Each is [N, E] float16 ([N, d] for prev-x), one row per trace token; the exported ONNX graph takes
-them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`, `prev_x`), after
-`x`.
+Each is [N, E] float16 ([N, d] for prev-x and prev-router), one row per trace token; the exported ONNX
+graph takes them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`,
+`prev_x`, `prev_router`), after `x`.
 
 The activation itself (`activation`) is the layer's pre-attention state, or with a lead of D the
 pre-attention state of the MoE layer D positions earlier (the first MoE layer's where there is none
@@ -31,7 +36,8 @@ from ..errors import UserError
 from ..traces.trace_set import TraceSet
 from .baselines import first_of_prompt
 
-FEATURES = ("prev-layer", "prev-token", "prev-x")
+FEATURES = ("prev-layer", "prev-token", "prev-x", "prev-router")
+ACTIVATION_FEATURES = ("prev-x", "prev-router")  # d columns each; the others E
 
 
 def parse(text: str | None) -> tuple[str, ...]:
@@ -49,8 +55,8 @@ def input_name(feature: str) -> str:
 
 
 def width(feature: str, n_embd: int, n_expert: int) -> int:
-    """Columns of a feature: d for prev-x, E for the routing ones."""
-    return n_embd if feature == "prev-x" else n_expert
+    """Columns of a feature: d for prev-x and prev-router, E for the routing ones."""
+    return n_embd if feature in ACTIVATION_FEATURES else n_expert
 
 
 def source_layer(layers: tuple[int, ...], il: int, lead: int) -> int:
@@ -85,8 +91,9 @@ def history(traces: TraceSet, il: int, feature: str) -> np.ndarray:
         if position == 0:
             return np.zeros((len(traces.meta()["prompt"]), traces.n_expert), np.float16)
         return traces.layer(traces.layers[position - 1], "probs").astype(np.float16)
-    if feature in ("prev-token", "prev-x"):
-        own = traces.layer(il, "probs" if feature == "prev-token" else "x_pre").astype(np.float16)  # [N, ·]
+    if feature in ("prev-token", "prev-x", "prev-router"):
+        array = {"prev-token": "probs", "prev-x": "x_pre", "prev-router": "x_router"}[feature]
+        own = traces.layer(il, array).astype(np.float16)  # [N, ·]
         previous = np.zeros_like(own)
         previous[1:] = own[:-1]
         previous[first_of_prompt(traces.meta()["prompt"])] = 0

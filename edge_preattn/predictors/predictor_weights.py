@@ -49,12 +49,15 @@ class MlpWeights:
 
     @property
     def n_embd(self) -> int:
-        """The activation's width: W1's columns less the routing inputs', halved where prev-x adds one."""
-        routing = self.w2.shape[0] * sum(f != "prev-x" for f in self.history)
-        return (self.w1.shape[1] - routing) // (2 if "prev-x" in self.history else 1)
+        """The activation's width: W1's columns less the routing inputs', shared with the activation
+        inputs (prev-x, prev-router) of the same width."""
+        wide = sum(f in features.ACTIVATION_FEATURES for f in self.history)
+        routing = self.w2.shape[0] * (len(self.history) - wide)
+        return (self.w1.shape[1] - routing) // (1 + wide)
 
     def history_columns(self, feature: str) -> np.ndarray:
-        """W1's columns [n_hidden, n_expert] ([n_hidden, n_embd] for prev-x) that read one history input."""
+        """W1's columns [n_hidden, n_expert] ([n_hidden, n_embd] for prev-x, prev-router) that read one
+        history input."""
         widths = [features.width(f, self.n_embd, self.w2.shape[0]) for f in self.history]
         index = self.history.index(feature)
         start = self.n_embd + sum(widths[:index])
@@ -266,7 +269,7 @@ def read_predictor_set(predictors) -> dict[int, MlpWeights]:
         extra = {
             features.input_name(f): (
                 rng.standard_normal((CHECK_ROWS, n_embd))
-                if f == "prev-x"
+                if f in features.ACTIVATION_FEATURES
                 else rng.dirichlet(np.ones(n_expert), CHECK_ROWS)
             ).astype(np.float32)
             for f in mlp.history

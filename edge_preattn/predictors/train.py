@@ -317,7 +317,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.features,
         help="history inputs, comma-separated: prev-layer (this token's routing at the previous MoE "
         "layer), prev-token (the previous token's routing at this layer), prev-x (the previous token's "
-        "pre-attention state at this layer)",
+        "pre-attention state at this layer), prev-router (the previous token's router input at this "
+        "layer; eval only: the library does not feed it yet)",
     )
     parser.add_argument("--int8", action="store_true", help="also write int8 models (dynamic quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16-weight models")
