@@ -231,16 +231,35 @@ def per_layer_recall(label: str, methods: dict, names, layers) -> list[str]:
     return lines
 
 
+def heldout_scored(payload: dict) -> str:
+    """What an evaluate payload scored on held-out traces and what it trained on, for a report's text."""
+    phases = payload["heldout_tokens_by_phase"]
+    return (
+        f"{payload['heldout_tokens']} tokens ({phases['prefill']} prefill, {phases['decode']} decode) of "
+        f"{len(payload['heldout_prompts'])} prompts collected separately ({payload['heldout_traces']}); "
+        f"trained on {payload['train_traces']}"
+    )
+
+
+def add_study_args(parser: argparse.ArgumentParser) -> None:
+    """The options every accuracy study script shares: its traces, runs, results and notes."""
+    parser.add_argument("traces", help="training traces")
+    parser.add_argument("--heldout", required=True, help="traces of other prompts: every prompt is scored")
+    parser.add_argument("--runs", required=True, help="folder of the trained sets (resumable)")
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--name", default="moe-ref-a")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--note", action="append", default=[], help="a line for the notes")
+
+
 def markdown(payload: dict) -> str:
     k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
     half = str(math.ceil(k / 2))
-    phases = payload["heldout_tokens_by_phase"]
     lines = [
         f"# Predictor ablation: {payload['model']} (issue 18)",
         "",
-        f"Held-out: {payload['heldout_tokens']} tokens ({phases['prefill']} prefill, "
-        f"{phases['decode']} decode) of {len(payload['heldout_prompts'])} prompts collected separately "
-        f"({payload['heldout_traces']}); trained on {payload['train_traces']}; k = {k} of "
+        f"Held-out: {heldout_scored(payload)}; k = {k} of "
         f"{payload['n_expert']}. Epochs chosen on the training traces' validation prompts (loss); nothing "
         "selected on the held-out prompts. Percent; 'dec' columns: decode tokens only (a prefill batch "
         "routes all at once, so the prev-token input exists at decode time only).",
@@ -618,7 +637,6 @@ def push_markdown(payload: dict) -> str:
     k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
     half = str(math.ceil(k / 2))
     recipes, validation = payload["recipes"], payload["validation"]
-    phases = payload["heldout_tokens_by_phase"]
     base = PUSH_AXES["features"]["both"]
     lines = [
         f"# Predictor accuracy push: {payload['model']} (issue 18)",
@@ -628,9 +646,7 @@ def push_markdown(payload: dict) -> str:
         "hidden 256 with the features chosen, then the chosen variant of every axis together. Every "
         "choice is made on the validation prompts of the training traces "
         f"({len(payload['validation_prompts'])} prompts, {payload['validation_tokens']} tokens); the "
-        f"held-out columns score {payload['heldout_tokens']} tokens ({phases['prefill']} prefill, "
-        f"{phases['decode']} decode) of {len(payload['heldout_prompts'])} prompts collected separately "
-        f"({payload['heldout_traces']}); trained on {payload['train_traces']}; k = {k} of "
+        f"held-out columns score {heldout_scored(payload)}; k = {k} of "
         f"{payload['n_expert']}. Percent. native: the library's own predictor (patch 17) feeds every "
         "input of the row; prev-x (the previous token's pre-attention state) is fed by `eval` only and "
         "would need native code.",
@@ -759,11 +775,7 @@ def push_study(args) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("traces", help="training traces")
-    parser.add_argument("--heldout", required=True, help="traces of other prompts: every prompt is scored")
-    parser.add_argument("--runs", required=True, help="folder of the trained sets (resumable)")
-    parser.add_argument("--results", default="bench/results")
-    parser.add_argument("--name", default="moe-ref-a")
+    add_study_args(parser)
     parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
     parser.add_argument("--patience", type=int, default=TrainSettings.patience)
     parser.add_argument("--recipes", nargs="+", help="train only these (default all, then the sizes)")
@@ -796,9 +808,6 @@ def main() -> int:
         "--curve", type=int, nargs="*", default=[], help="training-token counts for --size-base"
     )
     parser.add_argument("--train-only", action="store_true", help="train, write nothing (parallel runs)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
-    parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--note", action="append", default=[], help="a line for the notes")
     args = parser.parse_args()
     import torch
 

@@ -21,7 +21,15 @@ import math
 import sys
 from pathlib import Path
 
-from accuracy_ablation import DISTILL, RECIPES, describe, per_layer_recall, trained
+from accuracy_ablation import (
+    DISTILL,
+    RECIPES,
+    add_study_args,
+    describe,
+    heldout_scored,
+    per_layer_recall,
+    trained,
+)
 
 from edge_preattn.files import write_bytes_atomic, write_json_atomic, write_text_atomic
 from edge_preattn.predictors import evaluate
@@ -44,14 +52,11 @@ def lead_recipes() -> dict[str, dict]:
 def markdown(payload: dict) -> str:
     k, layers, methods = payload["k"], payload["moe_layers"], payload["methods"]
     half = str(math.ceil(k / 2))
-    phases = payload["heldout_tokens_by_phase"]
     lines = [
         f"# Prediction made layers ahead: {payload['model']}",
         "",
-        f"Held-out: {payload['heldout_tokens']} tokens ({phases['prefill']} prefill, {phases['decode']} "
-        f"decode) of {len(payload['heldout_prompts'])} prompts collected separately "
-        f"({payload['heldout_traces']}); trained on {payload['train_traces']} "
-        f"({payload['train_tokens']} training tokens); k = {k} of {payload['n_expert']}. Percent. "
+        f"Held-out: {heldout_scored(payload)} ({payload['train_tokens']} training tokens); k = {k} of "
+        f"{payload['n_expert']}. Percent. "
         "lead D: each layer's predictor reads the pre-attention state of the MoE layer D positions "
         "earlier (the first layer's where there is none that far back); from-first: every layer from "
         "the first layer's state. -ptx: prev-token and prev-x inputs (the previous token's routing and "
@@ -118,19 +123,12 @@ def png(payload: dict) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("traces", help="training traces")
-    parser.add_argument("--heldout", required=True, help="traces of other prompts: every prompt is scored")
-    parser.add_argument("--runs", required=True, help="folder of the trained sets (resumable)")
-    parser.add_argument("--results", default="bench/results")
-    parser.add_argument("--name", default="moe-ref-a")
+    add_study_args(parser)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--patience", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a busy CPU)")
     parser.add_argument(
         "--train", nargs="+", metavar="ROW", help="train only these rows and write nothing (parallel runs)"
     )
-    parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--note", action="append", default=[], help="a line for the notes")
     args = parser.parse_args()
     import torch
 
