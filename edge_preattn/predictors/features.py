@@ -27,7 +27,8 @@ The activation itself (`activation`) is the layer's pre-attention state, or with
 pre-attention state of the MoE layer D positions earlier (the first MoE layer's where there is none
 that far back): a prediction made there can start its uploads D layers before the layer routes, and a
 lead as deep as the model predicts every layer from the first one, as soon as a token's forward pass
-starts. prev-layer does not exist that early and is refused with a lead; prev-token and prev-x do.
+starts. prev-layer does not exist that early and is refused with a lead; the previous token's inputs
+(prev-token, prev-x, prev-router) do.
 """
 
 import numpy as np

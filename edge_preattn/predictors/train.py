@@ -296,7 +296,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.lead,
         help="read the pre-attention state this many MoE layers earlier (the first layer's where there "
         "is none that far back), so that uploads can start that many layers ahead (default 0: the "
-        "layer's own; eval only, the runtime feeds each layer's own)",
+        "layer's own; the library feeds it, patch 24)",
     )
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction, help="prompts held out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
