@@ -589,11 +589,11 @@ def size_study(args) -> int:
 
 
 def native(recipe: dict) -> bool:
-    """Whether the library's own predictor feeds every history input of the recipe (patch 17 feeds
-    prev-layer and prev-token; prev-x would need native code)."""
-    from edge_preattn.predictors.predictor_weights import NATIVE_FEATURES
+    """Whether the library's own predictor feeds every history input of the recipe on the host too
+    (patches 17 and 22; prev-router only in the model's graph, patch 26)."""
+    from edge_preattn.predictors.predictor_weights import GRAPH_FEATURES
 
-    return all(f in NATIVE_FEATURES for f in features.parse(recipe.get("features")))
+    return not any(f in GRAPH_FEATURES for f in features.parse(recipe.get("features")))
 
 
 def push_train(args) -> tuple[dict, dict, dict]:

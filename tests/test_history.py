@@ -30,6 +30,7 @@ N_NEW = 8
 HISTORY = "prev-layer,prev-token"
 ALL_HISTORY = "prev-layer,prev-token,prev-x"
 FROM_FIRST = ("prev-token,prev-x", 1024)  # train --lead 1024: every layer from the first MoE layer's state
+ROUTER = "prev-token,prev-x,prev-router"  # patch 26: fed in the model's graph only
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-deepseek2"])  # deepseek2: a dense first layer
@@ -133,7 +134,11 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
     prev-token input exists at decode time only (features.py): the comparison starts at the first decoded
     token. With a lead (patch 24) x is the first MoE layer's activation, the history inputs the layer's
     own."""
-    traces, predictors = traced
+    check_feeding(llama_lib, tiny, *traced, options)
+
+
+def check_feeding(llama_lib, tiny, traces: TraceSet, predictors, options: dict) -> None:
+    """test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime's check of one set."""
     layout = read_layout(tiny)
     rows = np.flatnonzero(traces.meta()["prompt"] == 0)  # PROMPTS[0] is PROMPT
     n_prompt = int((traces.meta()["phase"][rows] == 0).sum())
@@ -179,8 +184,38 @@ def test_the_runtime_feeds_what_training_read_and_scores_as_onnxruntime(llama_li
     if "prev-layer" in predictors.features:
         assert fed_nonzero["prev-layer"] == (len(seen) - 1) * (len(bank.layers) - 1)
     assert fed_nonzero["prev-token"] == (len(seen) - 1) * len(bank.layers)
-    if "prev-x" in predictors.features:
-        assert fed_nonzero["prev-x"] == (len(seen) - 1) * len(bank.layers)
+    for f in ("prev-x", "prev-router"):
+        if f in predictors.features:
+            assert fed_nonzero[f] == (len(seen) - 1) * len(bank.layers), f
+
+
+@pytest.fixture(scope="module", params=[0, FROM_FIRST[1]], ids=["own-layer", "from-first"])
+def router_traced(tiny, traces_dir, tmp_path_factory, request):
+    """The traces, and predictors that read the previous token's router input (patch 26) beside its
+    routing and pre-attention state, at their own layer and from the first MoE layer's state."""
+    root = tmp_path_factory.mktemp("router-predictors")
+    recipe = dataclasses.replace(
+        train.TrainSettings(), epochs=2, hidden=32, features=ROUTER, val_fraction=0.25, lead=request.param
+    )
+    train.train(traces_dir, root / "predictors", recipe, device="cpu", progress=False)
+    fingerprint = read_layout(tiny).fingerprint
+    return TraceSet(traces_dir), load_predictor_set(root / "predictors", fingerprint=fingerprint)
+
+
+def test_prev_router_is_fed_in_the_graph_as_training_read_it_with_stock_output(
+    llama_lib, tiny, router_traced
+):
+    """patch 26: in the model's graph the library keeps each layer's last router input row (float16, as
+    the traces store it) and feeds it to the next token's prediction at that layer: the trace's
+    prev-router row bit for bit at every decoded token, scored as onnxruntime, and stock's logits."""
+    traces, predictors = router_traced
+    check_feeding(llama_lib, tiny, traces, predictors, IN_GRAPH)
+    layout = read_layout(tiny)
+    with host_experts_engine(llama_lib, tiny) as engine:
+        ref_tokens, ref_logits = greedy(engine)
+    run = run_native(llama_lib, tiny, layout, predictors, "exact", layout.n_expert_used, **IN_GRAPH)
+    assert run.tokens == ref_tokens and np.array_equal(run.logits, ref_logits)
+    assert run.native and not run.python_hooks and run.stats.totals().prefetch_issued > 0
 
 
 def test_history_predictors_refuse_what_cannot_feed_them_in_one_line(llama_lib, tiny, traced):
@@ -228,6 +263,7 @@ def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
             e,
             x_pointer,
             d,
+            None,  # prev-router's columns
         ]
         assert lib.llama_edge_predictor_set_history(*good) == -2  # no predictor yet
         assert bank.last_prediction(il, input_width(predictors, layout), e) is None
@@ -249,13 +285,15 @@ def test_history_c_api_refuses_bad_arguments(llama_lib, tiny, traced):
             (7, nan_x.ctypes.data_as(floats)),  # prev-x's columns not finite
             (8, d + 1),  # not the predictor's activation width
             (8, 0),
+            (9, nan_x.ctypes.data_as(floats)),  # prev-router's columns not finite
+            (9, x_pointer),  # patch 26: prev-router on a predictor the host evaluates
         ]:
             args = list(good)
             args[index] = bad
             assert lib.llama_edge_predictor_set_history(*args) in (-1, -2), index
         assert lib.llama_edge_predictor_set_lookahead(engine.ctx, 1) == -2  # history: no lookahead
         assert (
-            lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0, None, 0) == 0
+            lib.llama_edge_predictor_set_history(engine.ctx, il, None, 0, None, 0, 0, None, 0, None) == 0
         )  # removed
         bank.set_lookahead(1)
         assert lib.llama_edge_predictor_set_history(*good) == -2  # and the other way round
@@ -443,3 +481,31 @@ def test_bench_runs_the_lead_set_in_its_own_configurations(lib_dir, tiny, traced
     lead = next(config for config in result["configs"] if config["name"] == "exact+lead")
     assert lead["tokens_equal_stock"] and lead["placement"].endswith("with the --lead-predictors set")
     capsys.readouterr()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp16", [False, True])
+def test_graph_predictors_on_the_gpu_keep_stock_greedy_text(tiny, router_traced, tmp_path, fp16):
+    """Patches 24-26 on CUDA: every history input (prev-router too) fed in the model's graph, at each
+    layer's own pre-attention output or every layer predicted from the first MoE layer's (its copies
+    launched on the copy queue at the first layer and waited for at each layer's routing node), with
+    float32 or float16 matrices: the greedy text of stock all-on-GPU, the device prefetching, no Python
+    per token and no host synchronization per layer."""
+    import json
+    import subprocess
+    import sys
+
+    _, predictors = router_traced
+    argv = [sys.executable, "-m", "edge_preattn.cli", "run", "-m", str(tiny), "-n", "24", "--temp", "0"]
+    argv += ["-p", PROMPT]
+    stock = subprocess.run([*argv, "--mode", "off"], capture_output=True, text=True, check=True, timeout=600)
+    stats_file = tmp_path / f"stats-{fp16}.json"
+    cached = ["--mode", "exact", "--slots", "4", "--copy-queue", "--residency", "token"]
+    cached += ["--predictor-device", "gpu", "--predictors", str(predictors.directory)]
+    cached += ["--predictor-fp16"] * fp16 + ["--stats-json", str(stats_file)]
+    done = subprocess.run([*argv, *cached], capture_output=True, text=True, check=True, timeout=600)
+    stats = json.loads(stats_file.read_text())
+    assert done.stdout == stock.stdout
+    lead = len(read_layout(tiny).moe_layers) - 1 if predictors.lead else 0
+    assert stats["predictor_lead"] == lead and stats["prefetch_issued"] > 0
+    assert stats["python_callbacks_per_token"] == 0 and stats["host_syncs_per_token"] <= 2.2

@@ -16,7 +16,7 @@ from edge_preattn.predictors import features, onnx_io
 from edge_preattn.predictors.baselines import router_prior
 from edge_preattn.predictors.networks import Predictor
 from edge_preattn.predictors.predictor_weights import (
-    NATIVE_FEATURES,
+    GRAPH_FEATURES,
     MlpWeights,
     Unsupported,
     read_mlp,
@@ -495,11 +495,13 @@ def test_a_predictor_file_with_nan_weights_is_switched_off_and_the_output_stays(
 def test_predictors_with_every_history_input_fit_moe_ref_a_s_graph_with_stock_output(
     llama_lib, moe_ref_a, tmp_path, device
 ):
-    """Patch 23 on a trained model: predictors reading all three history inputs, as nodes of the graph
-    (gpu) with the host side and the routing log beside them, fit the scheduler's graph (moe-ref-a's was
-    too small for them once) and keep stock's text; on the host (cpu) likewise."""
+    """Patch 23 on a trained model: predictors reading every history input, as nodes of the graph (gpu)
+    with the host side and the routing log beside them, fit the scheduler's graph (moe-ref-a's was too
+    small for them once) and keep stock's text; on the host (cpu) likewise, less prev-router (patch 26
+    feeds it in the graph only)."""
     layout = read_layout(moe_ref_a)
-    predictors = export_predictors(layout, tmp_path / "predictors", prior=True, history=NATIVE_FEATURES)
+    history = tuple(f for f in features.FEATURES if device == "gpu" or f not in GRAPH_FEATURES)
+    predictors = export_predictors(layout, tmp_path / "predictors", prior=True, history=history)
     with host_experts_engine(llama_lib, moe_ref_a) as engine:
         ref_tokens, ref_logits = greedy(engine)
     options = {"residency": "token", "miss": "cpu", "predictor_device": device}

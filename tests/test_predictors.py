@@ -477,15 +477,15 @@ def test_a_lead_reads_an_earlier_layer_and_its_prior_divides_by_that_layer(trace
     assert not (tmp_path / "bad").exists()
 
 
-def test_prev_router_trains_exports_and_evaluates_and_the_runtime_refuses_it(
+def test_prev_router_trains_exports_and_evaluates_and_the_host_predictor_refuses_it(
     traces_dir, moe_ref_a, llama_lib, tmp_path
 ):
     """The previous token's router input as a history input: trained and exported after prev-x, scored
-    by eval; the library's reader and the runtime, which do not feed it, refuse the set (the runtime in
-    one line). Its columns of W1 come after prev-x's, d of them."""
+    by eval, read by the library's reader (its columns of W1 come after prev-x's, d of them); the
+    runtime feeds it in the model's graph only (patch 26) and refuses it on the host in one line."""
     from edge_preattn.model.layout import read_layout
     from edge_preattn.predictors import evaluate
-    from edge_preattn.predictors.predictor_weights import MlpWeights, Unsupported, read_predictor_set
+    from edge_preattn.predictors.predictor_weights import MlpWeights, read_predictor_set
     from edge_preattn.runtime.cache_runtime import CacheRuntime
     from edge_preattn.runtime.options import CacheOptions
 
@@ -496,8 +496,7 @@ def test_prev_router_trains_exports_and_evaluates_and_the_runtime_refuses_it(
     assert manifest["features"] == ["prev-token", "prev-x", "prev-router"]
     traces = TraceSet(traces_dir)
     pset = load_predictor_set(tmp_path / "p", fingerprint=traces.fingerprint)
-    with pytest.raises(Unsupported, match="prev-router"):
-        read_predictor_set(pset)
+    assert read_predictor_set(pset)[2].history == ("prev-token", "prev-x", "prev-router")
     # d 6, E 5: the columns of x, prev-token, prev-x, prev-router
     w1 = np.arange(4 * (3 * 6 + 5), dtype=np.float32).reshape(4, -1)
     history = ("prev-token", "prev-x", "prev-router")
@@ -509,7 +508,8 @@ def test_prev_router_trains_exports_and_evaluates_and_the_runtime_refuses_it(
     with host_experts_engine(llama_lib, moe_ref_a) as engine, pytest.raises(UserError) as caught:
         CacheRuntime.for_layout(engine, layout, CacheOptions(n_slots=16, mode="exact", predictors=pset))
     message = str(caught.value)
-    assert "prev-router, a history input only `eval` feeds" in message and "\n" not in message
+    assert "prev-router, a history input the library feeds in the model's graph only" in message
+    assert "--predictor-device gpu" in message and "\n" not in message
 
 
 def test_a_set_with_history_inputs_refuses_a_caller_without_them(tmp_path):

@@ -15,7 +15,7 @@ from ..errors import UserError
 from ..interrupts import deferred
 from . import build
 
-PATCH_VERSION = 25  # what patches/ builds; llama_edge_patch_version() answers it
+PATCH_VERSION = 26  # what patches/ builds; llama_edge_patch_version() answers it
 
 # ggml_backend_dev_type
 GGML_BACKEND_DEVICE_TYPE_GPU = 1

@@ -16,8 +16,9 @@ prefetches during that attention:
 - `prev-router`: the previous token's router input at this layer (its state after this layer's
   attention, normalized: what its router read), zeros for a prompt's first token. It carries the
   attention this predictor cannot see as the previous token saw it. Like prev-token it exists at decode
-  time only (a prompt's rows reach the router together, after the predictor); `eval` and `train` read it
-  from the traces, the library does not feed it yet.
+  time only (a prompt's rows reach the router together, after the predictor). The library feeds it in
+  the model's graph (`--predictor-device gpu`, patch 26), where the router's input is a node it can copy
+  without a host synchronization.
 
 Each is [N, E] float16 ([N, d] for prev-x and prev-router), one row per trace token; the exported ONNX
 graph takes them as inputs named like the feature with '_' for '-' (`prev_layer`, `prev_token`,

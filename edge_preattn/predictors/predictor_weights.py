@@ -25,7 +25,7 @@ from ..interrupts import deferred
 from . import features
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # LLAMA_EDGE_ACT_* in llama-edge.h
-NATIVE_FEATURES = ("prev-layer", "prev-token", "prev-x")  # history inputs the library feeds (patches 17, 22)
+GRAPH_FEATURES = ("prev-router",)  # history inputs the library feeds in the model's graph only (patch 26)
 CHECK_ROWS = 16
 CHECK_TOLERANCE = 1e-3  # relative to the largest score: float32 sums in another order
 
@@ -184,7 +184,7 @@ def read_mlp(path: Path) -> MlpWeights:
         raise Unsupported(f"{path.name} is not readable as ONNX ({type(error).__name__})") from None
     extra = [name for name in graph.inputs if name != "x"]
     history = tuple(name.replace("_", "-") for name in extra)
-    if not set(history) <= set(NATIVE_FEATURES):
+    if not set(history) <= set(features.FEATURES):
         raise Unsupported(
             f"inputs beside x ({', '.join(extra)}) that the library does not feed need onnxruntime"
         )
@@ -248,9 +248,6 @@ def read_predictor_set(predictors) -> dict[int, MlpWeights]:
     """Every layer of an `onnx_io.PredictorSet`, checked against its onnxruntime session on random rows."""
     if predictors.int8 or getattr(predictors, "fp16", False):
         raise Unsupported(f"{'int8' if predictors.int8 else 'fp16'} predictors are evaluated by onnxruntime")
-    unfed = sorted(set(predictors.features) - set(NATIVE_FEATURES))
-    if unfed:
-        raise Unsupported(f"history features ({', '.join(unfed)}) that the library does not feed")
     names = {entry["layer"]: entry["file"] for entry in predictors.manifest["predictors"]}
     rng = np.random.default_rng(0)
     weights = {}

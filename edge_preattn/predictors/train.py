@@ -30,7 +30,7 @@ EXAMPLES = """\
   edge-preattn train traces/model --input x_prev -o predictors/model-cross-layer   # FATE-like baseline
   edge-preattn train traces/model --hidden 512 --int8 --layers 0-3 -o predictors/small
   edge-preattn train traces/model --rank 32 --fp16 -o predictors/low-rank   # W1 through 32 columns
-  edge-preattn train traces/model --features prev-layer,prev-token -o predictors/history   # eval only
+  edge-preattn train traces/model --features prev-token,prev-x,prev-router -o predictors/history
 
 What the defaults cost (bench/results/accuracy-ablation-*.md): on a busy 2-core CPU with -t 1, about
 4 s per epoch per layer for 90k training tokens of moe-ref-a (d 384, E 64): about 5 min in all for its
@@ -318,7 +318,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="history inputs, comma-separated: prev-layer (this token's routing at the previous MoE "
         "layer), prev-token (the previous token's routing at this layer), prev-x (the previous token's "
         "pre-attention state at this layer), prev-router (the previous token's router input at this "
-        "layer; eval only: the library does not feed it yet)",
+        "layer; fed at run time with --predictor-device gpu only)",
     )
     parser.add_argument("--int8", action="store_true", help="also write int8 models (dynamic quantization)")
     parser.add_argument("--fp16", action="store_true", help="also write fp16-weight models")

@@ -214,7 +214,7 @@ def bind_cache_functions(api: NativeApi) -> None:
     ]
     # int32_t llama_edge_predictor_set_history(struct llama_context * ctx, int32_t il, const float * w_layer,
     #     int32_t prev_layer, const float * w_token, int32_t n_hidden, int32_t n_expert, const float * w_x,
-    #     int32_t n_embd);
+    #     int32_t n_embd, const float * w_router);
     lib.llama_edge_predictor_set_history.restype = ctypes.c_int32
     lib.llama_edge_predictor_set_history.argtypes = [
         ctypes.c_void_p,
@@ -226,6 +226,7 @@ def bind_cache_functions(api: NativeApi) -> None:
         ctypes.c_int32,
         floats,
         ctypes.c_int32,
+        floats,
     ]
     # int32_t llama_edge_predictor_set_in_graph(struct llama_context * ctx, bool enabled);
     lib.llama_edge_predictor_set_in_graph.restype = ctypes.c_int32

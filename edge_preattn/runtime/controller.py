@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..predictors.calibration import prefetch_counts
-from ..predictors.predictor_weights import NATIVE_FEATURES
+from ..predictors.predictor_weights import GRAPH_FEATURES
 from ..traces.hooks import Routing
 from .cache import EVICTION_POLICIES, MissCostModel, UploadBudget
 from .options import PREDICTION_MODES, CacheOptions
@@ -107,13 +107,14 @@ class Controller:
         # lookahead: at a layer's pre-attention hook, also predict the next `lookahead` cached layers
         if lookahead and self.cross_layer:
             raise ValueError("lookahead needs pre-attention predictors; cross-layer ones already look ahead")
-        # history inputs (train --features): fed by the library's own predictor only (patches 17, 22)
+        # history inputs (train --features): fed by the library's own predictor only (patches 17, 22),
+        # the router input in the model's graph only (patch 26: the host does not observe it)
         features = tuple(getattr(predictors, "features", ()) or ()) if mode in PREDICTION_MODES else ()
-        unfed = [f for f in features if f not in NATIVE_FEATURES]
-        if unfed:
+        graph_only = [f for f in features if f in GRAPH_FEATURES]
+        if graph_only and options.predictor_device != "gpu":
             raise UserError(
-                f"these predictors read {', '.join(unfed)}, a history input only `eval` feeds (no runtime "
-                "does): train predictors without it"
+                f"these predictors read {', '.join(graph_only)}, a history input the library feeds in the "
+                "model's graph only: add --predictor-device gpu (on a CPU build too)"
             )
         # train --lead: each layer's predictor reads an earlier layer's activation (patch 24)
         self.lead = lead = getattr(predictors, "lead", 0) if mode in PREDICTION_MODES else 0

@@ -202,7 +202,8 @@ class SlotBank:
         """Layer il's predictor (set first, with its prior) also reads the history inputs of its graph,
         which the library feeds: this token's router probabilities at `prev_layer` (-1: zeros, the first
         MoE layer) and the previous token's at il (patch 17), and the previous token's pre-attention state
-        at il (prev-x, patch 22)."""
+        at il (prev-x, patch 22), and the previous token's router input at il (prev-router, patch 26, in the
+        model's graph only)."""
         columns = {f: mlp.history_columns(f) for f in mlp.history}  # [n_hidden, n_expert or n_embd] each
 
         def pointer(feature: str):
@@ -221,6 +222,7 @@ class SlotBank:
                 n_expert,
                 pointer("prev-x"),
                 mlp.n_embd,
+                pointer("prev-router"),
             ),
             f"the library refused layer {il}'s history inputs",
         )
