@@ -83,6 +83,10 @@ RECIPES["shipped-ptx@lr3e-3"] = {**SHIPPED_ALL3, "features": "prev-token,prev-x"
 RECIPES["shipped-ptx+router@lr3e-3"] = {**SHIPPED_ALL3, "features": "prev-token,prev-x,prev-router"}
 # fourteenth session: both of the twelfth and thirteenth sessions' gains on moe-ref-a at 1M tokens together
 RECIPES["shipped-ptx+router@lr3e-3-h256"] = {**RECIPES["shipped-ptx+router@lr3e-3"], "hidden": 256}
+RECIPES["cross-layer-shipped-ptx+router@lr3e-3-h256"] = {
+    **RECIPES["shipped-ptx+router@lr3e-3-h256"],
+    "input": "x_prev",
+}
 DEFAULT_RECIPES = [name for name in RECIPES if name != "paper-h2048" and "shipped" not in name]
 # --push: what else raises recall beyond the shipped recipe (BOTH), each change on its own
 SHIPPED = {**DISTILL, "features": BOTH}
