@@ -57,8 +57,11 @@ def traced(tiny, traces_dir, tmp_path_factory, request):
     """The traces, and predictors trained on them with history inputs (the default recipe's router prior
     included), briefly: what matters here is the runtime, not recall. With and without prev-x, and
     (patch 24) every layer predicted from the first MoE layer's activation."""
-    root = tmp_path_factory.mktemp("history-predictors")
-    wanted, lead = request.param
+    return briefly_trained(tiny, traces_dir, tmp_path_factory.mktemp("history-predictors"), *request.param)
+
+
+def briefly_trained(tiny, traces_dir, root, wanted: str, lead: int):
+    """The traces, and a set trained on them with these history inputs and lead (2 epochs, hidden 32)."""
     recipe = dataclasses.replace(
         train.TrainSettings(), epochs=2, hidden=32, features=wanted, val_fraction=0.25, lead=lead
     )
@@ -194,12 +197,7 @@ def router_traced(tiny, traces_dir, tmp_path_factory, request):
     """The traces, and predictors that read the previous token's router input (patch 26) beside its
     routing and pre-attention state, at their own layer and from the first MoE layer's state."""
     root = tmp_path_factory.mktemp("router-predictors")
-    recipe = dataclasses.replace(
-        train.TrainSettings(), epochs=2, hidden=32, features=ROUTER, val_fraction=0.25, lead=request.param
-    )
-    train.train(traces_dir, root / "predictors", recipe, device="cpu", progress=False)
-    fingerprint = read_layout(tiny).fingerprint
-    return TraceSet(traces_dir), load_predictor_set(root / "predictors", fingerprint=fingerprint)
+    return briefly_trained(tiny, traces_dir, root, ROUTER, request.param)
 
 
 def test_prev_router_is_fed_in_the_graph_as_training_read_it_with_stock_output(
